@@ -1,0 +1,54 @@
+"""Input checks shared by the public functions (private; raise the typed errors)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from liegroup.errors import DTypeError, NonFiniteError, ShapeError
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    """Return ``x`` if it is a real floating tensor, else raise a typed error."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DTypeError(
+            f"{name} must be a real floating tensor, got dtype {x.dtype}; "
+            "convert it with .to(torch.float32) or .double()"
+        )
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first offending entries of ``x``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:5].tolist()
+        vals = [x[tuple(i)].item() for i in idx]
+        raise NonFiniteError(
+            f"{name} has {int(bad.sum())} non-finite entries, e.g. at {idx} (values {vals}); "
+            "find where they came from (learning rate too high? division by zero?)"
+        )
+
+
+def check_trailing_shape(x: torch.Tensor, shape: Sequence[int], name: str) -> tuple[int, ...]:
+    """Check that ``x.shape`` ends with ``shape``; return the leading (batch) shape."""
+    shape = tuple(shape)
+    n = len(shape)
+    if x.dim() < n or tuple(x.shape[x.dim() - n :]) != shape:
+        raise ShapeError(
+            f"{name} must have shape (*batch, {', '.join(map(str, shape))})"
+            f"{',' if n == 1 else ''} got {tuple(x.shape)}"
+        )
+    return tuple(x.shape[: x.dim() - n])
+
+
+def normalize_mode(k: int, ndim: int, name: str = "mode") -> int:
+    """Map a possibly negative mode index to ``0..ndim-1`` or raise :class:`ShapeError`."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise DTypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not -ndim <= k < ndim:
+        raise ShapeError(f"{name}={k} is out of range for a tensor of order {ndim}")
+    return k % ndim

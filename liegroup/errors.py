@@ -1,0 +1,58 @@
+"""Typed errors of :mod:`liegroup`.
+
+Every class subclasses a built-in exception, so ``except ValueError`` (or ``TypeError``,
+``RuntimeError``) keeps working for callers that do not know this module.
+
+Example:
+    >>> import torch, liegroup
+    >>> try:
+    ...     liegroup.Hadamard((2,)).log(torch.tensor([1.0, -2.0]))
+    ... except ValueError as e:
+    ...     print(type(e).__name__)
+    DomainError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterStateError",
+    "CheckpointError",
+    "DTypeError",
+    "DomainError",
+    "LieGroupError",
+    "NonFiniteError",
+    "ShapeError",
+    "UnsupportedModuleError",
+]
+
+
+class LieGroupError(Exception):
+    """Base class of every error raised on purpose by :mod:`liegroup`."""
+
+
+class ShapeError(LieGroupError, ValueError):
+    """A tensor has the wrong shape (number of dimensions, mode sizes or batch shape)."""
+
+
+class DomainError(LieGroupError, ValueError):
+    """An input lies outside the domain of a map (e.g. ``log`` of a non-positive entry)."""
+
+
+class NonFiniteError(LieGroupError, ValueError):
+    """An input (or a result about to be written) contains NaN or infinite values."""
+
+
+class DTypeError(LieGroupError, TypeError):
+    """A tensor has an unsupported dtype (e.g. an integer tensor where a real one is needed)."""
+
+
+class UnsupportedModuleError(LieGroupError, TypeError):
+    """A module of a type the adapter layer cannot wrap was targeted."""
+
+
+class AdapterStateError(LieGroupError, RuntimeError):
+    """An operation is invalid in the adapter's current state (e.g. merging twice)."""
+
+
+class CheckpointError(LieGroupError, ValueError):
+    """A saved adapter does not fit the model it is loaded into."""
