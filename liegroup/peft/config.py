@@ -1,0 +1,218 @@
+"""The adapter configuration: a dataclass that is also ``adapter_config.json``.
+
+Example:
+    >>> from liegroup.peft import LieRAConfig
+    >>> cfg = LieRAConfig(rank=4, alpha=8.0, target_modules=["conv1"], exp_map="first_order")
+    >>> cfg.scaling
+    2.0
+    >>> LieRAConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from liegroup._version import __version__
+from liegroup.errors import CheckpointError, DTypeError
+
+__all__ = ["CONFIG_NAME", "LieRAConfig", "parse_exp_map"]
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_TYPE = "LIERA"
+_LAYOUTS = ("mode1", "loralib")
+
+
+def parse_exp_map(exp_map: object) -> int | None:
+    """Map ``exp_map`` to a Taylor order: ``"exact"`` → ``None``, ``"first_order"`` → 1, k → k.
+
+    Raises:
+        ValueError: for an unknown string or an int below 1.
+        DTypeError: for any other type.
+
+    Example:
+        >>> parse_exp_map("exact"), parse_exp_map("first_order"), parse_exp_map(3)
+        (None, 1, 3)
+    """
+    if isinstance(exp_map, str):
+        if exp_map == "exact":
+            return None
+        if exp_map == "first_order":
+            return 1
+        raise ValueError(f"exp_map must be 'exact', 'first_order' or an int >= 1, got {exp_map!r}")
+    if isinstance(exp_map, bool) or not isinstance(exp_map, int):
+        raise DTypeError(
+            f"exp_map must be 'exact', 'first_order' or an int >= 1, got {type(exp_map).__name__}"
+        )
+    if exp_map < 1:
+        raise ValueError(f"exp_map as a Taylor order must be >= 1, got {exp_map}")
+    return exp_map
+
+
+def _check_names(value: object, name: str, allow_none: bool) -> list[str] | str | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression: {e}") from e
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        if not value and not allow_none:
+            raise ValueError(f"{name} must not be empty")
+        return list(value)
+    raise DTypeError(
+        f"{name} must be a list of module-name suffixes or a regex string, got {value!r}"
+    )
+
+
+@dataclass
+class LieRAConfig:
+    """Configuration of one LieRA adapter; serialised as ``adapter_config.json``.
+
+    Args:
+        rank: rank ``r`` of the generator (LoRA ``B·A``).
+        alpha: scale numerator; ``ΔW = (alpha / r)·fold(B·A)`` (``alpha/√r`` with
+            ``use_rslora``).
+        target_modules: module-name suffixes (``"conv1"`` matches ``"layer1.conv1"`` and
+            ``"conv1"``, never ``"xconv1"``), or one regex string matched with ``re.fullmatch``
+            against the full dotted name. Every suffix must match at least one module.
+        exclude_modules: same syntax; matched modules are skipped.
+        modules_to_save: same syntax; matched modules are trained in full (a per-adapter
+            copy, e.g. a new classifier head) and saved with the adapter.
+        exp_map: ``"exact"`` (``W ⊙ exp(ΔW)``), ``"first_order"`` (``W + W ⊙ ΔW``) or an int
+            ``k`` (Taylor order ``k``).
+        generator: a registered generator name (``"lora"``) or a
+            :class:`~liegroup.peft.generators.Generator` subclass (registered on use).
+        layout: ``"mode1"`` (rows ``C_out``, cols ``C_in/g·∏k``) or ``"loralib"`` (the paper's
+            conv layout; equal kernel sizes only).
+        dropout: probability of dropout applied to the generator's input factor ``A`` (keeps
+            the forward a single op on ``W'``); ``0`` disables it.
+        use_rslora: scale by ``alpha/√r`` instead of ``alpha/r``.
+        group: ``"hadamard"`` (LieRA, ``W' = W ⊙ exp(ΔW)``) or ``"additive"`` (LoRA,
+            ``W' = W + ΔW``; its exponential is the identity so ``exp_map`` has no effect).
+        generator_kwargs: extra keyword arguments for the generator (JSON-serialisable).
+        zero_warning_fraction: warn when more than this fraction of a targeted weight's
+            entries are exactly zero (they can never move under the Hadamard group).
+
+    Example:
+        >>> LieRAConfig(rank=2, target_modules=".*conv.*").target_modules
+        '.*conv.*'
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] | str = field(default_factory=list)
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | str | None = None
+    exp_map: str | int = "exact"
+    generator: Any = "lora"
+    layout: str = "mode1"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    group: str = "hadamard"
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    zero_warning_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise DTypeError(f"alpha must be a real number, got {type(self.alpha).__name__}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        tm = _check_names(self.target_modules, "target_modules", allow_none=False)
+        if not tm:
+            raise ValueError(
+                "target_modules is empty: name the modules to adapt, e.g. ['conv1', 'fc']"
+            )
+        self.target_modules = tm
+        self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules", True)
+        self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save", True)
+        parse_exp_map(self.exp_map)
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise DTypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise DTypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        from liegroup.peft.functional import get_update
+        from liegroup.peft.generators import resolve_generator
+
+        get_update(self.group, parse_exp_map(self.exp_map))  # validates the group name
+        self.generator = resolve_generator(self.generator).name
+        if not isinstance(self.generator_kwargs, dict):
+            raise DTypeError(f"generator_kwargs must be a dict, got {self.generator_kwargs!r}")
+        if not 0.0 <= float(self.zero_warning_fraction) <= 1.0:
+            raise ValueError(
+                f"zero_warning_fraction must be in [0, 1], got {self.zero_warning_fraction!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (or ``alpha / √r`` with ``use_rslora``)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def order(self) -> int | None:
+        """Taylor order of the map (``None`` for the exact exponential)."""
+        return parse_exp_map(self.exp_map)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``peft_type`` and ``liegroup_version`` added."""
+        d = dataclasses.asdict(self)
+        d["peft_type"] = PEFT_TYPE
+        d["liegroup_version"] = __version__
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LieRAConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys raise :class:`CheckpointError`."""
+        d = dict(d)
+        peft_type = d.pop("peft_type", PEFT_TYPE)
+        d.pop("liegroup_version", None)
+        if peft_type != PEFT_TYPE:
+            raise CheckpointError(f"not a LieRA adapter config: peft_type={peft_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(
+                f"adapter config has unknown fields {unknown}; it was written by another "
+                "version or another library"
+            )
+        try:
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"adapter config is invalid: {e}") from e
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` into ``directory``."""
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> LieRAConfig:
+        """Read ``adapter_config.json`` from ``directory``."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        return cls.from_dict(d)

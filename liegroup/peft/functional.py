@@ -1,0 +1,277 @@
+"""Pure maps from a frozen weight and an algebra element to the adapted weight.
+
+An adapter is a triple (group, action, generator). The generator produces an algebra element
+``ΔW`` with the weight's shape; an :class:`Update` turns ``(W, ΔW)`` into ``W'``:
+
+* :class:`HadamardExp` — LieRA: ``W' = W ⊙ exp(ΔW)`` (``order=None``), or with the truncated
+  exponential ``T_k(ΔW) = Σ_{j≤k} ΔW^j/j!`` (``order=k``; ``k = 1`` is ``W + W ⊙ ΔW``), both
+  through :class:`liegroup.Hadamard`. Its entry-wise error against the exact map is bounded by
+  ``|W| ⊙ (e^{|ΔW|} − T_k(|ΔW|))`` (:func:`liegroup.groups.taylor_remainder_bound`).
+* :class:`Additive` — LoRA: the additive group of tensors, whose exponential is the identity,
+  acting by translation: ``W' = W + ΔW``.
+
+New updates (e.g. a matrix group acting on a tensor mode) subclass :class:`Update` and are
+registered with :func:`register_update`. :func:`adapted_weight` is the one function that both
+the adapter layer's forward and merging call.
+
+The Hadamard update runs as one autograd node (:class:`HadamardExpFunction`): its backward
+forms ``∂L/∂ΔW = ∂L/∂W' ⊙ W'`` (exact) or ``∂L/∂W' ⊙ W`` (first order) from tensors that
+already exist (``W'`` is kept by the layer's op anyway), so the exact and first-order maps cost
+the same and no extra weight-sized tensor is kept between forward and backward (except
+``ΔW`` for Taylor orders ``k ≥ 2``).
+
+Example:
+    >>> import torch
+    >>> W = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    >>> adapted_weight(W, torch.zeros(2, 2))
+    tensor([[ 1., -2.],
+            [ 0.,  3.]])
+    >>> adapted_weight(W, torch.full((2, 2), 0.5), order=1)
+    tensor([[ 1.5000, -3.0000],
+            [ 0.0000,  4.5000]])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from liegroup._validation import check_tensor
+from liegroup.errors import AdapterStateError, ShapeError
+from liegroup.groups.hadamard import Hadamard, taylor_exp
+
+__all__ = [
+    "Additive",
+    "HadamardExp",
+    "HadamardExpFunction",
+    "Update",
+    "adapted_weight",
+    "get_update",
+    "register_update",
+]
+
+
+class HadamardExpFunction(torch.autograd.Function):
+    """``W' = W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) as a single autograd node.
+
+    Backward: ``∂L/∂ΔW = G ⊙ W ⊙ exp(ΔW) = G ⊙ W'`` (exact), ``G ⊙ W`` (order 1),
+    ``G ⊙ W ⊙ T_{k−1}(ΔW)`` (order k); ``∂L/∂W = G ⊙ exp(ΔW)`` (resp. ``T_k``) only when ``W``
+    requires grad.
+
+    Example:
+        >>> import torch
+        >>> W = torch.tensor([2.0, -1.0], dtype=torch.float64)
+        >>> X = torch.tensor([0.1, 0.2], dtype=torch.float64, requires_grad=True)
+        >>> HadamardExpFunction.apply(W, X, None).sum().backward()
+        >>> torch.allclose(X.grad, W * X.detach().exp())
+        True
+    """
+
+    @staticmethod
+    def forward(ctx: Any, W: torch.Tensor, delta: torch.Tensor, order: int | None) -> torch.Tensor:
+        """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) through :class:`liegroup.Hadamard`."""
+        G = Hadamard(tuple(W.shape))
+        Wp = G.act(G.exp(delta, order=order), W)
+        ctx.order = order
+        need_w = ctx.needs_input_grad[0]
+        if order is None:
+            ctx.save_for_backward(Wp, delta if need_w else None)
+        elif order == 1:
+            ctx.save_for_backward(W, delta if need_w else None)
+        else:
+            ctx.save_for_backward(W, delta)
+        return Wp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients from the saved ``W'`` (exact) or ``W`` (truncated), no extra copies."""
+        order: int | None = ctx.order
+        saved, delta = ctx.saved_tensors
+        g_delta = g_w = None
+        if ctx.needs_input_grad[1]:
+            if order is None or order == 1:
+                g_delta = grad * saved  # saved is W' (exact) or W (first order)
+            else:
+                g_delta = grad * saved * taylor_exp(delta, order - 1)
+        if ctx.needs_input_grad[0]:
+            g_w = grad * (torch.exp(delta) if order is None else taylor_exp(delta, order))
+        return g_w, g_delta, None
+
+
+class Update(ABC):
+    """How an algebra element ``ΔW`` acts on a frozen weight ``W``: ``W' = apply(W, ΔW)``.
+
+    Subclasses set :attr:`invertible` (whether :meth:`inverse` recovers ``W`` from ``W'``
+    accurately, so unmerging needs no copy of ``W``) and :attr:`zeros_frozen` (whether zero
+    entries of ``W`` can never move).
+
+    Example:
+        >>> import torch
+        >>> Additive().apply(torch.ones(2), torch.ones(2))
+        tensor([2., 2.])
+    """
+
+    name: ClassVar[str] = ""
+    invertible: ClassVar[bool] = False
+    zeros_frozen: ClassVar[bool] = False
+
+    @abstractmethod
+    def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The adapted weight ``W'`` (differentiable in ``delta``, and in ``W`` if it asks)."""
+
+    def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Recover ``W`` from ``W'`` by the group inverse; only when :attr:`invertible`."""
+        raise AdapterStateError(f"the {self!r} update has no accurate inverse; keep a copy of W")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(vars(self).items()))))
+
+
+class HadamardExp(Update):
+    """LieRA's update ``W' = W ⊙ exp(ΔW)`` (``order=None``) or ``W ⊙ T_k(ΔW)`` (``order=k``).
+
+    The exact map is invertible by the group inverse ``W = W' ⊙ exp(−ΔW)``; a truncated map
+    would need a division by ``T_k(ΔW)``, which can be 0 or tiny, so it is not.
+
+    Example:
+        >>> import torch
+        >>> u = HadamardExp(None)
+        >>> W = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> d = torch.tensor([0.3, -0.1], dtype=torch.float64)
+        >>> torch.allclose(u.inverse(u.apply(W, d), d), W)
+        True
+    """
+
+    name = "hadamard"
+    zeros_frozen = True
+
+    def __init__(self, order: int | None = None) -> None:
+        if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+            raise TypeError(f"order must be None or an int >= 1, got {order!r}")
+        if order is not None and order < 1:
+            raise ValueError(f"order must be >= 1, got {order}")
+        self.order = order
+
+    @property
+    def invertible(self) -> bool:  # type: ignore[override]
+        """Only the exact exponential has an accurate inverse."""
+        return self.order is None
+
+    def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``W ⊙ exp(ΔW)`` or ``W ⊙ T_k(ΔW)`` as one autograd node."""
+        out: torch.Tensor = HadamardExpFunction.apply(W, delta, self.order)
+        return out
+
+    def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``W' ⊙ exp(−ΔW)`` (exact map only)."""
+        if self.order is not None:
+            return super().inverse(Wp, delta)
+        G = Hadamard(tuple(Wp.shape))
+        return G.act(G.exp(-delta), Wp)
+
+    def __repr__(self) -> str:
+        return f"HadamardExp(order={self.order})"
+
+
+class Additive(Update):
+    """LoRA's update ``W' = W + ΔW`` (the additive group; its exponential is the identity).
+
+    Example:
+        >>> import torch
+        >>> Additive().inverse(torch.tensor([3.0]), torch.tensor([1.0]))
+        tensor([2.])
+    """
+
+    name = "additive"
+    invertible = True
+
+    def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``W + ΔW``."""
+        return W + delta
+
+    def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``W' − ΔW``."""
+        return Wp - delta
+
+    def __repr__(self) -> str:
+        return "Additive()"
+
+
+UpdateFactory = Callable[[int | None], Update]
+_UPDATES: dict[str, UpdateFactory] = {
+    "hadamard": HadamardExp,
+    "additive": lambda order: Additive(),
+}
+
+
+def register_update(name: str, factory: UpdateFactory) -> None:
+    """Make ``group=name`` available in :class:`~liegroup.peft.LieRAConfig`.
+
+    Args:
+        name: the config value.
+        factory: called with the Taylor order (``None`` for exact) and returning an
+            :class:`Update`.
+
+    Example:
+        >>> register_update("additive2", lambda order: Additive())
+        >>> get_update("additive2", None)
+        Additive()
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"update name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}")
+    _UPDATES[name] = factory
+
+
+def get_update(name: str, order: int | None) -> Update:
+    """The :class:`Update` registered as ``name`` for Taylor ``order`` (``None``: exact).
+
+    Example:
+        >>> get_update("hadamard", 1)
+        HadamardExp(order=1)
+    """
+    if name not in _UPDATES:
+        raise ValueError(f"unknown group {name!r}; known: {sorted(_UPDATES)}")
+    return _UPDATES[name](order)
+
+
+def adapted_weight(
+    W: torch.Tensor,
+    delta: torch.Tensor,
+    update: Update | str = "hadamard",
+    order: int | None = None,
+) -> torch.Tensor:
+    """The adapted weight ``W' = update(W, ΔW)``; used by the layer's forward and by merging.
+
+    Args:
+        W: frozen weight, any shape (``(C_out, C_in)`` or ``(C_out, C_in/g, *k)``).
+        delta: algebra element of ``W``'s shape, dtype and device.
+        update: an :class:`Update`, or a registered group name (``"hadamard"``,
+            ``"additive"``).
+        order: Taylor order when ``update`` is a name (``None``: exact exponential).
+
+    Returns:
+        ``W'`` with ``W``'s shape.
+
+    Example:
+        >>> import torch
+        >>> W = torch.ones(2, 3)
+        >>> adapted_weight(W, torch.full((2, 3), 0.1), "additive")[0, 0]
+        tensor(1.1000)
+    """
+    check_tensor(W, "W")
+    check_tensor(delta, "delta")
+    if delta.shape != W.shape:
+        raise ShapeError(f"delta must have W's shape {tuple(W.shape)}, got {tuple(delta.shape)}")
+    if isinstance(update, str):
+        update = get_update(update, order)
+    return update.apply(W, delta)

@@ -1,0 +1,348 @@
+"""The one adapter layer for ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+
+:class:`LieRALayer` wraps a base module and runs **one** op, the base module's own
+(``F.linear``, or the conv's ``_conv_forward``, which honours stride, padding, dilation,
+groups and every ``padding_mode``), on the adapted weight
+``W' = adapted_weight(W, ΔW)`` (:func:`liegroup.peft.functional.adapted_weight`). Nothing is
+specific to a dimensionality: the generator sees the weight's shape and ``groups``.
+
+Several adapters can live in one layer (keyed by name, one active); merging writes ``W'``
+into the base weight, unmerging restores ``W`` by the group inverse (exact map, additive) or
+from a copy kept at merge time (truncated maps: a division by ``T_k(ΔW)`` is ill-conditioned).
+
+Example:
+    >>> import torch
+    >>> from liegroup.peft import LieRAConfig
+    >>> conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    >>> layer = LieRALayer(conv)
+    >>> layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"]))
+    >>> x = torch.randn(1, 4, 8, 8)
+    >>> torch.equal(layer(x), conv(x))   # identity at init
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from liegroup._validation import check_finite
+from liegroup.errors import AdapterStateError, UnsupportedModuleError
+from liegroup.peft.config import LieRAConfig
+from liegroup.peft.functional import Update, adapted_weight, get_update
+from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
+
+__all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
+
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_supported(module: nn.Module, name: str = "") -> None:
+    """Raise :class:`UnsupportedModuleError` unless ``module`` can be wrapped.
+
+    Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and subclasses that keep their base
+    ``forward``. Refused: anything else (transposed convs, embeddings, lazy modules, the
+    ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read directly, not through
+    ``forward``).
+
+    Example:
+        >>> import torch
+        >>> check_supported(torch.nn.Conv3d(2, 2, 3))
+        >>> try:
+        ...     check_supported(torch.nn.Embedding(3, 2), "emb")
+        ... except TypeError as e:
+        ...     print(type(e).__name__)
+        UnsupportedModuleError
+    """
+    label = f"module {name!r} ({type(module).__name__})" if name else type(module).__name__
+    base = next((c for c in SUPPORTED_MODULES if isinstance(module, c)), None)
+    if (
+        base is None
+        or isinstance(module, nn.modules.lazy.LazyModuleMixin)
+        or type(module).forward is not base.forward
+        or type(module).__name__ == "NonDynamicallyQuantizableLinear"
+    ):
+        raise UnsupportedModuleError(
+            f"cannot adapt {label}: supported are "
+            f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)} (with their own forward); "
+            "exclude it with exclude_modules or narrow target_modules"
+        )
+
+
+class LieRALayer(nn.Module):
+    """A supported base module plus named adapters; forward is one op on ``W'``.
+
+    Args:
+        base_layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (see :func:`check_supported`).
+        module_name: its dotted name in the model (for messages).
+
+    Attributes:
+        generators: ``nn.ModuleDict`` adapter name → :class:`Generator`.
+        active_adapter: the adapter used in forward (``None``: none).
+        merged_adapter: the adapter merged into the base weight (``None``: unmerged).
+        disabled: when ``True`` forward is the base module's.
+
+    Example:
+        >>> import torch
+        >>> from liegroup.peft import LieRAConfig
+        >>> lin = torch.nn.Linear(5, 3)
+        >>> layer = LieRALayer(lin)
+        >>> layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"]))
+        >>> sorted(n for n, _ in layer.named_parameters() if "generators" in n)
+        ['generators.a.A', 'generators.a.B']
+    """
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        check_supported(base_layer, module_name)
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.generators = nn.ModuleDict()
+        self.updates: dict[str, Update] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self.disabled = False
+        self._merge_backup: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight (``W``, or ``W'`` while merged)."""
+        w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base module's bias."""
+        b = self.base_layer.bias
+        assert b is None or isinstance(b, torch.Tensor)
+        return b
+
+    def _groups(self) -> int:
+        return int(getattr(self.base_layer, "groups", 1))
+
+    def add_adapter(self, adapter_name: str, config: LieRAConfig) -> None:
+        """Create adapter ``adapter_name`` from ``config``; it becomes active if none is.
+
+        Warns when more than ``config.zero_warning_fraction`` of ``W``'s entries are exactly
+        zero and the group keeps zeros fixed (Hadamard): those entries can never move.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.generators:
+            raise ValueError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
+        W = self.weight
+        spec = GeneratorSpec(
+            weight_shape=tuple(W.shape),
+            rank=config.rank,
+            scaling=config.scaling,
+            layout=config.layout,
+            groups=self._groups(),
+            dropout=config.dropout,
+            dtype=W.dtype,
+            device=W.device,
+            module_name=self.module_name,
+            options=dict(config.generator_kwargs),
+        )
+        gen_cls = resolve_generator(config.generator)
+        generator = gen_cls(spec)
+        update = get_update(config.group, config.order)
+        if update.zeros_frozen:
+            frac = float((W == 0).sum()) / W.numel()
+            if frac > config.zero_warning_fraction:
+                warnings.warn(
+                    f"{100 * frac:.1f}% of the weight of {self.module_name or 'a module'!r} is "
+                    "exactly zero; under the Hadamard group those entries can never move "
+                    "(W' = W ⊙ exp(ΔW)). Use group='additive' for this module or exclude it.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        self.generators[adapter_name] = generator
+        self.updates[adapter_name] = update
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Make ``adapter_name`` active (``None``: no adapter); cheap, no tensor is touched."""
+        if self.merged_adapter is not None:
+            raise AdapterStateError(
+                f"{self.module_name!r}: cannot switch adapters while {self.merged_adapter!r} is "
+                "merged; call unmerge_adapter() first"
+            )
+        if adapter_name is not None and adapter_name not in self.generators:
+            raise ValueError(f"no adapter {adapter_name!r} in {self.module_name!r}")
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name`` (not while it is merged)."""
+        if adapter_name not in self.generators:
+            raise ValueError(f"no adapter {adapter_name!r} in {self.module_name!r}")
+        if self.merged_adapter == adapter_name:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} is merged into {self.module_name!r}; unmerge first"
+            )
+        del self.generators[adapter_name]
+        del self.updates[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.generators), None)
+
+    # ------------------------------------------------------------------ maths
+    def delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The algebra element ``ΔW`` of an adapter (default: the active one)."""
+        name = self._name(adapter_name)
+        gen: Generator = self.generators[name]  # type: ignore[assignment]
+        return gen()
+
+    def adapted_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``W' = update(W, ΔW)`` for an adapter (default: the active one)."""
+        name = self._name(adapter_name)
+        return adapted_weight(self.weight, self.delta(name), self.updates[name])
+
+    def _name(self, adapter_name: str | None) -> str:
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name is None or name not in self.generators:
+            raise ValueError(f"no adapter {name!r} in {self.module_name!r}")
+        return name
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, base.bias)
+        out: torch.Tensor = base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One op on ``W'`` (active adapter), or the base module when disabled/merged/none."""
+        if self.merged_adapter is not None:
+            if self.training and torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.generators[self.merged_adapter].parameters()
+            ):
+                raise AdapterStateError(
+                    f"{self.module_name!r}: training while adapter {self.merged_adapter!r} is "
+                    "merged would not update it; call unmerge_adapter() first (or use "
+                    "model.eval() / torch.no_grad() for inference)"
+                )
+            if self.disabled:
+                raise AdapterStateError(
+                    f"{self.module_name!r}: cannot disable adapters while merged; unmerge first"
+                )
+            out: torch.Tensor = self.base_layer(x)
+            return out
+        if self.disabled or self.active_adapter is None:
+            out = self.base_layer(x)
+            return out
+        return self._op(x, self.adapted_weight())
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Write ``W'`` of the active adapter into the base weight.
+
+        Args:
+            safe_merge: compute ``W'`` first and raise
+                :class:`~liegroup.errors.NonFiniteError` (leaving ``W`` untouched) if it has
+                NaN/inf entries.
+
+        Raises:
+            AdapterStateError: when already merged, or when no adapter is active.
+        """
+        if self.merged_adapter is not None:
+            raise AdapterStateError(
+                f"{self.module_name!r} already has adapter {self.merged_adapter!r} merged; "
+                "unmerge_adapter() first"
+            )
+        if self.active_adapter is None:
+            raise AdapterStateError(f"{self.module_name!r} has no active adapter to merge")
+        name = self.active_adapter
+        Wp = self.adapted_weight(name)
+        if safe_merge:
+            check_finite(Wp, f"merged weight of {self.module_name!r} (adapter {name!r})")
+        if not self.updates[name].invertible:
+            self._merge_backup = self.weight.detach().clone()
+        self.weight.copy_(Wp)
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W``: by the group inverse, or bit-exactly from the copy kept at merge.
+
+        Raises:
+            AdapterStateError: when nothing is merged.
+        """
+        name = self.merged_adapter
+        if name is None:
+            raise AdapterStateError(f"{self.module_name!r} has no merged adapter to unmerge")
+        update = self.updates[name]
+        if self._merge_backup is not None:
+            self.weight.copy_(self._merge_backup)
+            self._merge_backup = None
+        else:
+            self.weight.copy_(update.inverse(self.weight, self.delta(name)))
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        """Adapters, the active and the merged one."""
+        return (
+            f"adapters={list(self.generators)}, active={self.active_adapter!r}, "
+            f"merged={self.merged_adapter!r}"
+        )
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A frozen original module plus one fully trainable copy per adapter.
+
+    Example:
+        >>> import torch
+        >>> w = ModulesToSaveWrapper(torch.nn.Linear(2, 2))
+        >>> w.add_adapter("a")
+        >>> w.active_adapter
+        'a'
+    """
+
+    def __init__(self, original_module: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.module_name = module_name
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, adapter_name: str) -> None:
+        """Add a trainable deep copy of the original module for ``adapter_name``."""
+        import copy
+
+        if adapter_name in self.modules_to_save:
+            raise ValueError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = clone
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Use the copy of ``adapter_name`` (or the original when absent/None)."""
+        ok = adapter_name is not None and adapter_name in self.modules_to_save
+        self.active_adapter = adapter_name if ok else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the copy of ``adapter_name``."""
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.modules_to_save), None)
+
+    def active_module(self) -> nn.Module:
+        """The module forward uses now."""
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        m: nn.Module = self.modules_to_save[self.active_adapter]
+        return m
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        """Forward of :meth:`active_module`."""
+        return self.active_module()(*args, **kwargs)
