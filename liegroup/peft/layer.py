@@ -76,7 +76,8 @@ class LieRALayer(nn.Module):
     """A supported base module plus named adapters; forward is one op on ``W'``.
 
     Args:
-        base_layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (see :func:`check_supported`).
+        base_layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (see :func:`check_supported`);
+            its parameters are frozen.
         module_name: its dotted name in the model (for messages).
 
     Attributes:
@@ -98,6 +99,8 @@ class LieRALayer(nn.Module):
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         check_supported(base_layer, module_name)
         super().__init__()
+        for p in base_layer.parameters():  # the base is frozen: only adapters train
+            p.requires_grad_(False)
         self.base_layer = base_layer
         self.module_name = module_name
         self.generators = nn.ModuleDict()

@@ -1,0 +1,261 @@
+"""The geometry matrix: every supported layer type and conv geometry × maps × layouts.
+
+Each case checks, against an independent plain-torch reference, identity at init, the forward
+``op(x, W ⊙ exp(ΔW))``, merge == unmerged, unmerge restoring W, gradients (to A and B only,
+equal to autograd through the reference), the mode-1 rank of the recovered algebra element,
+and that the forward is a single op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from liegroup import tensor
+from liegroup.errors import ShapeError
+from liegroup.peft import LieRAConfig
+from liegroup.peft.layer import LieRALayer
+from tests.conftest import eps
+from tests.peft._ref import ref_delta, ref_map, ref_op
+
+DT = torch.float64
+
+# name -> (module factory, input shape); inputs are larger than the kernels.
+CASES = {
+    "linear": (lambda: nn.Linear(7, 5), (3, 7)),
+    "linear_nobias_3d_input": (lambda: nn.Linear(6, 4, bias=False), (2, 5, 6)),
+    "conv1d_stride_pad": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (2, 3, 13)),
+    "conv1d_dilated_reflect": (
+        lambda: nn.Conv1d(3, 5, 3, dilation=2, padding=2, padding_mode="reflect"),
+        (2, 3, 12),
+    ),
+    "conv2d_nonsquare_nobias": (
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), bias=False),
+        (2, 4, 11, 9),
+    ),
+    "conv2d_grouped_dilated_circular": (
+        lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="circular"),
+        (2, 4, 10, 9),
+    ),
+    "conv2d_depthwise_replicate": (
+        lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="replicate"),
+        (2, 4, 9, 10),
+    ),
+    "conv2d_same": (lambda: nn.Conv2d(3, 5, 3, padding="same"), (1, 3, 8, 7)),
+    "conv3d_nonsquare_reflect": (
+        lambda: nn.Conv3d(2, 4, (3, 2, 3), stride=(1, 2, 1), padding=1, padding_mode="reflect"),
+        (1, 2, 6, 7, 6),
+    ),
+    "conv3d_depthwise": (lambda: nn.Conv3d(3, 6, 3, groups=3, padding=1), (1, 3, 5, 6, 5)),
+}
+EQUAL_KERNEL = {
+    "linear",
+    "linear_nobias_3d_input",
+    "conv1d_stride_pad",
+    "conv1d_dilated_reflect",
+    "conv2d_grouped_dilated_circular",
+    "conv2d_depthwise_replicate",
+    "conv2d_same",
+    "conv3d_depthwise",
+}
+MAPS = [("hadamard", "exact"), ("hadamard", "first_order"), ("hadamard", 3), ("additive", "exact")]
+
+
+def _setup(case: str, group: str, exp_map, layout: str, rank: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    factory, xshape = CASES[case]
+    base = factory().to(DT)
+    layer = LieRALayer(base, case)
+    cfg = LieRAConfig(rank=rank, alpha=3.0, target_modules=["x"], exp_map=exp_map,
+                      layout=layout, group=group)
+    layer.add_adapter("default", cfg)
+    x = torch.randn(xshape, dtype=DT)
+    return base, layer, cfg, x
+
+
+def _randomise(layer: LieRALayer, scale: float = 0.3) -> None:
+    gen = layer.generators["default"]
+    with torch.no_grad():
+        gen.B.copy_(scale * torch.randn_like(gen.B))
+
+
+def _layouts(case: str):
+    return ["mode1", "loralib"] if case in EQUAL_KERNEL else ["mode1"]
+
+
+MATRIX = [
+    (case, group, m, layout)
+    for case in CASES
+    for (group, m) in MAPS
+    for layout in _layouts(case)
+]
+
+
+@pytest.mark.parametrize(("case", "group", "exp_map", "layout"), MATRIX)
+def test_geometry_matrix(case, group, exp_map, layout):
+    base, layer, cfg, x = _setup(case, group, exp_map, layout)
+    W0 = base.weight.detach().clone()
+    order = cfg.order
+    # identity at init, bit for bit
+    assert torch.equal(layer(x), base(x))
+
+    _randomise(layer)
+    gen = layer.generators["default"]
+    shape = tuple(W0.shape)
+    delta_ref = ref_delta(gen.B.detach(), gen.A.detach(), cfg.scaling, shape)
+    W_ref = ref_map(W0, delta_ref, group, order)
+    y_ref = ref_op(base, x, W_ref)
+    y = layer(x)
+    tol = 200 * eps(DT) * (1 + y_ref.abs().max().item())
+    assert y.shape == y_ref.shape
+    assert (y - y_ref).abs().max().item() <= tol
+
+    # gradients: to A and B only, equal to autograd through the plain reference
+    y.square().sum().backward()
+    assert base.weight.grad is None
+    assert base.bias is None or base.bias.grad is None
+    Br = gen.B.detach().clone().requires_grad_(True)
+    Ar = gen.A.detach().clone().requires_grad_(True)
+    ref_op(base, x, ref_map(W0, ref_delta(Br, Ar, cfg.scaling, shape), group, order)) \
+        .square().sum().backward()
+    for got, want in ((gen.B.grad, Br.grad), (gen.A.grad, Ar.grad)):
+        assert got is not None and got.abs().max() > 0
+        gtol = 1e3 * eps(DT) * (1 + want.abs().max().item())
+        assert (got - want).abs().max().item() <= gtol
+
+    # merged == unmerged; unmerge restores W
+    layer.eval()
+    with torch.no_grad():
+        y_unmerged = layer(x)
+        layer.merge()
+        assert layer.merged_adapter == "default"
+        y_merged = layer(x)
+        assert (y_merged - y_unmerged).abs().max().item() <= tol
+        layer.unmerge()
+    if group == "hadamard" and order is not None:
+        assert torch.equal(base.weight, W0)  # restored from the kept copy, bit for bit
+    else:
+        rel = ((base.weight - W0).abs().max() / W0.abs().max()).item()
+        assert rel <= 1e-12
+    with torch.no_grad():
+        assert (layer(x) - y_unmerged).abs().max().item() <= tol
+
+    # mode-1 rank of the recovered algebra element
+    if layout == "mode1":
+        Wp = layer.adapted_weight().detach()
+        if group == "additive":
+            rec = Wp - W0
+        elif order is None:
+            rec = torch.log(Wp / W0)
+        elif order == 1:
+            rec = (Wp - W0) / W0
+        else:
+            rec = None
+        if rec is not None:
+            M = tensor.unfold(rec, 0)
+            assert min(M.shape) > cfg.rank
+            assert int(torch.linalg.matrix_rank(M, rtol=1e-9)) <= cfg.rank
+
+
+class _CountOps(TorchFunctionMode):
+    OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_is_one_op(case):
+    _, layer, _, x = _setup(case, "hadamard", "exact", "mode1")
+    _randomise(layer)
+    with _CountOps() as c:
+        layer(x)
+    assert c.n == 1
+
+
+@pytest.mark.parametrize("exp_map", ["exact", "first_order"])
+def test_dropout_acts_on_A_and_keeps_one_op(exp_map):
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    layer = LieRALayer(base)
+    cfg = LieRAConfig(rank=2, target_modules=["x"], exp_map=exp_map, dropout=0.5)
+    layer.add_adapter("default", cfg)
+    _randomise(layer)
+    gen = layer.generators["default"]
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    layer.train()
+    torch.manual_seed(123)
+    with _CountOps() as c:
+        y = layer(x)
+    assert c.n == 1
+    torch.manual_seed(123)
+    A_drop = F.dropout(gen.A.detach(), 0.5, training=True)
+    W_ref = ref_map(base.weight.detach(), ref_delta(gen.B.detach(), A_drop, cfg.scaling,
+                                                    tuple(base.weight.shape)), "hadamard",
+                    cfg.order)
+    assert torch.allclose(y, ref_op(base, x, W_ref), rtol=1e-12, atol=1e-12)
+    layer.eval()
+    W_eval = ref_map(base.weight.detach(), ref_delta(gen.B.detach(), gen.A.detach(),
+                                                     cfg.scaling, tuple(base.weight.shape)),
+                     "hadamard", cfg.order)
+    assert torch.allclose(layer(x), ref_op(base, x, W_eval), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv2d_grouped_dilated_circular", "conv3d_depthwise"])
+def test_first_order_lora_equals_hira_formula(case):
+    # HF peft HiRA: W + W ⊙ (B·A) with no scale; ours with the scale folded into B.
+    base, layer, cfg, _ = _setup(case, "hadamard", "first_order", "mode1")
+    _randomise(layer)
+    gen = layer.generators["default"]
+    W = base.weight.detach()
+    B_hira = cfg.scaling * gen.B.detach()
+    hira = W + W * (B_hira @ gen.A.detach()).reshape(W.shape)
+    assert torch.allclose(layer.adapted_weight().detach(), hira, rtol=1e-13, atol=0)
+
+
+def test_loralib_param_counts_match_paper_layout():
+    conv = nn.Conv2d(8, 16, 3, groups=2)
+    layer = LieRALayer(conv)
+    layer.add_adapter("a", LieRAConfig(rank=4, target_modules=["x"], layout="loralib"))
+    g = layer.generators["a"]
+    # B: (C_out/g·k) × (r·k), A: (r·k) × (C_in·k)
+    assert tuple(g.B.shape) == (16 // 2 * 3, 4 * 3)
+    assert tuple(g.A.shape) == (4 * 3, 8 * 3)
+    assert g().shape == conv.weight.shape
+
+
+def test_loralib_refuses_nonsquare_kernel():
+    layer = LieRALayer(nn.Conv2d(2, 3, (3, 1)), "c")
+    with pytest.raises(ShapeError, match="equal kernel sizes"):
+        layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["c"], layout="loralib"))
+
+
+@pytest.mark.parametrize("order", [None, 1, 2, 4])
+def test_hadamard_function_gradcheck(order):
+    from liegroup.peft import HadamardExpFunction
+
+    torch.manual_seed(1)
+    W = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    X = (0.5 * torch.randn(3, 4, dtype=DT)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, d: HadamardExpFunction.apply(w, d, order), (W, X))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_dtypes_follow_the_base_weight(dtype):
+    base = nn.Conv2d(3, 4, 3).to(dtype)
+    layer = LieRALayer(base)
+    layer.add_adapter("a", LieRAConfig(rank=2, target_modules=["x"]))
+    assert layer.generators["a"].A.dtype == dtype
+    x = torch.randn(1, 3, 7, 7, dtype=dtype)
+    assert torch.equal(layer(x), base(x))
+    layer(x).float().sum().backward()
+    assert layer.generators["a"].B.grad is not None
