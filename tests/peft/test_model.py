@@ -67,7 +67,7 @@ def _model(seed: int = 0, **kw) -> tuple[Net, LieRAModel, torch.Tensor]:
 def _perturb(model: LieRAModel, scale: float = 0.2, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
@@ -81,7 +81,7 @@ def _train_steps(model: LieRAModel, x: torch.Tensor, steps: int = 3) -> None:
 
 
 def test_injection_freezes_base_and_counts():
-    net, model, x = _model()
+    _net, model, _x = _model()
     for name in TARGETS:
         assert isinstance(model.base_model.get_submodule(name), LieRALayer)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -103,7 +103,7 @@ def test_print_trainable_parameters(capsys):
 
 @pytest.mark.parametrize("exp_map", ["exact", "first_order", 2])
 def test_training_moves_only_adapters_and_identity_at_init(exp_map):
-    net, model, x = _model(exp_map=exp_map)
+    _net, model, x = _model(exp_map=exp_map)
     with model.disable_adapter():
         y_base = model(x)
     assert torch.allclose(model(x), y_base, rtol=0, atol=0)  # identity at init (head copy too)
@@ -142,7 +142,7 @@ def test_merge_unmerge_and_merge_and_unload(exp_map):
 
 
 def test_unload_without_merge_restores_base_model():
-    net, model, x = _model()
+    _net, model, x = _model()
     with model.disable_adapter():
         y0 = model(x)
     _perturb(model)
@@ -177,12 +177,12 @@ def test_merge_state_errors():
 
 
 def test_safe_merge_refuses_non_finite_and_writes_nothing():
-    net, model, x = _model()
+    net, model, _x = _model()
     layer = model.base_model.get_submodule("block.2")
     with torch.no_grad():
         layer.generators["default"].B.fill_(1e4)  # exp overflows
     W = {n: p.detach().clone() for n, p in net.named_parameters()}
-    with pytest.raises(NonFiniteError, match="block.2"):
+    with pytest.raises(NonFiniteError, match=r"block\.2"):
         model.merge_adapter(safe_merge=True)
     assert not model.merged
     for n, p in net.named_parameters():
@@ -219,7 +219,7 @@ def test_multiple_adapters_switch_and_delete():
 
 @pytest.mark.parametrize("exp_map", ["exact", "first_order", 3])
 def test_save_load_reproduces_outputs(tmp_path, exp_map):
-    net, model, x = _model(exp_map=exp_map)
+    _net, model, x = _model(exp_map=exp_map)
     _perturb(model)
     model.eval()
     y = model(x)
@@ -239,7 +239,7 @@ def test_save_load_reproduces_outputs(tmp_path, exp_map):
 
 
 def test_load_adapter_into_existing_model(tmp_path):
-    net, model, x = _model()
+    _net, model, x = _model()
     _perturb(model)
     y = model(x)
     model.save_pretrained(tmp_path)
@@ -250,7 +250,7 @@ def test_load_adapter_into_existing_model(tmp_path):
 
 
 def _saved(tmp_path) -> tuple[str, LieRAModel]:
-    net, model, _ = _model()
+    _net, model, _ = _model()
     _perturb(model)
     model.save_pretrained(tmp_path)
     return str(tmp_path), model
@@ -262,12 +262,12 @@ def _fresh_is_untouched(net: Net) -> None:
 
 
 def test_checkpoint_errors_missing_files(tmp_path):
-    with pytest.raises(CheckpointError, match="adapter_config.json"):
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json"):
         LieRAModel.from_pretrained(Net(), tmp_path)
     d, _ = _saved(tmp_path)
     os.remove(os.path.join(d, "adapter_model.safetensors"))
     net = Net().to(DT)
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors"):
         LieRAModel.from_pretrained(net, d)
     _fresh_is_untouched(net)
 
@@ -275,7 +275,8 @@ def test_checkpoint_errors_missing_files(tmp_path):
 def test_checkpoint_errors_bad_config(tmp_path):
     d, _ = _saved(tmp_path)
     path = os.path.join(d, "adapter_config.json")
-    good = json.loads(open(path).read())
+    with open(path) as f:
+        good = json.loads(f.read())
     for bad, msg in (
         ("{not json", "not valid JSON"),
         (json.dumps({**good, "peft_type": "LORA"}), "not a LieRA"),
