@@ -13,6 +13,18 @@ Example:
 
 from liegroup import errors, tensor
 from liegroup._version import __version__
-from liegroup.groups import Hadamard, LieGroup
+from liegroup.groups import GL, SE, SL, SO, Hadamard, LieGroup, MatrixLieGroup, Product
 
-__all__ = ["Hadamard", "LieGroup", "__version__", "errors", "tensor"]
+__all__ = [
+    "GL",
+    "SE",
+    "SL",
+    "SO",
+    "Hadamard",
+    "LieGroup",
+    "MatrixLieGroup",
+    "Product",
+    "__version__",
+    "errors",
+    "tensor",
+]

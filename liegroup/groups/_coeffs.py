@@ -1,0 +1,96 @@
+"""Cancellation-free, NaN-gradient-free evaluation of the closed-form coefficients.
+
+Each coefficient ``f(θ)`` (see :data:`liegroup.groups._thresholds.SERIES` for the list) is
+evaluated from ``z = θ²`` as its Taylor polynomial below the switch of
+:mod:`liegroup.groups._thresholds` and in closed form above it. The closed form is evaluated at
+``θ_safe = sqrt(z)`` with ``z`` replaced by the threshold *before* the square root and the
+divisions on the series side, so neither branch of ``torch.where`` produces inf/NaN and the
+gradient through ``z = ω·ω`` is finite at ``ω = 0``.
+
+Example:
+    >>> import torch
+    >>> from liegroup.groups._coeffs import coefficient
+    >>> z = torch.tensor([0.0, 4.0], dtype=torch.float64)
+    >>> coefficient("cosc", z)  # (1 − cos θ)/θ²
+    tensor([0.5000, 0.3540], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from liegroup.groups._thresholds import SERIES, switch
+
+__all__ = ["coefficient", "series"]
+
+
+def _sinc(t: torch.Tensor) -> torch.Tensor:
+    return torch.sin(t) / t
+
+
+def _cosc(t: torch.Tensor) -> torch.Tensor:
+    h = t / 2
+    s = torch.sin(h) / h
+    return 0.5 * s * s
+
+
+def _sinc3(t: torch.Tensor) -> torch.Tensor:
+    return (t - torch.sin(t)) / (t * t * t)
+
+
+def _cosc4(t: torch.Tensor) -> torch.Tensor:
+    t2 = t * t
+    return (t2 / 2 + torch.cos(t) - 1) / (t2 * t2)
+
+
+def _q3(t: torch.Tensor) -> torch.Tensor:
+    t2 = t * t
+    return (2 * t - 3 * torch.sin(t) + t * torch.cos(t)) / (2 * t2 * t2 * t)
+
+
+def _dinv(t: torch.Tensor) -> torch.Tensor:
+    # (θ/2)·cot(θ/2) = sinc(θ) / (2·cosc(θ)), both accurate; then the cancelling 1 − (·).
+    return (1 - _sinc(t) / (2 * _cosc(t))) / (t * t)
+
+
+def _asinc(t: torch.Tensor) -> torch.Tensor:
+    return torch.asin(t) / t
+
+
+_DIRECT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sinc": _sinc,
+    "cosc": _cosc,
+    "sinc3": _sinc3,
+    "cosc4": _cosc4,
+    "q3": _q3,
+    "dinv": _dinv,
+    "asinc": _asinc,
+}
+
+
+def series(name: str, z: torch.Tensor) -> torch.Tensor:
+    """Taylor polynomial of coefficient ``name`` in ``z`` with the dtype's number of terms."""
+    terms = switch(name, z.dtype).terms
+    c = [float(x) for x in SERIES[name][:terms]]
+    out = torch.full_like(z, c[-1])
+    for ck in reversed(c[:-1]):
+        out = out * z + ck
+    return out
+
+
+def coefficient(name: str, z: torch.Tensor) -> torch.Tensor:
+    """Coefficient ``name`` at ``θ = sqrt(z)`` (``z >= 0``), series below its switch.
+
+    Args:
+        name: a key of :data:`~liegroup.groups._thresholds.SERIES`.
+        z: ``θ²`` (for ``"asinc"``, ``x²``), any shape.
+
+    Returns:
+        Tensor of ``z``'s shape; finite, with finite gradients, for every ``z`` in the domain.
+    """
+    thr = switch(name, z.dtype).threshold
+    small = z < thr * thr
+    z_safe = torch.where(small, torch.full_like(z, 4 * thr * thr), z)
+    return torch.where(small, series(name, z), _DIRECT[name](torch.sqrt(z_safe)))

@@ -1,0 +1,405 @@
+"""The rotation groups ``SO(n) = {R : RᵀR = I, det R = 1}``, closed forms for n = 2, 3.
+
+Algebra ``so(n)``: skew-symmetric matrices, ``dim = n(n−1)/2``. ``hat``/``vee`` coordinates:
+
+* ``n = 3``: the cross-product convention ``hat(ω) v = ω × v``, i.e.
+  ``hat(ω) = [[0, −ω₃, ω₂], [ω₃, 0, −ω₁], [−ω₂, ω₁, 0]]``;
+* ``n = 2`` and ``n ≥ 4``: the strictly lower triangle in row-major order,
+  ``v = (X₁₀, X₂₀, X₂₁, X₃₀, X₃₁, X₃₂, …)`` (``X_ij = −X_ji``); for ``n = 2``, ``v = (θ,)``.
+
+Closed forms (``θ = ‖ω‖``; coefficients from :mod:`liegroup.groups._coeffs`, series below the
+per-dtype switches of :mod:`liegroup.groups._thresholds`):
+
+* Rodrigues: ``exp(ω^) = I + (sinθ/θ)·ω^ + ((1−cosθ)/θ²)·ω^²``, with
+  ``(1−cosθ)/θ² = ½·sinc²(θ/2)`` (no cancellation);
+* log: ``c = (tr R − 1)/2``, ``v = vee((R − Rᵀ)/2)`` (``‖v‖ = sinθ``), ``θ = atan2(‖v‖, c)``;
+  for ``θ ≤ π/2`` ``ω = (θ/‖v‖)·v`` (``asin(x)/x`` series near 0); for ``θ > π/2`` the axis is
+  the largest column of ``(R + Rᵀ)/2 − c·I = (1 − c)·n nᵀ``, normalised, signed by ``v``;
+* Jacobians: ``J_l(ω) = I + ((1−cosθ)/θ²)·ω^ + ((θ − sinθ)/θ³)·ω^²``, ``J_r(ω) = J_l(−ω)``,
+  ``J_l⁻¹(ω) = I − ½ω^ + ((1 − (θ/2)cot(θ/2))/θ²)·ω^²``;
+* SO(2): ``exp = [[cosθ, −sinθ], [sinθ, cosθ]]``, ``θ = atan2(R₁₀ − R₀₁, R₀₀ + R₁₁)``,
+  Jacobians ``1``.
+
+``SO(n).log`` returns an exactly skew-symmetric matrix (``½(L − Lᵀ)`` of the principal
+``liegroup.linalg.logm`` for ``n ≥ 4``).
+
+Example:
+    >>> import torch, liegroup
+    >>> G = liegroup.SO(3)
+    >>> w = torch.tensor([0.0, 0.0, torch.pi / 2], dtype=torch.float64)
+    >>> y = G.exp(G.hat(w)) @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    >>> torch.allclose(y, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from liegroup._validation import check_tensor
+from liegroup.errors import ShapeError
+from liegroup.groups._coeffs import coefficient, series
+from liegroup.groups._thresholds import switch
+from liegroup.groups.matrix import MatrixLieGroup
+
+__all__ = [
+    "SO",
+    "so3_exp",
+    "so3_hat",
+    "so3_left_jacobian",
+    "so3_left_jacobian_inv",
+    "so3_log",
+    "so3_vee",
+]
+
+
+def _check_vec(w: torch.Tensor, n: int, name: str) -> None:
+    check_tensor(w, name)
+    if w.dim() < 1 or w.shape[-1] != n:
+        raise ShapeError(f"{name} must have shape (*batch, {n}), got {tuple(w.shape)}")
+
+
+def so3_hat(w: torch.Tensor) -> torch.Tensor:
+    """``(*batch, 3) → (*batch, 3, 3)``: the skew matrix with ``hat(ω) v = ω × v``.
+
+    Example:
+        >>> import torch
+        >>> so3_hat(torch.tensor([1.0, 2.0, 3.0]))
+        tensor([[ 0., -3.,  2.],
+                [ 3.,  0., -1.],
+                [-2.,  1.,  0.]])
+    """
+    _check_vec(w, 3, "w")
+    x, y, z = w.unbind(-1)
+    o = torch.zeros_like(x)
+    return torch.stack([o, -z, y, z, o, -x, -y, x, o], dim=-1).reshape(*w.shape[:-1], 3, 3)
+
+
+def so3_vee(X: torch.Tensor) -> torch.Tensor:
+    """``(*batch, 3, 3) → (*batch, 3)``: ``vee`` of the skew part ``(X − Xᵀ)/2``.
+
+    Example:
+        >>> import torch
+        >>> so3_vee(so3_hat(torch.tensor([1.0, 2.0, 3.0])))
+        tensor([1., 2., 3.])
+    """
+    return 0.5 * torch.stack(
+        [X[..., 2, 1] - X[..., 1, 2], X[..., 0, 2] - X[..., 2, 0], X[..., 1, 0] - X[..., 0, 1]],
+        dim=-1,
+    )
+
+
+def so3_exp(w: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula ``exp(ω^)`` for rotation vectors ``(*batch, 3) → (*batch, 3, 3)``.
+
+    Example:
+        >>> import torch
+        >>> R = so3_exp(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        >>> torch.allclose(R.mT @ R, torch.eye(3, dtype=torch.float64))
+        True
+    """
+    _check_vec(w, 3, "w")
+    z = (w * w).sum(-1)
+    a = coefficient("sinc", z)[..., None, None]
+    b = coefficient("cosc", z)[..., None, None]
+    K = so3_hat(w)
+    eye = torch.eye(3, dtype=w.dtype, device=w.device)
+    return eye + a * K + b * (K @ K)
+
+
+def so3_log(R: torch.Tensor) -> torch.Tensor:
+    """Principal rotation vector of ``R`` (``(*batch, 3, 3) → (*batch, 3)``), ``θ ∈ [0, π]``.
+
+    Accurate near ``θ = 0`` (series) and near ``π`` (axis from the symmetric part); gradients
+    are finite everywhere except at exactly ``θ = π``, where ``log`` is not differentiable.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([0.0, 3.1, 0.0], dtype=torch.float64)
+        >>> so3_log(so3_exp(w))
+        tensor([0.0000, 3.1000, 0.0000], dtype=torch.float64)
+    """
+    v = so3_vee(R)
+    c = 0.5 * (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1)
+    s2 = (v * v).sum(-1)
+    pos = s2 > 0
+    s = torch.where(
+        pos, torch.sqrt(torch.where(pos, s2, torch.ones_like(s2))), torch.zeros_like(s2)
+    )
+    theta = torch.atan2(s, c)
+    small = (s < switch("asinc", R.dtype).threshold) & (c > 0)
+    near_pi = theta > switch("log_pi", R.dtype).threshold
+    # near 0 and mid-range: ω = (θ / sinθ)·v
+    s_safe = torch.where(small | near_pi | ~pos, torch.ones_like(s), s)
+    k = torch.where(small, series("asinc", s2), theta / s_safe)
+    w_skew = k[..., None] * v
+    # near π: axis from (R + Rᵀ)/2 − c·I = (1 − c) n nᵀ, its largest column
+    B = 0.5 * (R + R.mT) - c[..., None, None] * torch.eye(3, dtype=R.dtype, device=R.device)
+    j = B.diagonal(dim1=-2, dim2=-1).argmax(-1)
+    col = torch.gather(B, -1, j[..., None, None].expand(*B.shape[:-1], 1)).squeeze(-1)
+    cn2 = (col * col).sum(-1)
+    cn = torch.sqrt(torch.where(near_pi, cn2, torch.ones_like(cn2)))
+    n = col / cn[..., None]
+    sign = torch.where((n * v).sum(-1) < 0, -torch.ones_like(s), torch.ones_like(s))
+    w_pi = (sign * theta)[..., None] * n
+    return torch.where(near_pi[..., None], w_pi, w_skew)
+
+
+def _so3_jac(w: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor:
+    z = (w * w).sum(-1)
+    K = so3_hat(w)
+    eye = torch.eye(3, dtype=w.dtype, device=w.device)
+    sgn = 1.0 if left else -1.0
+    if inverse:
+        b = torch.full_like(z, -0.5 * sgn)[..., None, None]
+        c = coefficient("dinv", z)[..., None, None]
+    else:
+        b = sgn * coefficient("cosc", z)[..., None, None]
+        c = coefficient("sinc3", z)[..., None, None]
+    return eye + b * K + c * (K @ K)
+
+
+def so3_left_jacobian(w: torch.Tensor) -> torch.Tensor:
+    """``J_l(ω) = I + ((1−cosθ)/θ²) ω^ + ((θ−sinθ)/θ³) ω^²``, ``(*batch, 3) → (*batch, 3, 3)``.
+
+    ``J_r(ω) = J_l(−ω)``.
+
+    Example:
+        >>> import torch
+        >>> so3_left_jacobian(torch.zeros(3))
+        tensor([[1., 0., 0.],
+                [0., 1., 0.],
+                [0., 0., 1.]])
+    """
+    _check_vec(w, 3, "w")
+    return _so3_jac(w, True, False)
+
+
+def so3_left_jacobian_inv(w: torch.Tensor) -> torch.Tensor:
+    """``J_l⁻¹(ω) = I − ½ω^ + ((1 − (θ/2)cot(θ/2))/θ²) ω^²`` (singular at ``θ = 2π``).
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([0.4, 0.1, -0.3], dtype=torch.float64)
+        >>> torch.allclose(so3_left_jacobian(w) @ so3_left_jacobian_inv(w),
+        ...                torch.eye(3, dtype=torch.float64))
+        True
+    """
+    _check_vec(w, 3, "w")
+    return _so3_jac(w, True, True)
+
+
+class SO(MatrixLieGroup):
+    """Special orthogonal group ``SO(n)``, ``n >= 2`` (closed forms for n = 2, 3).
+
+    Points: rotation matrices ``(*batch, n, n)``. Algebra: skew matrices ``(*batch, n, n)``;
+    ``hat``/``vee`` as in the module docstring.
+
+    Example:
+        >>> import torch, liegroup
+        >>> G = liegroup.SO(3)
+        >>> R = G.random(5, dtype=torch.float64)
+        >>> bool(G.contains(G.compose(R, G.inverse(R))).all())
+        True
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        if n < 2:
+            raise ShapeError(f"SO(n) needs n >= 2 (SO(1) is the trivial group), got {n}")
+        self.dim = n * (n - 1) // 2
+        rows, cols = torch.tril_indices(n, n, offset=-1)
+        self._rows, self._cols = rows, cols
+        E = torch.zeros(self.dim, n, n, dtype=torch.float64)
+        k = torch.arange(self.dim)
+        E[k, rows, cols] = 1
+        E[k, cols, rows] = -1
+        self._E = E
+
+    # ------------------------------------------------------------------ coordinates
+    def hat(self, v: torch.Tensor) -> torch.Tensor:
+        """``(*batch, n(n−1)/2) → (*batch, n, n)`` skew matrix (ordering: module docstring).
+
+        Example:
+            >>> import torch, liegroup
+            >>> liegroup.SO(2).hat(torch.tensor([0.5]))
+            tensor([[ 0.0000, -0.5000],
+                    [ 0.5000,  0.0000]])
+        """
+        self._check_vector(v)
+        if self.n == 3:
+            return so3_hat(v)
+        E = self._E.to(dtype=v.dtype, device=v.device)
+        return torch.einsum("...k,kij->...ij", v, E)
+
+    def vee(self, X: torch.Tensor) -> torch.Tensor:
+        """``(*batch, n, n) → (*batch, n(n−1)/2)``, coordinates of the skew part ``(X − Xᵀ)/2``.
+
+        Example:
+            >>> import torch, liegroup
+            >>> liegroup.SO(4).vee(liegroup.SO(4).hat(torch.arange(6.0)))
+            tensor([0., 1., 2., 3., 4., 5.])
+        """
+        self.check_algebra(X, "X")
+        if self.n == 3:
+            return so3_vee(X)
+        return 0.5 * (X[..., self._rows, self._cols] - X[..., self._cols, self._rows])
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """Nearest rotation in Frobenius norm: polar factor ``U Vᵀ`` with a det fix.
+
+        If ``det(U Vᵀ) < 0`` the singular vector of the smallest singular value is flipped
+        (the nearest matrix of determinant +1).
+
+        Example:
+            >>> import torch, liegroup
+            >>> G = liegroup.SO(3)
+            >>> R = G.project(torch.eye(3, dtype=torch.float64) + 1e-3)
+            >>> bool(G.contains(R))
+            True
+        """
+        self.check_point(g, "g")
+        U, _, Vh = torch.linalg.svd(g)
+        d = torch.sign(torch.linalg.det(U @ Vh))
+        d = torch.where(d == 0, torch.ones_like(d), d)
+        flip = torch.ones(*d.shape, self.n, dtype=g.dtype, device=g.device)
+        flip = torch.cat([flip[..., :-1], d[..., None]], dim=-1)
+        return (U * flip[..., None, :]) @ Vh
+
+    def project_algebra(self, X: torch.Tensor) -> torch.Tensor:
+        """Skew part ``(X − Xᵀ)/2`` (exactly skew).
+
+        Example:
+            >>> import torch, liegroup
+            >>> liegroup.SO(2).project_algebra(torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
+            tensor([[ 0.,  1.],
+                    [-1.,  0.]])
+        """
+        self.check_algebra(X, "X")
+        return 0.5 * (X - X.mT)
+
+    def _residual(self, g: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(self.n, dtype=g.dtype, device=g.device)
+        err = (g.mT @ g - eye).abs().flatten(-2).amax(-1)
+        det = torch.linalg.det(g)
+        return torch.where(det > 0, err, torch.full_like(err, float("inf")))
+
+    def _algebra_residual(self, X: torch.Tensor) -> torch.Tensor:
+        return (X + X.mT).abs().flatten(-2).amax(-1)
+
+    # ------------------------------------------------------------------ structure
+    def inverse(self, g: torch.Tensor) -> torch.Tensor:
+        """Transpose ``Rᵀ``.
+
+        Example:
+            >>> import torch, liegroup
+            >>> liegroup.SO(2).inverse(torch.tensor([[0.0, -1.0], [1.0, 0.0]]))
+            tensor([[ 0.,  1.],
+                    [-1.,  0.]])
+        """
+        self.check_point(g, "g")
+        return g.mT
+
+    def _exp(self, X: torch.Tensor) -> torch.Tensor:
+        if self.n == 3:
+            return so3_exp(so3_vee(X))
+        if self.n == 2:
+            th = 0.5 * (X[..., 1, 0] - X[..., 0, 1])
+            c, s = torch.cos(th), torch.sin(th)
+            return torch.stack([c, -s, s, c], dim=-1).reshape(*th.shape, 2, 2)
+        return super()._exp(X)
+
+    def _log(self, g: torch.Tensor) -> torch.Tensor:
+        if self.n == 3:
+            return so3_hat(so3_log(g))
+        if self.n == 2:
+            th = torch.atan2(g[..., 1, 0] - g[..., 0, 1], g[..., 0, 0] + g[..., 1, 1])
+            return self.hat(th[..., None])
+        return super()._log(g)
+
+    def random(
+        self,
+        *batch: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Haar-distributed rotations (QR of a Gaussian matrix with sign and det fix).
+
+        Example:
+            >>> import torch, liegroup
+            >>> G = liegroup.SO(4)
+            >>> bool(G.contains(G.random(3, dtype=torch.float64)).all())
+            True
+        """
+        A = torch.randn(*batch, self.n, self.n, dtype=dtype, device=device, generator=generator)
+        Q, Rr = torch.linalg.qr(A)
+        Q = Q * torch.sign(Rr.diagonal(dim1=-2, dim2=-1))[..., None, :]
+        d = torch.sign(torch.linalg.det(Q))
+        first = Q[..., :, :1] * d[..., None, None]
+        return torch.cat([first, Q[..., :, 1:]], dim=-1)
+
+    def random_algebra(
+        self,
+        *batch: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``hat`` of a standard-normal vector of ``R^dim``.
+
+        Example:
+            >>> import liegroup
+            >>> liegroup.SO(5).random_algebra(2).shape
+            torch.Size([2, 5, 5])
+        """
+        v = torch.randn(*batch, self.dim, dtype=dtype, device=device, generator=generator)
+        return self.hat(v)
+
+    # ------------------------------------------------------------------ Jacobians
+    def adjoint_matrix(self, g: torch.Tensor) -> torch.Tensor:
+        """``Ad_R`` in vee coordinates: ``R`` for SO(3), ``1`` for SO(2), generic otherwise.
+
+        Example:
+            >>> import torch, liegroup
+            >>> liegroup.SO(2).adjoint_matrix(liegroup.SO(2).identity())
+            tensor([[1.]])
+        """
+        self.check_point(g, "g")
+        if self.n == 3:
+            return g
+        if self.n == 2:
+            return torch.ones(*g.shape[:-2], 1, 1, dtype=g.dtype, device=g.device)
+        return super().adjoint_matrix(g)
+
+    def _closed_jac(self, X: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor | None:
+        if self.n == 3:
+            return _so3_jac(so3_vee(X), left, inverse)
+        if self.n == 2:
+            return torch.ones(*X.shape[:-2], 1, 1, dtype=X.dtype, device=X.device)
+        return None
+
+    def left_jacobian(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self.check_algebra(X, "X")
+        J = self._closed_jac(X, True, False)
+        return super().left_jacobian(X) if J is None else J
+
+    def right_jacobian(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self.check_algebra(X, "X")
+        J = self._closed_jac(X, False, False)
+        return super().right_jacobian(X) if J is None else J
+
+    def left_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self.check_algebra(X, "X")
+        J = self._closed_jac(X, True, True)
+        return super().left_jacobian_inv(X) if J is None else J
+
+    def right_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self.check_algebra(X, "X")
+        J = self._closed_jac(X, False, True)
+        return super().right_jacobian_inv(X) if J is None else J
+
+    left_jacobian.__doc__ = MatrixLieGroup.left_jacobian.__doc__
+    right_jacobian.__doc__ = MatrixLieGroup.right_jacobian.__doc__
+    left_jacobian_inv.__doc__ = MatrixLieGroup.left_jacobian_inv.__doc__
+    right_jacobian_inv.__doc__ = MatrixLieGroup.right_jacobian_inv.__doc__
