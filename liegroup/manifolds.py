@@ -91,6 +91,7 @@ from liegroup.groups.base import LieGroup
 __all__ = [
     "LieGroupManifold",
     "check_manifold_parameters",
+    "load_optimizer_state_dict",
     "plain_state_dict",
 ]
 
@@ -958,3 +959,33 @@ def check_manifold_parameters(
             ok, reason = manifold._check_point_on_manifold(p.detach(), atol=tol, rtol=rtol)
         if not ok:
             raise DomainError(f"parameter {name!r} is not on {manifold!r}: {reason}")
+
+
+def load_optimizer_state_dict(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> None:
+    """``optimizer.load_state_dict(state_dict)``, keeping geoopt's integer step counters.
+
+    ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns every per-parameter
+    ``"step"`` into a float32 tensor. ``RiemannianAdam`` computes its bias corrections as
+    ``beta ** state["step"]`` and so, after a reload, in float32 instead of Python floats: a
+    resumed run differs from an uninterrupted one (about 1e-8 relative), and a float32 step count
+    stops increasing at 2^24. This helper restores the ints, so resuming is bit-identical.
+
+    Example:
+        >>> import torch, geoopt, liegroup
+        >>> M = LieGroupManifold(liegroup.SO(2))
+        >>> p = geoopt.ManifoldParameter(M.origin(2, 2), manifold=M)
+        >>> opt = geoopt.optim.RiemannianAdam([p], lr=0.1)
+        >>> p.sum().backward(); opt.step()
+        >>> load_optimizer_state_dict(opt, opt.state_dict())
+        >>> opt.state[p]["step"]
+        1
+    """
+    optimizer.load_state_dict(state_dict)
+    if not isinstance(optimizer, geoopt.optim.mixin.OptimMixin):
+        return
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            state["step"] = int(step.item())
