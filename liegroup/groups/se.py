@@ -38,7 +38,7 @@ import torch
 from liegroup.errors import ShapeError
 from liegroup.groups._coeffs import coefficient
 from liegroup.groups.matrix import MatrixLieGroup
-from liegroup.groups.so import SO, _check_vec, _so3_jac, so3_exp, so3_hat, so3_log
+from liegroup.groups.so import SO, _check_vec, _mm, _so3_jac, so3_exp, so3_hat, so3_log
 
 __all__ = ["SE", "se3_Q", "se3_exp", "se3_log"]
 
@@ -107,13 +107,16 @@ def se3_Q(rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     z = (w * w).sum(-1)[..., None, None]
     P, W = so3_hat(rho), so3_hat(w)
-    WP, PW = W @ P, P @ W
-    WPW = WP @ W
+    WP, PW = _mm(W, P), _mm(P, W)
+    WPW = _mm(WP, W)
     c1 = coefficient("sinc3", z)
     c2 = coefficient("cosc4", z)
     c3 = coefficient("q3", z)
     return (
-        0.5 * P + c1 * (WP + PW + WPW) + c2 * (W @ WP + PW @ W - 3 * WPW) + c3 * (WPW @ W + W @ WPW)
+        0.5 * P
+        + c1 * (WP + PW + WPW)
+        + c2 * (_mm(W, WP) + _mm(PW, W) - 3 * WPW)
+        + c3 * (_mm(WPW, W) + _mm(W, WPW))
     )
 
 
@@ -124,7 +127,7 @@ def _se3_jac(xi: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor:
     Q = se3_Q(rho, w)
     J = _so3_jac(w, True, inverse)
     if inverse:
-        Q = -J @ Q @ J
+        Q = -_mm(_mm(J, Q), J)
     zero = torch.zeros_like(J)
     return torch.cat([torch.cat([J, Q], -1), torch.cat([zero, J], -1)], -2)
 
@@ -347,7 +350,7 @@ class SE(MatrixLieGroup):
             return super().adjoint_matrix(g)
         R, t = g[..., :3, :3], g[..., :3, 3]
         zero = torch.zeros_like(R)
-        return torch.cat([torch.cat([R, so3_hat(t) @ R], -1), torch.cat([zero, R], -1)], -2)
+        return torch.cat([torch.cat([R, _mm(so3_hat(t), R)], -1), torch.cat([zero, R], -1)], -2)
 
     def _closed_jac(self, X: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor | None:
         if self.k == 3:

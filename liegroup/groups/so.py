@@ -59,6 +59,24 @@ def _check_vec(w: torch.Tensor, n: int, name: str) -> None:
         raise ShapeError(f"{name} must have shape (*batch, {n}), got {tuple(w.shape)}")
 
 
+def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Small matrix product as element-wise multiply-adds in a fixed order.
+
+    Unlike ``@`` (whose BLAS kernel, and so its rounding, depends on the batch size), the result
+    for one matrix is the same alone or inside any batch.
+    """
+    out = A[..., :, 0, None] * B[..., None, 0, :]
+    for k in range(1, A.shape[-1]):
+        out = out + A[..., :, k, None] * B[..., None, k, :]
+    return out
+
+
+def _outer_minus(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``ω^² = ω ωᵀ − θ² I`` element-wise (batch invariant)."""
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    return w[..., :, None] * w[..., None, :] - z[..., None, None] * eye
+
+
 def so3_hat(w: torch.Tensor) -> torch.Tensor:
     """``(*batch, 3) → (*batch, 3, 3)``: the skew matrix with ``hat(ω) v = ω × v``.
 
@@ -104,7 +122,7 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
     b = coefficient("cosc", z)[..., None, None]
     K = so3_hat(w)
     eye = torch.eye(3, dtype=w.dtype, device=w.device)
-    return eye + a * K + b * (K @ K)
+    return eye + a * K + b * _outer_minus(w, z)
 
 
 def so3_log(R: torch.Tensor) -> torch.Tensor:
@@ -156,7 +174,7 @@ def _so3_jac(w: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor:
     else:
         b = sgn * coefficient("cosc", z)[..., None, None]
         c = coefficient("sinc3", z)[..., None, None]
-    return eye + b * K + c * (K @ K)
+    return eye + b * K + c * _outer_minus(w, z)
 
 
 def so3_left_jacobian(w: torch.Tensor) -> torch.Tensor:
