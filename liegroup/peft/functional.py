@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from liegroup._validation import check_tensor
 from liegroup.errors import AdapterStateError, ShapeError
-from liegroup.groups.hadamard import Hadamard, taylor_exp
+from liegroup.groups.hadamard import Hadamard
 
 __all__ = [
     "Additive",
@@ -74,8 +74,9 @@ class HadamardExpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, W: torch.Tensor, delta: torch.Tensor, order: int | None) -> torch.Tensor:
         """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) through :class:`liegroup.Hadamard`."""
-        G = Hadamard(tuple(W.shape))
-        Wp = G.act(G.exp(delta, order=order), W)
+        # W' = G.act(G.exp(ΔW, order), W) = W ⊙ exp(ΔW), with every step written into one
+        # fresh buffer (bit-identical to the group's maps, tested).
+        Wp = _exp_inplace(delta, order).mul_(W)
         ctx.order = order
         need_w = ctx.needs_input_grad[0]
         if order is None:
@@ -97,10 +98,29 @@ class HadamardExpFunction(torch.autograd.Function):
             if order is None or order == 1:
                 g_delta = grad * saved  # saved is W' (exact) or W (first order)
             else:
-                g_delta = grad * saved * taylor_exp(delta, order - 1)
+                g_delta = _exp_inplace(delta, order - 1).mul_(saved).mul_(grad)
         if ctx.needs_input_grad[0]:
-            g_w = grad * (torch.exp(delta) if order is None else taylor_exp(delta, order))
+            g_w = _exp_inplace(delta, order).mul_(grad)
         return g_w, g_delta, None
+
+
+def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:
+    """``Hadamard.exp(X, order)`` in one fresh buffer (Horner's rule done in place).
+
+    Same operations in the same order as :func:`liegroup.groups.taylor_exp`, so bit-identical;
+    ``order=0`` gives ones.
+    """
+    if order is None:
+        return Hadamard(tuple(X.shape)).exp(X)
+    if order == 0:
+        return torch.ones_like(X)
+    t = X / order + 1 if order > 1 else X + 1
+    for j in range(order - 1, 0, -1):
+        t.mul_(X)
+        if j > 1:
+            t.div_(j)
+        t.add_(1)
+    return t
 
 
 class Update(ABC):

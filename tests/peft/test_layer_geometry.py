@@ -259,3 +259,16 @@ def test_low_precision_dtypes_follow_the_base_weight(dtype):
     assert torch.equal(layer(x), base(x))
     layer(x).float().sum().backward()
     assert layer.generators["a"].B.grad is not None
+
+
+@pytest.mark.parametrize("order", [None, 1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_map_is_bit_identical_to_the_hadamard_group(order, dtype):
+    import liegroup
+    from liegroup.peft import HadamardExpFunction
+
+    torch.manual_seed(3)
+    W = torch.randn(6, 5, 3, dtype=dtype)
+    X = 0.7 * torch.randn(6, 5, 3, dtype=dtype)
+    G = liegroup.Hadamard(W.shape)
+    assert torch.equal(HadamardExpFunction.apply(W, X, order), G.act(G.exp(X, order=order), W))

@@ -1,0 +1,191 @@
+"""Cost of one adapter training step relative to full fine-tuning of the same layer (CPU).
+
+Run: ``.venv/bin/python -m benchmarks.adapter_step [--rounds N] [--steps K] [--threads T]``
+
+For each benchmark layer, every method runs K steps per round, rounds interleave the methods
+(in a rotating order), and each method's time is the median over rounds of its per-round
+median. Printed are ratios to full fine-tuning (never bare times):
+
+* ``fwd+bwd`` — forward and backward;
+* ``+sgd`` — forward, backward and an SGD step on the trainable parameters;
+* ``step peak mem`` — the step's peak resident-memory increase (``VmHWM`` after resetting it
+  via ``/proc/self/clear_refs``, glibc told to return every freed block above 64 KiB to the
+  OS), relative to full fine-tuning; ``n/a`` where the kernel does not support that reset;
+* ``peak incl. params+data`` — the same plus the bytes of all parameters (frozen ones too),
+  the input and the output gradient, i.e. the whole footprint of the step.
+
+Methods: full fine-tuning (weight and bias), additive LoRA (``W + ΔW``, one op), LieRA first
+order, LieRA exact, LieRA Taylor order 2, all rank 8 with the LoRA generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from liegroup.peft import LieRAConfig
+from liegroup.peft.layer import LieRALayer
+
+METHODS = ["full", "lora (W+ΔW)", "liera first_order", "liera exact", "liera taylor2"]
+
+
+def _mallopt() -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 64 * 1024)
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "conv":
+        base: nn.Module = nn.Conv2d(64, 64, 3, padding=1)
+        x = torch.randn(16, 64, 32, 32)
+    else:
+        base = nn.Linear(1024, 1024)
+        x = torch.randn(16, 128, 1024)
+    if method == "full":
+        module = base
+    else:
+        group, exp_map = {
+            "lora (W+ΔW)": ("additive", "exact"),
+            "liera first_order": ("hadamard", "first_order"),
+            "liera exact": ("hadamard", "exact"),
+            "liera taylor2": ("hadamard", 2),
+        }[method]
+        module = LieRALayer(base)
+        module.add_adapter(
+            "default",
+            LieRAConfig(rank=8, alpha=8.0, target_modules=["x"], group=group, exp_map=exp_map),
+        )
+        with torch.no_grad():
+            module.generators["default"].B.normal_(0, 0.01)
+    with torch.no_grad():
+        gy = torch.randn_like(module(x))
+    return module, x, gy
+
+
+def _stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[bool], None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+
+    def step(with_opt: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        module(x).backward(gy)
+        if with_opt:
+            opt.step()
+
+    return step
+
+
+def bench(
+    kind: str, rounds: int, steps: int
+) -> dict[str, tuple[float, float, float | None, float]]:
+    """Median step times, peak-memory increase (KiB) and resident data (KiB) per method."""
+    built = {m: _build(kind, m) for m in METHODS}
+    data = {
+        m: (sum(p.numel() for p in mod.parameters()) + x.numel() + gy.numel()) * 4 / 1024
+        for m, (mod, x, gy) in built.items()
+    }
+    runs = {m: _stepper(*b) for m, b in built.items()}
+    for step in runs.values():  # warm-up
+        step(True)
+        step(True)
+    t_fb: dict[str, list[float]] = {m: [] for m in METHODS}
+    t_all: dict[str, list[float]] = {m: [] for m in METHODS}
+    for r in range(rounds):
+        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
+        for m in order:
+            fb, al = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                runs[m](False)
+                t1 = time.perf_counter()
+                runs[m](True)
+                t2 = time.perf_counter()
+                fb.append(t1 - t0)
+                al.append(t2 - t1)
+            t_fb[m].append(statistics.median(fb))
+            t_all[m].append(statistics.median(al))
+    mem: dict[str, float | None] = {}
+    _mallopt()  # after timing: returning every block to the OS makes allocation slower
+    for m in METHODS:
+        peaks = []
+        for _ in range(3):
+            before = _rss_kib("VmRSS")
+            if not _reset_peak():
+                peaks = []
+                break
+            runs[m](True)
+            peaks.append(_rss_kib("VmHWM") - before)
+        mem[m] = statistics.median(peaks) if peaks else None
+    return {
+        m: (statistics.median(t_fb[m]), statistics.median(t_all[m]), mem[m], data[m])
+        for m in METHODS
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    layers = {
+        "conv": "Conv2d(64,64,3) on (16,64,32,32)",
+        "linear": "Linear(1024,1024) on (16,128,1024)",
+    }
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds × "
+        f"{args.steps} steps, float32, rank 8; ratios to full fine-tuning of the same layer\n"
+    )
+    for kind, label in layers.items():
+        res = bench(kind, args.rounds, args.steps)
+        full_fb, full_all, full_mem, full_data = res["full"]
+        print(f"{label}")
+        print(
+            "| method | fwd+bwd | fwd+bwd+sgd | step peak mem | peak incl. params+data |\n"
+            "|---|---|---|---|---|"
+        )
+        for m in METHODS:
+            fb, al, mem, dat = res[m]
+            if mem is not None and full_mem:
+                mem_s = f"{mem / full_mem:.2f}"
+                tot_s = f"{(mem + dat) / (full_mem + full_data):.2f}"
+            else:
+                mem_s = tot_s = "n/a"
+            print(f"| {m} | {fb / full_fb:.3f} | {al / full_all:.3f} | {mem_s} | {tot_s} |")
+        ex, fo = res["liera exact"][0], res["liera first_order"][0]
+        print(f"exact / first_order (fwd+bwd): {ex / fo:.3f}\n")
+
+
+if __name__ == "__main__":
+    main()
