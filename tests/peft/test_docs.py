@@ -1,0 +1,39 @@
+"""The README's PEFT quickstart and the code in docs/peft.md run as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_peft_quickstart_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## PEFT quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = _blocks(section)
+    assert len(blocks) == 1
+    code = blocks[0]
+    assert len(code.strip().splitlines()) <= 20
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "out/adapter/adapter_config.json").is_file()
+    assert (tmp_path / "out/adapter/adapter_model.safetensors").is_file()
+
+
+def test_docs_peft_code_runs(tmp_path, monkeypatch):
+    blocks = _blocks((ROOT / "docs" / "peft.md").read_text())
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"docs/peft.md block {i}", "exec"), ns)
+        except Exception as e:  # pragma: no cover - the failure message names the block
+            pytest.fail(f"docs/peft.md code block {i} failed: {e!r}")
