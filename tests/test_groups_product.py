@@ -54,7 +54,7 @@ def test_hat_vee_and_shapes():
     assert bool(P.contains(g).all())
     assert P.check_point(P.identity(4, 1)) == (4, 1)
     assert repr(P).startswith("Product(SO(2)")
-    assert P == liegroup.Product(liegroup.SO(2), liegroup.SO(3), liegroup.SE(3))
+    assert liegroup.Product(liegroup.SO(2), liegroup.SO(3), liegroup.SE(3)) == P
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
