@@ -241,7 +241,14 @@ def test_many_retractions_do_not_drift(name, dtype):
         # x·Z with a raw (not yet algebra) Z: retr projects it, then steps
         x = M.retr(x, M._ops.translate(x, 0.05 * torch.randn(x.shape, dtype=dtype,
                                                              generator=gen)))
-    _onb(M, x, 100 * u)
+    if name == "SL3":
+        # a random walk on the non-compact SL(3) becomes ill-conditioned; det of the stored
+        # matrix (taken in float64) is 1 up to the rescaling's own error, n·κ(x)·u
+        det = torch.linalg.det(x.double())
+        tol = 10 * 3 * _cond(M, x) * u
+        assert (det - 1).abs().max().item() <= tol, ((det - 1).abs().max().item(), tol)
+    else:
+        _onb(M, x, 100 * u)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
