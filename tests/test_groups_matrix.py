@@ -201,3 +201,17 @@ def test_linalg_is_exported():
     from liegroup import linalg as la
 
     assert la is linalg
+
+
+def test_docs_groups_code_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "groups.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/groups.md block {i}", "exec"), ns)
+    assert torch.allclose(ns["w"], torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    assert ns["W2"].shape == ns["W"].shape
