@@ -580,6 +580,12 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
                 f"{',' if self.ndim == 1 else ''} for {self!r}, got {shape}"
             )
 
+    def _log_rel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # log(x⁻¹y), after the same rounding-level clean-up retr applies (one Newton–Schulz
+        # step / det rescale), so points on the group to their dtype's rounding are accepted by
+        # the group's log, whose default tolerance is 1e4·u; far-off points still raise
+        return self._ops.log(self._ops.clean(self._ops.untranslate(x, y)))
+
     def algebra_part(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The algebra element ``P(x⁻¹u)`` of an ambient vector ``u`` at ``x``.
 
@@ -745,7 +751,7 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
         """
         self._check(x, "x")
         self._check(y, "y")
-        return self._ops.translate(x, self._ops.log(self._ops.untranslate(x, y)))
+        return self._ops.translate(x, self._log_rel(x, y))
 
     def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """``‖log(x⁻¹y)‖_F``: geodesic distance for the bi-invariant metric (see module doc).
@@ -758,8 +764,7 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
         """
         self._check(x, "x")
         self._check(y, "y")
-        L = self._ops.log(self._ops.untranslate(x, y))
-        return _sq_sum(L, self.ndim, keepdim).sqrt()
+        return _sq_sum(self._log_rel(x, y), self.ndim, keepdim).sqrt()
 
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Transport by left translation ``y·P(x⁻¹v)`` (projects ``v`` at ``x`` first).
