@@ -19,7 +19,7 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as F  # noqa: N812
 
 import liegroup
 from liegroup.manifolds import LieGroupManifold
