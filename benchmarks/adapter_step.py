@@ -2,9 +2,10 @@
 
 Run: ``.venv/bin/python -m benchmarks.adapter_step [--rounds N] [--steps K] [--threads T]``
 
-For each benchmark layer, every method runs K steps per round, rounds interleave the methods
-(in a rotating order), and each method's time is the median over rounds of its per-round
-median. Printed are ratios to full fine-tuning (never bare times):
+For each benchmark layer, every method runs K steps per round (its round time is the fastest
+of the K: other processes only ever add time), rounds interleave the methods in a rotating
+order, and a method's figure is the median over rounds of its time divided by full
+fine-tuning's time in the same round. Printed are those ratios (never bare times):
 
 * ``fwd+bwd`` — forward and backward;
 * ``+sgd`` — forward, backward and an SGD step on the trainable parameters;
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -105,16 +109,9 @@ def _stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[
     return step
 
 
-def bench(
-    kind: str, rounds: int, steps: int
-) -> dict[str, tuple[float, float, float | None, float]]:
-    """Median step times, peak-memory increase (KiB) and resident data (KiB) per method."""
-    built = {m: _build(kind, m) for m in METHODS}
-    data = {
-        m: (sum(p.numel() for p in mod.parameters()) + x.numel() + gy.numel()) * 4 / 1024
-        for m, (mod, x, gy) in built.items()
-    }
-    runs = {m: _stepper(*b) for m, b in built.items()}
+def bench_time(kind: str, rounds: int, steps: int) -> dict[str, tuple[float, float]]:
+    """Per method: ratios to full fine-tuning of the fwd+bwd and the fwd+bwd+sgd times."""
+    runs = {m: _stepper(*_build(kind, m)) for m in METHODS}
     for step in runs.values():  # warm-up
         step(True)
         step(True)
@@ -132,24 +129,48 @@ def bench(
                 t2 = time.perf_counter()
                 fb.append(t1 - t0)
                 al.append(t2 - t1)
-            t_fb[m].append(statistics.median(fb))
-            t_all[m].append(statistics.median(al))
-    mem: dict[str, float | None] = {}
-    _mallopt()  # after timing: returning every block to the OS makes allocation slower
+            t_fb[m].append(min(fb))  # noise from other processes only ever adds time
+            t_all[m].append(min(al))
+
+    def paired(t: dict[str, list[float]], m: str) -> float:
+        # median over rounds of the ratio to full fine-tuning measured in the same round
+        return statistics.median(a / b for a, b in zip(t[m], t["full"], strict=True))
+
+    return {m: (paired(t_fb, m), paired(t_all, m)) for m in METHODS}
+
+
+def _peak_one(kind: str, method: str) -> float | None:
+    """Peak RSS increase (KiB) of one step, measured in this (fresh) process."""
+    _mallopt()
+    mod, x, gy = _build(kind, method)
+    step = _stepper(mod, x, gy)
+    step(True)
+    peaks: list[float] = []
+    for _ in range(3):
+        before = _rss_kib("VmRSS")
+        if not _reset_peak():
+            return None
+        step(True)
+        peaks.append(_rss_kib("VmHWM") - before)
+    return statistics.median(peaks)
+
+
+def bench_memory(kind: str) -> dict[str, tuple[float | None, float]]:
+    """Per method: the step's peak RSS increase (KiB, None if unmeasurable) and data (KiB).
+
+    Each method runs in a fresh subprocess with glibc returning freed blocks to the OS.
+    """
+    out: dict[str, tuple[float | None, float]] = {}
     for m in METHODS:
-        peaks = []
-        for _ in range(3):
-            before = _rss_kib("VmRSS")
-            if not _reset_peak():
-                peaks = []
-                break
-            runs[m](True)
-            peaks.append(_rss_kib("VmHWM") - before)
-        mem[m] = statistics.median(peaks) if peaks else None
-    return {
-        m: (statistics.median(t_fb[m]), statistics.median(t_all[m]), mem[m], data[m])
-        for m in METHODS
-    }
+        mod, x, gy = _build(kind, m)
+        data = (sum(p.numel() for p in mod.parameters()) + x.numel() + gy.numel()) * 4 / 1024
+        res = subprocess.run(
+            [sys.executable, "-m", "benchmarks.adapter_step", "--peak", kind, m],
+            capture_output=True, text=True, check=True,
+        )
+        val = res.stdout.strip().splitlines()[-1]
+        out[m] = (None if val == "None" else float(val), data)
+    return out
 
 
 def main() -> None:
@@ -157,8 +178,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peak", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak:
+        print(_peak_one(*args.peak))
+        return
     layers = {
         "conv": "Conv2d(64,64,3) on (16,64,32,32)",
         "linear": "Linear(1024,1024) on (16,128,1024)",
@@ -167,24 +192,28 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds × "
         f"{args.steps} steps, float32, rank 8; ratios to full fine-tuning of the same layer\n"
     )
+    times = {kind: bench_time(kind, args.rounds, args.steps) for kind in layers}
+    load = os.getloadavg()[0]
+    mems = {kind: bench_memory(kind) for kind in layers}
     for kind, label in layers.items():
-        res = bench(kind, args.rounds, args.steps)
-        full_fb, full_all, full_mem, full_data = res["full"]
+        full_mem, full_data = mems[kind]["full"]
         print(f"{label}")
         print(
             "| method | fwd+bwd | fwd+bwd+sgd | step peak mem | peak incl. params+data |\n"
             "|---|---|---|---|---|"
         )
         for m in METHODS:
-            fb, al, mem, dat = res[m]
-            if mem is not None and full_mem:
+            fb, al = times[kind][m]
+            mem, dat = mems[kind][m]
+            if mem is not None and full_mem is not None and full_mem > 0:
                 mem_s = f"{mem / full_mem:.2f}"
                 tot_s = f"{(mem + dat) / (full_mem + full_data):.2f}"
             else:
                 mem_s = tot_s = "n/a"
-            print(f"| {m} | {fb / full_fb:.3f} | {al / full_all:.3f} | {mem_s} | {tot_s} |")
-        ex, fo = res["liera exact"][0], res["liera first_order"][0]
+            print(f"| {m} | {fb:.3f} | {al:.3f} | {mem_s} | {tot_s} |")
+        ex, fo = times[kind]["liera exact"][0], times[kind]["liera first_order"][0]
         print(f"exact / first_order (fwd+bwd): {ex / fo:.3f}\n")
+    print(f"1-minute load average at the end of the timings: {load:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
