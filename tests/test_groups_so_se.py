@@ -220,7 +220,8 @@ def _scaled_algebra(G, batch, dtype, seed, scale):
     rot = v[..., -k:] if isinstance(G, liegroup.SE) else v
     if scale == "near_pi":
         n = rot / rot.norm(dim=-1, keepdim=True)
-        off = torch.rand(*batch, 1, dtype=torch.float64, generator=gen) * 1e-3
+        # stay 1e-5 below π: float32 rounding of the components must not cross π (a wrap)
+        off = 1e-5 + torch.rand(*batch, 1, dtype=torch.float64, generator=gen) * 1e-3
         rot = n * (math.pi - off)
     elif scale == "generic":
         n = rot / rot.norm(dim=-1, keepdim=True)
