@@ -354,3 +354,15 @@ def test_hadamard_keeps_every_sign_pattern():
     for _ in range(200):
         x = M.retr(x, torch.randn(4, dtype=torch.float64, generator=gen))
     assert torch.equal(torch.sign(x), torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64))
+
+
+def test_docs_manifolds_md_code_blocks_run():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "manifolds.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    ns: dict[str, object] = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/manifolds.md block {i}", "exec"), ns)
