@@ -108,8 +108,12 @@ def test_projx_fixes_points_and_is_idempotent(name, dtype):
     _onb(M, x, 100 * u)
     torch.testing.assert_close(M.projx(x), x, rtol=0, atol=20 * u * x.abs().amax().item())
     # a perturbed point comes back onto the group, and projx is idempotent there
-    y = M.projx(x + 1e-3 * _ambient(x, 1))
+    near = x + 1e-3 * _ambient(x, 1)
+    y = M.projx(near)
     _onb(M, y, 100 * u)
+    if name.startswith(("SO", "SE")):
+        # Newton–Schulz sweeps converge to the polar factor: the group's SVD projection
+        torch.testing.assert_close(y, M.group.project(near), rtol=0, atol=100 * u)
     torch.testing.assert_close(M.projx(y), y, rtol=0, atol=20 * u * y.abs().amax().item())
 
 
@@ -366,3 +370,21 @@ def test_docs_manifolds_md_code_blocks_run():
     ns: dict[str, object] = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/manifolds.md block {i}", "exec"), ns)
+
+
+def test_full_pickle_and_deepcopy_keep_the_manifold():
+    # geoopt's own path (weights_only=False) and copy.deepcopy also work
+    import copy
+    import io
+
+    M = _manifold("SE3")
+    p = geoopt.ManifoldParameter(M.random(4, 4, dtype=torch.float64), manifold=M)
+    buf = io.BytesIO()
+    torch.save(p, buf)
+    buf.seek(0)
+    q = torch.load(buf, weights_only=False)
+    assert isinstance(q, geoopt.ManifoldParameter) and q.manifold == M
+    assert torch.equal(q.detach(), p.detach())
+    r = copy.deepcopy(p)
+    assert r.manifold == M and torch.equal(r.detach(), p.detach())
+    assert LieGroupManifold(liegroup.SO(3)) != LieGroupManifold(liegroup.SO(4))
