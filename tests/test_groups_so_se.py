@@ -467,3 +467,40 @@ def test_error_paths():
         H.exp(torch.ones(4, 4))  # bottom row not zero
     with pytest.raises(ShapeError):
         H.hat(torch.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G", CLOSED, ids=repr)
+def test_half_precision_computes_in_float32_and_rounds_once(dtype, G):
+    X32 = _scaled_algebra(G, (5,), torch.float32, 2, "generic")
+    X = X32.to(dtype)
+    g = G.exp(X)
+    assert g.dtype == dtype
+    assert torch.equal(g, G.exp(X.float()).to(dtype))
+    assert bool(G.contains(g).all())
+    L = G.log(g)
+    assert L.dtype == dtype
+    assert torch.equal(L, G._log(g.float()).to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", CLOSED, ids=repr)
+def test_cuda_matches_cpu(G):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    for dtype in DTYPES:
+        X = torch.cat(
+            [_scaled_algebra(G, (50,), dtype, 4, s) for s in [1e-9, "generic", "near_pi"]]
+        )
+        u = eps(dtype)
+        Xc = X.cuda()
+        g, gc = G.exp(X), G.exp(Xc)
+        assert gc.device.type == "cuda"
+        torch.testing.assert_close(gc.cpu(), g, rtol=0, atol=64 * u * 10)
+        torch.testing.assert_close(G.log(gc).cpu(), G.log(g), rtol=0, atol=256 * u * 10)
+        torch.testing.assert_close(
+            G.left_jacobian_inv(Xc).cpu(), G.left_jacobian_inv(X), rtol=0, atol=256 * u * 100
+        )
+        # batch invariance on the device too
+        for i in [0, 60, 149]:
+            assert torch.equal(G.exp(Xc[i]), gc[i])

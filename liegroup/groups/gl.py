@@ -29,7 +29,7 @@ import math
 import torch
 
 from liegroup.errors import DomainError
-from liegroup.groups.matrix import MatrixLieGroup, default_atol
+from liegroup.groups.matrix import _HALF, MatrixLieGroup, default_atol
 
 __all__ = ["GL", "SL"]
 
@@ -113,6 +113,8 @@ class GL(MatrixLieGroup):
         tol = default_atol(g.dtype) if atol is None else float(atol)
         finite = torch.isfinite(g).flatten(-2).all(-1)
         g0 = torch.where(finite[..., None, None], g, torch.zeros_like(g))
+        if g0.dtype in _HALF:  # residuals of a half-precision point, computed in float32
+            g0 = g0.float()
         sv = torch.linalg.svdvals(g0)
         return finite & (sv[..., -1] > tol * sv[..., 0])
 
@@ -253,6 +255,8 @@ class SL(GL):
         tol = default_atol(g.dtype) if atol is None else float(atol)
         finite = torch.isfinite(g).flatten(-2).all(-1)
         g0 = torch.where(finite[..., None, None], g, torch.zeros_like(g))
+        if g0.dtype in _HALF:  # residuals of a half-precision point, computed in float32
+            g0 = g0.float()
         return finite & ((torch.linalg.det(g0) - 1).abs() <= tol)
 
     def _algebra_residual(self, X: torch.Tensor) -> torch.Tensor:

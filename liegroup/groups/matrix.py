@@ -39,14 +39,19 @@ def default_atol(dtype: torch.dtype) -> float:
     """Default tolerance of ``contains`` and of the algebra checks: ``1e4·u`` of ``dtype``.
 
     (``1.1e-12`` in float64, ``6e-4`` in float32: room for the drift of a few thousand
-    products, while far below any real departure from the group.)
+    products, while far below any real departure from the group.) For float16/bfloat16, whose
+    maps compute in float32 and round once, ``32·u`` (``1.6e-2``, resp. ``0.125``).
 
     Example:
         >>> import torch
         >>> default_atol(torch.float64) < 1e-11
         True
     """
-    return 1e4 * torch.finfo(dtype).eps / 2
+    u = torch.finfo(dtype).eps / 2
+    return 32 * u if dtype in _HALF else 1e4 * u
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class MatrixLieGroup(LieGroup):
@@ -129,6 +134,9 @@ class MatrixLieGroup(LieGroup):
     def exp(self, X: torch.Tensor) -> torch.Tensor:
         """Matrix exponential of an algebra element (closed form where one exists).
 
+        float16/bfloat16 input is computed in float32 and rounded once to the input dtype
+        (likewise :meth:`log`).
+
         Raises:
             DomainError: if ``X`` is not in the algebra (e.g. not skew for SO(n)), to
                 :func:`default_atol`; map it there with :meth:`project_algebra` if intended.
@@ -142,6 +150,8 @@ class MatrixLieGroup(LieGroup):
         self.check_algebra(X, "X")
         check_finite(X, "X")
         self._check_in_algebra(X)
+        if X.dtype in _HALF:
+            return self._exp(X.float()).to(X.dtype)
         return self._exp(X)
 
     def log(self, g: torch.Tensor) -> torch.Tensor:
@@ -167,6 +177,8 @@ class MatrixLieGroup(LieGroup):
                 f"{default_atol(g.dtype):.1e}, e.g. batch index {bad}; project them with "
                 "G.project(g) first if the departure is rounding"
             )
+        if g.dtype in _HALF:
+            return self._log(g.float()).to(g.dtype)
         return self._log(g)
 
     def _exp(self, X: torch.Tensor) -> torch.Tensor:
@@ -262,6 +274,8 @@ class MatrixLieGroup(LieGroup):
         tol = default_atol(g.dtype) if atol is None else float(atol)
         finite = torch.isfinite(g).flatten(-2).all(-1)
         g0 = torch.where(finite[..., None, None], g, torch.zeros_like(g))
+        if g0.dtype in _HALF:  # residuals of a half-precision point, computed in float32
+            g0 = g0.float()
         return finite & (self._residual(g0) <= tol)
 
     def contains_algebra(self, X: torch.Tensor, atol: float | None = None) -> torch.Tensor:
