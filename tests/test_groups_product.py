@@ -96,6 +96,11 @@ def test_action_with_modes_and_batches():
     for i in range(5):
         single = P.act((gb[0][i], gb[1][i]), Tb[i], modes=[2, 0])
         torch.testing.assert_close(outb[i], single, rtol=0, atol=1e-14)
+    # a batched factor next to an unbatched one: modes still index the tensor's own modes
+    mixed = P.act((gb[0], g[1]), Tb, modes=[2, 0])
+    for i in range(5):
+        single = P.act((gb[0][i], g[1]), Tb[i], modes=[2, 0])
+        torch.testing.assert_close(mixed[i], single, rtol=0, atol=1e-14)
 
 
 def test_product_error_paths():

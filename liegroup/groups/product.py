@@ -160,7 +160,10 @@ class Product(LieGroup):
             G.check_point(a, "g[i]")
         if all(a.dim() == 2 for a in g):
             return _tensor.multi_mode_product(T, list(g), modes)
-        order = T.dim() - max(a.dim() - 2 for a in g)
+        nb = max(a.dim() - 2 for a in g)
+        # give every component the same number of batch dims, so modes index T's tensor modes
+        g = tuple(a.reshape(*([1] * (nb - a.dim() + 2)), *a.shape) for a in g)
+        order = T.dim() - nb
         norm = [m % order if -order <= m < order else m for m in modes]
         if len(set(norm)) != len(norm):
             raise ShapeError(f"modes must be distinct, got {modes}")
