@@ -48,8 +48,10 @@ __all__ = [
     "Additive",
     "HadamardExp",
     "HadamardExpFunction",
+    "LowRankHadamardExpFunction",
     "Update",
     "adapted_weight",
+    "adapted_weight_lowrank",
     "get_update",
     "register_update",
 ]
@@ -104,6 +106,62 @@ class HadamardExpFunction(torch.autograd.Function):
         return g_w, g_delta, None
 
 
+class LowRankHadamardExpFunction(torch.autograd.Function):
+    """``W' = W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) with ``ΔW = (L @ R).view(W.shape)``.
+
+    Saves only ``W`` and the small factors: backward recomputes ``ΔW = L @ R`` (a rank-r
+    product, cheap next to the layer's op), forms ``G_Δ = G ⊙ W ⊙ exp(ΔW)`` (exact),
+    ``G ⊙ W`` (order 1) or ``G ⊙ W ⊙ T_{k−1}(ΔW)`` in one buffer, and returns
+    ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ`` (``G_Δ`` as the ``rows × cols`` matrix). Exact and
+    truncated maps cost the same; peak memory is one weight-sized buffer above the layer's own.
+
+    Example:
+        >>> import torch
+        >>> W = torch.randn(4, 6, dtype=torch.float64)
+        >>> L = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+        >>> R = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+        >>> torch.autograd.gradcheck(
+        ...     lambda lf, rf: LowRankHadamardExpFunction.apply(W, lf, rf, None), (L, R))
+        True
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None
+    ) -> torch.Tensor:
+        """``W ⊙ exp((L @ R).view(W.shape))``, every step in one fresh buffer."""
+        if L.dim() != 2 or R.dim() != 2 or L.shape[0] * R.shape[1] != W.numel():
+            raise ShapeError(
+                f"L @ R must have as many entries as W {tuple(W.shape)}, got L "
+                f"{tuple(L.shape)} and R {tuple(R.shape)}"
+            )
+        if ctx.needs_input_grad[0]:
+            raise TypeError("LowRankHadamardExpFunction does not differentiate W; freeze it")
+        delta = (L @ R).view(W.shape)
+        # bit-identical to Hadamard.act(Hadamard.exp(ΔW, order), W) (tested)
+        Wp = (delta.exp_() if order is None else _exp_inplace(delta, order)).mul_(W)
+        ctx.order = order
+        ctx.save_for_backward(W, L, R)
+        return Wp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Recompute ``ΔW`` from the factors; two small matmuls give the factor gradients."""
+        W, L, R = ctx.saved_tensors
+        order: int | None = ctx.order
+        if order == 1:
+            g = grad * W
+        else:
+            delta = (L @ R).view(W.shape)
+            t = delta.exp_() if order is None else _exp_inplace(delta, order - 1)
+            g = t.mul_(W).mul_(grad)
+        gm = g.view(L.shape[0], R.shape[1])
+        g_l = gm @ R.T if ctx.needs_input_grad[1] else None
+        g_r = L.T @ gm if ctx.needs_input_grad[2] else None
+        return None, g_l, g_r, None
+
+
 def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:
     """``Hadamard.exp(X, order)`` in one fresh buffer (Horner's rule done in place).
 
@@ -143,6 +201,10 @@ class Update(ABC):
     @abstractmethod
     def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The adapted weight ``W'`` (differentiable in ``delta``, and in ``W`` if it asks)."""
+
+    def apply_lowrank(self, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``apply(W, (L @ R).view(W.shape))``; subclasses may fuse it to save memory."""
+        return self.apply(W, (L @ R).view(W.shape))
 
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Recover ``W`` from ``W'`` by the group inverse; only when :attr:`invertible`."""
@@ -190,6 +252,16 @@ class HadamardExp(Update):
         out: torch.Tensor = HadamardExpFunction.apply(W, delta, self.order)
         return out
 
+    def apply_lowrank(self, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``W ⊙ exp((L @ R).view(W.shape))`` as one node that keeps only ``W, L, R``.
+
+        Falls back to :meth:`apply` when ``W`` itself requires grad.
+        """
+        if W.requires_grad:
+            return self.apply(W, (L @ R).view(W.shape))
+        out: torch.Tensor = LowRankHadamardExpFunction.apply(W, L, R, self.order)
+        return out
+
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``W' ⊙ exp(−ΔW)`` (exact map only)."""
         if self.order is not None:
@@ -216,6 +288,10 @@ class Additive(Update):
     def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``W + ΔW``."""
         return W + delta
+
+    def apply_lowrank(self, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``W + L @ R`` as one ``addmm`` (nothing weight-sized kept for backward)."""
+        return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
 
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``W' − ΔW``."""
@@ -262,6 +338,40 @@ def get_update(name: str, order: int | None) -> Update:
     if name not in _UPDATES:
         raise ValueError(f"unknown group {name!r}; known: {sorted(_UPDATES)}")
     return _UPDATES[name](order)
+
+
+def adapted_weight_lowrank(
+    W: torch.Tensor,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    update: Update | str = "hadamard",
+    order: int | None = None,
+) -> torch.Tensor:
+    """:func:`adapted_weight` with ``ΔW = (L @ R).view(W.shape)``, fused where possible.
+
+    Equal to ``adapted_weight(W, (L @ R).view(W.shape), update, order)``; the Hadamard and
+    additive updates compute it without keeping a weight-sized tensor for the backward.
+
+    Example:
+        >>> import torch
+        >>> W, L, R = torch.ones(2, 2), torch.ones(2, 1), torch.full((1, 2), 0.5)
+        >>> adapted_weight_lowrank(W, L, R, order=1)
+        tensor([[1.5000, 1.5000],
+                [1.5000, 1.5000]])
+    """
+    check_tensor(W, "W")
+    check_tensor(L, "L")
+    check_tensor(R, "R")
+    if L.dim() != 2 or R.dim() != 2 or L.shape[1] != R.shape[0] or (
+        L.shape[0] * R.shape[1] != W.numel()
+    ):
+        raise ShapeError(
+            f"L @ R must be a matrix with W's {W.numel()} entries, got L {tuple(L.shape)} "
+            f"and R {tuple(R.shape)}"
+        )
+    if isinstance(update, str):
+        update = get_update(update, order)
+    return update.apply_lowrank(W, L, R)
 
 
 def adapted_weight(

@@ -114,6 +114,15 @@ class Generator(nn.Module):
         """The algebra element ``ΔW`` (shape ``weight_shape``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional low-rank form: ``(L, R)`` with ``ΔW = (L @ R).view(weight_shape)``.
+
+        A generator that returns factors lets the update form ``W'`` without keeping ``ΔW``
+        (it is recomputed from the small factors in backward). ``None`` (the default): only
+        :meth:`forward` is used.
+        """
+        return None
+
 
 def _kaiming_uniform_(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
@@ -171,7 +180,12 @@ class LoRAGenerator(Generator):
 
     def forward(self) -> torch.Tensor:
         """``s·fold(B·dropout(A))``; the scale multiplies the small factor ``B``."""
-        return ((self.B * self.scaling) @ self.dropout(self.A)).view(self.weight_shape)
+        L, R = self.factors()
+        return (L @ R).view(self.weight_shape)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·B, dropout(A))``: ``ΔW = (s·B @ dropout(A)).view(weight_shape)``."""
+        return self.B * self.scaling, self.dropout(self.A)
 
 
 _GENERATORS: dict[str, type[Generator]] = {"lora": LoRAGenerator}

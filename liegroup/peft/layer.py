@@ -32,7 +32,7 @@ from torch.nn import functional as F  # noqa: N812
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
 from liegroup.peft.config import LieRAConfig
-from liegroup.peft.functional import Update, adapted_weight, get_update
+from liegroup.peft.functional import Update, adapted_weight, adapted_weight_lowrank, get_update
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
@@ -203,7 +203,11 @@ class LieRALayer(nn.Module):
     def adapted_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``W' = update(W, ΔW)`` for an adapter (default: the active one)."""
         name = self._name(adapter_name)
-        return adapted_weight(self.weight, self.delta(name), self.updates[name])
+        gen: Generator = self.generators[name]  # type: ignore[assignment]
+        factors = gen.factors()
+        if factors is not None:
+            return adapted_weight_lowrank(self.weight, *factors, self.updates[name])
+        return adapted_weight(self.weight, gen(), self.updates[name])
 
     def _name(self, adapter_name: str | None) -> str:
         name = self.active_adapter if adapter_name is None else adapter_name

@@ -272,3 +272,41 @@ def test_fused_map_is_bit_identical_to_the_hadamard_group(order, dtype):
     X = 0.7 * torch.randn(6, 5, 3, dtype=dtype)
     G = liegroup.Hadamard(W.shape)
     assert torch.equal(HadamardExpFunction.apply(W, X, order), G.act(G.exp(X, order=order), W))
+
+
+@pytest.mark.parametrize("order", [None, 1, 2, 4])
+@pytest.mark.parametrize("group", ["hadamard", "additive"])
+def test_lowrank_path_equals_dense_path_and_group(order, group):
+    import liegroup
+    from liegroup.peft import adapted_weight, adapted_weight_lowrank
+
+    torch.manual_seed(5)
+    W = torch.randn(6, 4, 3, dtype=DT)
+    L = (0.3 * torch.randn(6, 2, dtype=DT)).requires_grad_(True)
+    R = torch.randn(2, 12, dtype=DT).requires_grad_(True)
+    fused = adapted_weight_lowrank(W, L, R, group, order)
+    dense = adapted_weight(W, (L @ R).view(W.shape), group, order)
+    if group == "hadamard":
+        G = liegroup.Hadamard(W.shape)
+        delta = (L @ R).view(W.shape).detach()
+        assert torch.equal(fused, G.act(G.exp(delta, order=order), W))
+    assert torch.allclose(fused, dense, rtol=1e-15, atol=0)
+    g = torch.randn_like(W)
+    gf = torch.autograd.grad(fused, (L, R), g)
+    gd = torch.autograd.grad(dense, (L, R), g)
+    for a, b in zip(gf, gd, strict=True):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda lf, rf: adapted_weight_lowrank(W, lf, rf, group, order), (L, R)
+    )
+
+
+def test_lowrank_shape_errors_and_trainable_base_fallback():
+    from liegroup.peft import adapted_weight_lowrank
+
+    with pytest.raises(ShapeError):
+        adapted_weight_lowrank(torch.ones(2, 3), torch.ones(2, 1), torch.ones(1, 2))
+    W = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    L = torch.randn(3, 1, dtype=DT, requires_grad=True)
+    R = torch.randn(1, 4, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, lf, rf: adapted_weight_lowrank(w, lf, rf), (W, L, R))
