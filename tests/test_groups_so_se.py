@@ -98,10 +98,10 @@ def test_coefficients_both_sides_of_each_switch_match_mpmath(dtype, name):
     # (large only for sinθ/θ near π).
     thr = THRESHOLDS[dtype][name].threshold
     pts = [0.0, 1e-8, 1e-4, thr * (1 - 1e-3), thr * (1 + 1e-3), 0.5 * thr, 2 * thr]
+    hi = 0.99 if name == "asinc" else math.pi - 1e-6
+    pts += [hi * k / 60 for k in range(1, 61)]  # a sweep of the whole range
     if name == "asinc":
-        pts = [p for p in pts if p < 0.9]
-    else:
-        pts += [1.0, 2.5, math.pi - 1e-6]
+        pts = [p for p in pts if p < 0.995]
     z = torch.tensor([p * p for p in pts], dtype=dtype)
     got = coefficient(name, z).tolist()
     u = eps(dtype)

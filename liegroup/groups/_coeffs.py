@@ -51,8 +51,9 @@ def _q3(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dinv(t: torch.Tensor) -> torch.Tensor:
-    # (θ/2)·cot(θ/2) = sinc(θ) / (2·cosc(θ)), both accurate; then the cancelling 1 − (·).
-    return (1 - _sinc(t) / (2 * _cosc(t))) / (t * t)
+    # (θ/2)·cot(θ/2) to ≈ 2u, then the cancelling 1 − (·) (mild for θ >= 2, the switch).
+    h = t / 2
+    return (1 - h * torch.cos(h) / torch.sin(h)) / (t * t)
 
 
 def _asinc(t: torch.Tensor) -> torch.Tensor:

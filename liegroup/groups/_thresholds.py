@@ -15,7 +15,9 @@ How the numbers are chosen (and checked by ``tests/test_groups_so_se.py``):
 * cancelling coefficients lose ``C·u/θ^p`` in closed form (``C/θ^p`` is the ratio of the
   largest term to the result: ``6/θ²`` for ``(θ−sinθ)/θ³``, ``24/θ⁴`` for the ``cos`` remainder,
   ``12/θ²`` for the ``cot`` one, ``120/θ⁴`` for the SE(3) ``Q`` one), so their threshold is put
-  where that loss is at most ``≈ 8u`` (``θ_s ≥ (C/8)^{1/p}``);
+  where that loss is at most ``≈ 8u`` (``θ_s ≥ (C/8)^{1/p}``); for ``dinv`` the subtracted
+  ``(θ/2)cot(θ/2) = h`` carries ``≈ 2u`` and the loss is ``2u·h/(1 − h)``, ``≤ 4u`` from
+  ``θ = 2``;
 * the number of series terms is *derived* here, at import, from the exact coefficients: the
   smallest ``K`` with ``Σ_{k≥K} |c_k| θ_s^{2k} ≤ u/4 · |f(θ_s)|`` (tail bounded by a geometric
   series), per dtype;
@@ -86,17 +88,6 @@ SERIES: dict[str, list[Fraction]] = {
     "asinc": _asinc,
 }
 
-#: the ratio C in the closed form's relative error C·u/θ^p, and p (0 = no cancellation)
-_CANCEL: dict[str, tuple[float, int]] = {
-    "sinc": (1.0, 0),
-    "cosc": (1.0, 0),
-    "asinc": (1.0, 0),
-    "sinc3": (6.0, 2),
-    "dinv": (12.0, 2),
-    "cosc4": (24.0, 4),
-    "q3": (120.0, 4),
-}
-
 _U: dict[torch.dtype, float] = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
@@ -137,11 +128,11 @@ def _terms_needed(name: str, theta: float, u: float) -> int:
 _CHOSEN: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {
         "sinc": 1e-3, "cosc": 1e-3, "asinc": 1e-3,
-        "sinc3": 1.0, "dinv": 1.25, "cosc4": 1.5, "q3": 2.0,
+        "sinc3": 1.0, "dinv": 2.0, "cosc4": 1.5, "q3": 2.0,
     },
     torch.float32: {
         "sinc": 3e-2, "cosc": 3e-2, "asinc": 3e-2,
-        "sinc3": 1.0, "dinv": 1.25, "cosc4": 1.5, "q3": 2.0,
+        "sinc3": 1.0, "dinv": 2.0, "cosc4": 1.5, "q3": 2.0,
     },
 }  # fmt: skip
 
