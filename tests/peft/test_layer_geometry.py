@@ -310,3 +310,62 @@ def test_lowrank_shape_errors_and_trainable_base_fallback():
     L = torch.randn(3, 1, dtype=DT, requires_grad=True)
     R = torch.randn(1, 4, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, lf, rf: adapted_weight_lowrank(w, lf, rf), (W, L, R))
+
+
+# ---------------------------------------------------------------- property-based geometry
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def conv_geometries(draw):
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2, 3]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding = tuple(draw(st.integers(0, 1)) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    size = tuple(draw(st.integers(d * (kk - 1) + 2, d * (kk - 1) + 5))
+                 for kk, d in zip(k, dilation, strict=True))
+    bias = draw(st.booleans())
+    exp_map = draw(st.sampled_from(["exact", "first_order", 2]))
+    rank = draw(st.integers(1, 3))
+    return nd, c_in, c_out, k, stride, dilation, padding, groups, mode, size, bias, exp_map, rank
+
+
+@given(conv_geometries())
+def test_random_conv_geometry_matches_reference(geom):
+    nd, c_in, c_out, k, stride, dilation, padding, groups, mode, size, bias, exp_map, rank = geom
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    torch.manual_seed(0)
+    base = conv_cls(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups, bias=bias, padding_mode=mode).to(DT)
+    layer = LieRALayer(base)
+    cfg = LieRAConfig(rank=rank, alpha=2.0, target_modules=["x"], exp_map=exp_map)
+    layer.add_adapter("default", cfg)
+    x = torch.randn(2, c_in, *size, dtype=DT)
+    assert torch.equal(layer(x), base(x))
+    _randomise(layer)
+    gen = layer.generators["default"]
+    W = base.weight.detach()
+    W_ref = ref_map(W, ref_delta(gen.B.detach(), gen.A.detach(), cfg.scaling, tuple(W.shape)),
+                    "hadamard", cfg.order)
+    y_ref = ref_op(base, x, W_ref)
+    y = layer(x)
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    assert gen.B.grad is not None and gen.A.grad is not None and base.weight.grad is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize(("case", "group", "exp_map", "layout"), MATRIX)
+def test_geometry_matrix_other_ranks(case, group, exp_map, layout, rank, monkeypatch):
+    monkeypatch.setattr(
+        "tests.peft.test_layer_geometry._setup",
+        lambda c, g, e, la, rank_=rank, _orig=_setup: _orig(c, g, e, la, rank=rank_, seed=rank),
+    )
+    test_geometry_matrix(case, group, exp_map, layout)
