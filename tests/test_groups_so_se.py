@@ -504,3 +504,28 @@ def test_cuda_matches_cpu(G):
         # batch invariance on the device too
         for i in [0, 60, 149]:
             assert torch.equal(G.exp(Xc[i]), gc[i])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_so3_dense_angle_sweep_against_mpmath(dtype):
+    # the budgets of test_so3_exp_and_log_match_mpmath, on 600 angles spread over (0, π)
+    # (log-spaced near 0 and near π, uniform in between)
+    u = eps(dtype)
+    angles = [10.0**-k for k in range(1, 9)]
+    angles += [math.pi * k / 200 for k in range(1, 200)]
+    angles += [math.pi - 10.0 ** (-k / 4) for k in range(4, 24)]
+    for i, th in enumerate(angles * 2):
+        w = (torch.tensor(_axis(1000 + i), dtype=torch.float64) * th).to(dtype)
+        R = so3_exp(w)
+        with mpmath.workdps(50):
+            wm = _to_mp(w)
+            Rm = _mp_so3_exp(wm)
+            err = max(
+                abs(mpmath.mpf(float(R[a, b])) - Rm[a, b]) for a in range(3) for b in range(3)
+            )
+            assert err <= 4 * u * (2 + th), (th, float(err / u))
+            Rr = torch.tensor([[float(Rm[a, b]) for b in range(3)] for a in range(3)], dtype=dtype)
+            lw = so3_log(Rr)
+            err = max(abs(mpmath.mpf(float(lw[k])) - wm[k]) for k in range(3))
+            assert err <= 8 * u * (th + th * th), (th, float(err / u))
