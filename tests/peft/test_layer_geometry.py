@@ -369,3 +369,24 @@ def test_geometry_matrix_other_ranks(case, group, exp_map, layout, rank, monkeyp
         lambda c, g, e, la, rank_=rank, _orig=_setup: _orig(c, g, e, la, rank=rank_, seed=rank),
     )
     test_geometry_matrix(case, group, exp_map, layout)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("exp_map", ["exact", "first_order"])
+def test_save_load_per_geometry(case, exp_map, tmp_path):
+    from liegroup.peft import LieRAModel, get_peft_model
+
+    factory, xshape = CASES[case]
+    torch.manual_seed(0)
+    net = nn.Sequential(factory()).to(DT)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    layout = "loralib" if case in EQUAL_KERNEL else "mode1"
+    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"], exp_map=exp_map,
+                                            layout=layout))
+    _randomise(model.base_model[0])
+    x = torch.randn(xshape, dtype=DT)
+    y = model(x)
+    model.save_pretrained(tmp_path)
+    fresh = nn.Sequential(factory()).to(DT)
+    fresh.load_state_dict(state)
+    assert torch.equal(LieRAModel.from_pretrained(fresh, tmp_path)(x), y)
