@@ -367,7 +367,8 @@ class MatrixLieGroup(LieGroup):
 
         fn = getattr(linalg, fn_name)
         E = self.basis(X.dtype, X.device)
-        cols = self.vee(fn(sign * X[..., None, :, :], E))
+        shape = (*X.shape[:-2], *E.shape)
+        cols = self.vee(fn((sign * X)[..., None, :, :].expand(shape), E.expand(shape)))
         return cols.transpose(-1, -2)
 
     def right_jacobian(self, X: torch.Tensor) -> torch.Tensor:
