@@ -1,0 +1,74 @@
+"""Private helpers of :mod:`liegroup.linalg`: validation, batching, norms, safe solves."""
+
+from __future__ import annotations
+
+import torch
+
+from liegroup._validation import check_finite, check_tensor
+from liegroup.errors import ShapeError
+
+# Above this size a batched LU is run one matrix at a time: (1) batched LU with several
+# threads hits an MKL DLASWP parameter error for n >= ~200 on torch 2.13 CPU builds, and
+# (2) a single LU may then use a threaded LAPACK whose rounding differs from the batched
+# one, which would break batch invariance. At that size the per-call overhead is negligible.
+_LOOP_SOLVE_N = 128
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_square(A: object, name: str) -> torch.Tensor:
+    """Validate a real floating ``(..., n, n)`` tensor with finite entries; return it."""
+    A = check_tensor(A, name)
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ShapeError(
+            f"{name} must have shape (*batch, n, n) (square matrices in the last two "
+            f"dimensions), got {tuple(A.shape)}"
+        )
+    if A.numel() and not bool(torch.isfinite(A).all()):
+        check_finite(A, name)
+    return A
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff ``u`` (half the machine epsilon) of a floating dtype."""
+    return torch.finfo(dtype).eps / 2
+
+
+def norm1(X: torch.Tensor) -> torch.Tensor:
+    """Matrix 1-norm (max column sum) of each matrix of ``(B, n, n)``, shape ``(B,)``."""
+    return X.abs().sum(-2).amax(-1)
+
+
+def eye_like(X: torch.Tensor) -> torch.Tensor:
+    """Identity of the trailing matrix size of ``X`` with its dtype and device."""
+    return torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+
+
+def solve(Q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """``Q⁻¹ P`` for batches ``(B, n, n)``; per matrix identical whatever the batch."""
+    n = Q.shape[-1]
+    if n <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
+        return torch.linalg.solve(Q, P)
+    return torch.stack([torch.linalg.solve(Q[i], P[i]) for i in range(Q.shape[0])])
+
+
+def lu_factor(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched LU factorisation with the same per-matrix guarantee as :func:`solve`."""
+    n = Q.shape[-1]
+    if n <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
+        LU, piv = torch.linalg.lu_factor(Q)
+        return LU, piv
+    parts = [torch.linalg.lu_factor(Q[i]) for i in range(Q.shape[0])]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def flat(A: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Reshape ``(..., n, n)`` to ``(B, n, n)``; also return the batch shape."""
+    batch = tuple(A.shape[:-2])
+    n = A.shape[-1]
+    return A.reshape(-1, n, n), batch
