@@ -198,6 +198,18 @@ class Update(ABC):
     invertible: ClassVar[bool] = False
     zeros_frozen: ClassVar[bool] = False
 
+    def check_delta(self, W: torch.Tensor, delta: torch.Tensor) -> None:
+        """Validate the algebra element; by default a real tensor of ``W``'s shape.
+
+        Updates whose algebra element is not weight-shaped (e.g. one matrix per tensor mode)
+        override this.
+        """
+        check_tensor(delta, "delta")
+        if delta.shape != W.shape:
+            raise ShapeError(
+                f"delta must have W's shape {tuple(W.shape)}, got {tuple(delta.shape)}"
+            )
+
     @abstractmethod
     def apply(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The adapted weight ``W'`` (differentiable in ``delta``, and in ``W`` if it asks)."""
@@ -384,7 +396,8 @@ def adapted_weight(
 
     Args:
         W: frozen weight, any shape (``(C_out, C_in)`` or ``(C_out, C_in/g, *k)``).
-        delta: algebra element of ``W``'s shape, dtype and device.
+        delta: algebra element, for the shipped updates a tensor of ``W``'s shape, dtype and
+            device (checked by :meth:`Update.check_delta`).
         update: an :class:`Update`, or a registered group name (``"hadamard"``,
             ``"additive"``).
         order: Taylor order when ``update`` is a name (``None``: exact exponential).
@@ -399,9 +412,7 @@ def adapted_weight(
         tensor(1.1000)
     """
     check_tensor(W, "W")
-    check_tensor(delta, "delta")
-    if delta.shape != W.shape:
-        raise ShapeError(f"delta must have W's shape {tuple(W.shape)}, got {tuple(delta.shape)}")
     if isinstance(update, str):
         update = get_update(update, order)
+    update.check_delta(W, delta)
     return update.apply(W, delta)
