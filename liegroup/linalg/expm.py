@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from typing import Any, overload
 
+import numpy as np
 import torch
 
 from liegroup.errors import ShapeError
@@ -96,9 +97,15 @@ _TOP: dict[torch.dtype, tuple[int, float]] = {
 
 
 # --------------------------------------------------------------------------- parameters
-def _log2_abs_power_norm(A: torch.Tensor, nA: torch.Tensor, p: int) -> torch.Tensor:
-    """``log₂ ‖ |A|^p ‖₁`` per matrix (float64), overflow-free (``|A|`` normalised first)."""
-    B = A.abs() / nA.clamp_min(torch.finfo(A.dtype).tiny).to(A.dtype)[:, None, None]
+# Matrices with ‖A‖₁ above 2^_PRESCALE[dtype] are first divided by a power of two (their
+# powers up to A¹⁰ would overflow otherwise) and squared back at the end.
+_PRESCALE: dict[torch.dtype, int] = {torch.float64: 100, torch.float32: 12}
+
+
+def _log2_abs_power_norm(A: torch.Tensor, nA: np.ndarray, p: int) -> np.ndarray:
+    """``log₂ ‖ |A|^p ‖₁`` per matrix, overflow-free (``|A|`` normalised by ``‖A‖₁`` first)."""
+    scale = torch.as_tensor(np.maximum(nA, 1e-300), dtype=A.dtype, device=A.device)
+    B = A.abs() / scale[:, None, None]
     v = torch.ones(A.shape[0], 1, A.shape[-1], dtype=A.dtype, device=A.device)
     P = B
     q = p
@@ -109,114 +116,111 @@ def _log2_abs_power_norm(A: torch.Tensor, nA: torch.Tensor, p: int) -> torch.Ten
         if not q:
             break
         P = P @ P
-    nb = v.amax(-1).squeeze(-1).double()
-    return p * torch.log2(nA) + torch.log2(nb)
+    nb = v.amax(-1).squeeze(-1).double().cpu().numpy()
+    with np.errstate(divide="ignore"):
+        return p * np.log2(nA) + np.log2(nb)
 
 
-def _ell(
-    A: torch.Tensor, nA: torch.Tensor, m: int, s: torch.Tensor, log2u: float
-) -> torch.Tensor:
-    """``ℓ(2^{-s}A, m)`` per matrix (int64), computing ``‖|A|^{2m+1}‖`` only where needed.
+def _ell(A: torch.Tensor, nA: np.ndarray, m: int, s: np.ndarray, log2u: float) -> np.ndarray:
+    """``ℓ(2^{-s}A, m)`` per matrix, forming ``|A|^{2m+1}`` only where it can matter.
 
     ``α(2^{-s}A) = 2^{-2ms} |c_{2m+1}| ‖|A|^{2m+1}‖₁/‖A‖₁``; since ``‖|A|^p‖₁ ≤ ‖A‖₁^p`` the
     exact power is formed only for the matrices whose upper bound does not already give 0.
     """
     p = 2 * m + 1
-    lognA = torch.log2(nA)
-    shift = -_LOG2_C_RECIP[m] - log2u - 2 * m * s.double()
-    ub = (p - 1) * lognA + shift  # log2(alpha/u) upper bound
-    out = torch.zeros_like(s)
-    need = (ub > 0) & (nA > 0)
-    if bool(need.any()):
-        idx = need.nonzero().squeeze(-1)
-        l2 = _log2_abs_power_norm(A[idx], nA[idx], p) - lognA[idx] + shift[idx]
-        val = torch.ceil(l2 / (2 * m)).clamp_min(0)
-        val = torch.nan_to_num(val, nan=0.0, neginf=0.0)
-        out[idx] = val.long()
+    with np.errstate(divide="ignore"):
+        lognA = np.log2(nA)
+    shift = -_LOG2_C_RECIP[m] - log2u - 2 * m * s
+    out = np.zeros(s.shape, dtype=np.int64)
+    need = ((p - 1) * lognA + shift > 0) & (nA > 0)
+    if need.any():
+        idx = np.flatnonzero(need)
+        ti = torch.as_tensor(idx, device=A.device)
+        l2 = _log2_abs_power_norm(A[ti], nA[idx], p) - lognA[idx] + shift[idx]
+        with np.errstate(invalid="ignore"):
+            val = np.nan_to_num(np.ceil(l2 / (2 * m)), nan=0.0, neginf=0.0)
+        out[idx] = np.maximum(val, 0).astype(np.int64)
     return out
 
 
-def _choose(
-    A: torch.Tensor, A2: torch.Tensor, A4: torch.Tensor, A6: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Degree ``m`` and scaling ``s`` (int64, shape ``(B,)``) of each matrix."""
+def _ceil_log2(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.ceil(np.log2(x))
+    return np.maximum(np.nan_to_num(r, nan=0.0, neginf=0.0, posinf=0.0), 0).astype(np.int64)
+
+
+def _choose(A: torch.Tensor, Pw: torch.Tensor, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Degree ``m`` and scaling ``s`` of each matrix (int64 arrays of shape ``(B,)``).
+
+    ``Pw`` stacks ``A², A⁴, A⁶`` (``(3, B, n, n)``); ``norms`` their 1-norms and ``A``'s
+    (``(4, B)`` float64, row 0 is ``‖A‖₁``). Every decision uses one matrix's numbers only.
+    """
     dt = A.dtype
     log2u = math.log2(unit_roundoff(dt))
-    nA = norm1(A).double()
-    n2, n4, n6 = norm1(A2).double(), norm1(A4).double(), norm1(A6).double()
+    nA, n2, n4, n6 = norms
     d4, d6 = n4 ** (1 / 4), n6 ** (1 / 6)
-    d8 = torch.minimum(n4 * n4, n2 * n6) ** (1 / 8)  # upper bounds of ||A^8||^(1/8), ...
-    d10 = torch.minimum(n4 * n6, n2 * n4 * n4) ** (1 / 10)
-    B = A.shape[0]
-    m = torch.zeros(B, dtype=torch.long, device=A.device)
-    s = torch.zeros(B, dtype=torch.long, device=A.device)
-    zero = torch.zeros_like(s)
+    d8 = np.minimum(n4 * n4, n2 * n6) ** (1 / 8)  # upper bounds of ||A^8||^(1/8), ...
+    d10 = np.minimum(n4 * n6, n2 * n4 * n4) ** (1 / 10)
+    B = nA.shape[0]
+    m = np.zeros(B, dtype=np.int64)
+    s = np.zeros(B, dtype=np.int64)
     for deg, theta in _CANDIDATES[dt]:
-        eta = torch.maximum(d4, d6) if deg <= 5 else torch.maximum(d6, d8)
+        eta = np.maximum(d4, d6) if deg <= 5 else np.maximum(d6, d8)
         cand = (m == 0) & (eta <= theta)
-        if bool(cand.any()):
-            idx = cand.nonzero().squeeze(-1)
-            ok = _ell(A[idx], nA[idx], deg, zero[idx], log2u) == 0
+        if cand.any():
+            idx = np.flatnonzero(cand)
+            ti = torch.as_tensor(idx, device=A.device)
+            ok = _ell(A[ti], nA[idx], deg, s[idx], log2u) == 0
             m[idx[ok]] = deg
     rest = m == 0
-    if not bool(rest.any()):
+    if not rest.any():
         return m, s
     top, theta = _TOP[dt]
-    idx = rest.nonzero().squeeze(-1)
-    eta5 = torch.minimum(torch.maximum(d6, d8), torch.maximum(d8, d10))[idx]
-    s_r = torch.ceil(torch.log2(eta5 / theta)).clamp_min(0)
-    s_r = torch.nan_to_num(s_r, nan=0.0, neginf=0.0).long()
-    # Where the bound-based s is positive, exact ||A^8||, ||A^10|| may lower it.
+    idx = np.flatnonzero(rest)
+    eta5 = np.minimum(np.maximum(d6, d8), np.maximum(d8, d10))[idx]
+    s_r = _ceil_log2(eta5 / theta)
+    # Where the bound-based s is positive, the exact ||A^8||, ||A^10|| may lower it.
     pos = s_r > 0
-    if bool(pos.any()):
+    if pos.any():
         j = idx[pos]
-        P = A4[j] @ torch.cat([A4[j], A6[j]], dim=-1)
+        tj = torch.as_tensor(j, device=A.device)
+        A4, A6 = Pw[1, tj], Pw[2, tj]
+        P = A4 @ torch.cat([A4, A6], dim=-1)
         n = A.shape[-1]
-        e8 = norm1(P[..., :n]).double() ** (1 / 8)
-        e10 = norm1(P[..., n:]).double() ** (1 / 10)
-        e6 = d6[j]
-        e5 = torch.minimum(torch.maximum(e6, e8), torch.maximum(e8, e10))
-        st = torch.ceil(torch.log2(e5 / theta)).clamp_min(0)
-        s_r[pos] = torch.nan_to_num(st, nan=0.0, neginf=0.0).long()
-    s_r = s_r + _ell(A[idx], nA[idx], top, s_r, log2u)
+        e = torch.stack([norm1(P[..., :n]), norm1(P[..., n:])]).double().cpu().numpy()
+        e8, e10 = e[0] ** (1 / 8), e[1] ** (1 / 10)
+        e5 = np.minimum(np.maximum(d6[j], e8), np.maximum(e8, e10))
+        s_r[pos] = _ceil_log2(e5 / theta)
+    ti = torch.as_tensor(idx, device=A.device)
+    s_r = s_r + _ell(A[ti], nA[idx], top, s_r, log2u)
     m[idx] = top
     s[idx] = s_r
     return m, s
 
 
 # --------------------------------------------------------------------------- Padé
-def _add_diag(X: torch.Tensor, c: float) -> torch.Tensor:
-    X.diagonal(dim1=-2, dim2=-1).add_(c)
-    return X
+def _combo(Pw: torch.Tensor, C: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``Σ_k C[i, k] Pw[k] + bias[i]·I`` for each row ``i`` in one GEMM pass, ``(r, B, n, n)``."""
+    k, B, n, _ = Pw.shape
+    out = (C @ Pw.reshape(k, -1)).reshape(C.shape[0], B, n, n)
+    out.diagonal(dim1=-2, dim2=-1).add_(bias[:, None, None])
+    return out
 
 
-def _pade_uv(
-    m: int, A: torch.Tensor, A2: torch.Tensor, A4: torch.Tensor, A6: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Odd and even parts ``U, V`` of ``p_m(A) = V + U`` (in-place friendly, no autograd)."""
+def _coeffs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Coefficient matrices for :func:`_combo` on the powers ``(A², A⁴, A⁶[, A⁸])``."""
     b = _B[m]
-    if m == 3:
-        U = A @ _add_diag(b[3] * A2, b[1])
-        V = _add_diag(b[2] * A2, b[0])
-    elif m == 5:
-        U = A @ _add_diag(b[5] * A4 + b[3] * A2, b[1])
-        V = _add_diag(b[4] * A4 + b[2] * A2, b[0])
-    elif m == 7:
-        U = A @ _add_diag(b[7] * A6 + b[5] * A4 + b[3] * A2, b[1])
-        V = _add_diag(b[6] * A6 + b[4] * A4 + b[2] * A2, b[0])
-    elif m == 9:
-        A8 = A4 @ A4
-        U = A @ _add_diag(b[9] * A8 + b[7] * A6 + b[5] * A4 + b[3] * A2, b[1])
-        V = _add_diag(b[8] * A8 + b[6] * A6 + b[4] * A4 + b[2] * A2, b[0])
+    if m == 13:
+        C = [[b[9], b[11], b[13]], [b[8], b[10], b[12]], [b[3], b[5], b[7]], [b[2], b[4], b[6]]]
+        bias = [0.0, 0.0, b[1], b[0]]
     else:
-        n = A.shape[-1]
-        W1 = b[13] * A6 + b[11] * A4 + b[9] * A2
-        Z1 = b[12] * A6 + b[10] * A4 + b[8] * A2
-        T = A6 @ torch.cat([W1, Z1], dim=-1)
-        W = _add_diag(T[..., :n] + b[7] * A6 + b[5] * A4 + b[3] * A2, b[1])
-        U = A @ W
-        V = _add_diag(T[..., n:] + b[6] * A6 + b[4] * A4 + b[2] * A2, b[0])
-    return U, V
+        k = (m - 1) // 2
+        C = [[b[2 * j + 1] for j in range(1, k + 1)], [b[2 * j] for j in range(1, k + 1)]]
+        bias = [b[1], b[0]]
+    return (
+        torch.tensor(C, dtype=dtype, device=device),
+        torch.tensor(bias, dtype=dtype, device=device),
+    )
 
 
 def _sinhc(x: torch.Tensor) -> torch.Tensor:
@@ -227,13 +231,13 @@ def _sinhc(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, 1 + x2 / 6 * (1 + x2 / 20), torch.sinh(xs) / xs)
 
 
-def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact diagonal and superdiagonal of ``exp(scale·A)`` for upper-triangular ``A``."""
-    a = A.diagonal(dim1=-2, dim2=-1) * scale[:, None]
+    a = A.diagonal(dim1=-2, dim2=-1) * scale
     X.diagonal(dim1=-2, dim2=-1).copy_(torch.exp(a))
     if A.shape[-1] > 1:
         lam, mu = a[:, :-1], a[:, 1:]
-        t = A.diagonal(offset=1, dim1=-2, dim2=-1) * scale[:, None]
+        t = A.diagonal(offset=1, dim1=-2, dim2=-1) * scale
         h = (mu - lam) / 2
         near = h.abs() < 1
         dsafe = torch.where(near, torch.ones_like(h), mu - lam)
@@ -252,82 +256,108 @@ def _pow2(s: torch.Tensor, dtype: torch.dtype, k: int = 1) -> torch.Tensor:
 
 
 def _expm_group(
-    m: int,
-    s: torch.Tensor,
-    A: torch.Tensor,
-    A2: torch.Tensor,
-    A4: torch.Tensor,
-    A6: torch.Tensor,
-    tri: torch.Tensor,
+    m: int, s: np.ndarray, s_sq: np.ndarray, A: torch.Tensor, Pw: torch.Tensor, tri: np.ndarray
 ) -> torch.Tensor:
-    """``r_m(2^{-s}A)^{2^s}`` for a group of matrices sharing the degree ``m``."""
-    scaled = bool((s > 0).any())
-    if scaled:
-        c = _pow2(s, A.dtype)
-        A, A2, A4, A6 = A * c, A2 * c * c, A4 * (c * c) ** 2, A6 * (c * c) ** 3
-    U, V = _pade_uv(m, A, A2, A4, A6)
+    """``r_m(2^{-s}A)^{2^{s_sq}}`` for matrices sharing the degree ``m`` (``Pw``: A², A⁴, A⁶)."""
+    dev, dt = A.device, A.dtype
+    if (s > 0).any():
+        st = torch.as_tensor(s, device=dev)
+        c = _pow2(st, dt)
+        c2 = c * c
+        A = A * c
+        Pw = Pw * torch.stack([c2, c2 * c2, c2 * c2 * c2])
+    C, bias = _coeffs(m, dt, dev)
+    if m == 13:
+        W1, Z1, W2, Z2 = _combo(Pw, C, bias)
+        A6 = Pw[2]
+        W = torch.baddbmm(W2, A6, W1)
+        V = torch.baddbmm(Z2, A6, Z1)
+    else:
+        P = Pw[: (m - 1) // 2]
+        if m == 9:
+            P = torch.cat([P, (Pw[1] @ Pw[1])[None]])
+        W, V = _combo(P, C, bias)
+    U = A @ W
     X = solve(V - U, V + U)
-    any_tri = bool(tri.any())
-    if any_tri:
-        ti = tri.nonzero().squeeze(-1)
-        ones = torch.ones(ti.shape[0], dtype=A.dtype, device=A.device)
-        X[ti] = _fix_triangular(X[ti], A[ti], ones)
-    smax = int(s.max()) if s.numel() else 0
+    if tri.any():
+        ti = torch.as_tensor(np.flatnonzero(tri), device=dev)
+        X[ti] = _fix_triangular(X[ti], A[ti], 1.0)
+    smax = int(s_sq.max()) if s_sq.size else 0
     for k in range(smax):
-        act = s > k
-        if bool(act.all()):
+        act = s_sq > k
+        if act.all():
             X = X @ X
-            idx = None
         else:
-            idx = act.nonzero().squeeze(-1)
+            idx = torch.as_tensor(np.flatnonzero(act), device=dev)
             Xi = X[idx]
             X[idx] = Xi @ Xi
-        if any_tri:
-            ta = tri & act
-            if bool(ta.any()):
-                ti = ta.nonzero().squeeze(-1)
-                # X[ti] is now exp(2^{k+1} · (2^{-s} A)) for the scaled A.
-                sc = torch.ldexp(torch.ones(ti.shape[0], dtype=A.dtype, device=A.device),
-                                 torch.full_like(ti, k + 1))
-                X[ti] = _fix_triangular(X[ti], A[ti], sc)
+        ta = tri & act
+        if ta.any():
+            ti = torch.as_tensor(np.flatnonzero(ta), device=dev)
+            # X[ti] is now exp(2^{k+1} · A_s) with A_s the Padé argument.
+            X[ti] = _fix_triangular(X[ti], A[ti], float(2 ** (k + 1)))
     return X
 
 
-def _powers(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    A2 = A @ A
-    A4 = A2 @ A2
-    A6 = A4 @ A2
-    return A2, A4, A6
+_Params = tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``exp`` of a ``(B, n, n)`` batch in its own dtype; also the chosen ``(m, s)``."""
-    A2, A4, A6 = _powers(A)
-    m, s = _choose(A, A2, A4, A6)
-    n = A.shape[-1]
-    tri = (
-        (torch.tril(A, -1) == 0).flatten(1).all(-1)
-        if n > 1
-        else torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
-    )
-    degs = torch.unique(m).tolist()
-    if len(degs) == 1:
-        return _expm_group(degs[0], s, A, A2, A4, A6, tri), m, s
+def _params(A: torch.Tensor) -> _Params:
+    """Decisions for a ``(B, n, n)`` batch.
+
+    Returns the prescaled ``A``, its powers, degree ``m``, scaling ``s`` (of the prescaled
+    matrix), total scaling and upper-triangularity flags of each matrix.
+    """
+    Bn, n = A.shape[0], A.shape[-1]
+    dev, dt = A.device, A.dtype
+    nA0 = norm1(A).double().cpu().numpy()
+    s0 = np.zeros(Bn, dtype=np.int64)
+    big = nA0 > 2.0 ** _PRESCALE[dt]
+    if big.any():
+        with np.errstate(divide="ignore"):
+            s0[big] = np.ceil(np.log2(nA0[big])).astype(np.int64) - _PRESCALE[dt]
+        A = A * _pow2(torch.as_tensor(s0, device=dev), dt)
+    Pw = torch.empty(3, Bn, n, n, dtype=dt, device=dev)
+    torch.bmm(A, A, out=Pw[0])
+    torch.bmm(Pw[0], Pw[0], out=Pw[1])
+    torch.bmm(Pw[1], Pw[0], out=Pw[2])
+    absA = A.abs()
+    norms = torch.cat([absA.sum(-2).amax(-1)[None], Pw.abs().sum(-2).amax(-1)])
+    if n > 1:
+        lower = torch.tril(absA, -1).sum((-2, -1))
+        stats = torch.cat([norms, lower[None]]).double().cpu().numpy()
+        tri = stats[4] == 0
+    else:
+        stats = norms.double().cpu().numpy()
+        tri = np.ones(Bn, dtype=bool)
+    m, s = _choose(A, Pw, stats[:4])
+    return A, Pw, m, s, s + s0, tri
+
+
+def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``exp`` of a ``(B, n, n)`` batch in its own dtype; also the chosen ``m`` and total ``s``."""
+    A, Pw, m, s, s_tot, tri = _params(A)
+    dev = A.device
+    degs = np.unique(m)
+    if degs.size == 1:
+        return _expm_group(int(degs[0]), s, s_tot, A, Pw, tri), m, s_tot
     X = torch.empty_like(A)
-    for d in degs:
-        idx = (m == d).nonzero().squeeze(-1)
-        X[idx] = _expm_group(d, s[idx], A[idx], A2[idx], A4[idx], A6[idx], tri[idx])
-    return X, m, s
+    for d in degs.tolist():
+        sel = m == d
+        ti = torch.as_tensor(np.flatnonzero(sel), device=dev)
+        X[ti] = _expm_group(d, s[sel], s_tot[sel], A[ti], Pw[:, ti], tri[sel])
+    return X, m, s_tot
 
 
 # --------------------------------------------------------------------------- Fréchet
 def _frechet_group(
-    deg: int, s: torch.Tensor, A: torch.Tensor, E: torch.Tensor
+    deg: int, s_np: np.ndarray, A: torch.Tensor, E: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` for matrices sharing the degree; plain (differentiable) ops."""
     b = _B[deg]
     I = eye_like(A)  # noqa: E741
-    if bool((s > 0).any()):
+    s = torch.as_tensor(s_np, device=A.device)
+    if (s_np > 0).any():
         c = _pow2(s, A.dtype)
         A, E = A * c, E * c
     A2 = A @ A
@@ -386,16 +416,17 @@ def _frechet_group(
 
 
 def _frechet_core(
-    A: torch.Tensor, E: torch.Tensor, m: torch.Tensor, s: torch.Tensor
+    A: torch.Tensor, E: torch.Tensor, m: np.ndarray, s: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    degs = torch.unique(m).tolist()
+    degs = np.unique(m).tolist()
     if len(degs) == 1:
         return _frechet_group(degs[0], s, A, E)
     R = torch.zeros_like(A)
     L = torch.zeros_like(A)
     for d in degs:
-        idx = (m == d).nonzero().squeeze(-1)
-        Rd, Ld = _frechet_group(d, s[idx], A[idx], E[idx])
+        sel = m == d
+        idx = torch.as_tensor(np.flatnonzero(sel), device=A.device)
+        Rd, Ld = _frechet_group(d, s[sel], A[idx], E[idx])
         R = R.index_copy(0, idx, Rd)
         L = L.index_copy(0, idx, Ld)
     return R, L
@@ -406,12 +437,14 @@ class _Expm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, A: torch.Tensor) -> torch.Tensor:
         X, m, s = _expm_core(A)
-        ctx.save_for_backward(A, m, s)
+        ctx.save_for_backward(A)
+        ctx.ms = (m, s)
         return X
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
-        A, m, s = ctx.saved_tensors
+        (A,) = ctx.saved_tensors
+        m, s = ctx.ms
         # <G, L(A, E)> = <L(Aᵀ, G), E>
         return _frechet_core(A.mT, G, m, s)[1]
 
@@ -508,8 +541,7 @@ def expm_frechet(
         z = torch.zeros(A.shape, dtype=dtype, device=A.device)
         return (z, z.clone()) if return_expm else z
     with torch.no_grad():
-        A2, A4, A6 = _powers(Af.detach())
-        m, s = _choose(Af.detach(), A2, A4, A6)
+        m, s = _params(Af.detach())[2::2]
     X, L = _frechet_core(Af, Ef, m, s)
     L = L.reshape(*batch, n, n).to(dtype)
     if return_expm:
