@@ -11,7 +11,7 @@ Example:
     True
 """
 
-from liegroup import errors, tensor
+from liegroup import errors, linalg, tensor
 from liegroup._version import __version__
 from liegroup.groups import GL, SE, SL, SO, Hadamard, LieGroup, MatrixLieGroup, Product
 
@@ -26,5 +26,6 @@ __all__ = [
     "Product",
     "__version__",
     "errors",
+    "linalg",
     "tensor",
 ]
