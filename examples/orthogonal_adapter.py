@@ -80,6 +80,7 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor,
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # tiny problems: threads only add overhead (and contention)
     torch.manual_seed(0)
     d_in, d_out, n, steps = 64, 32, 512, 300
     base = torch.nn.Linear(d_in, d_out)

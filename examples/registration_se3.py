@@ -38,6 +38,7 @@ def kabsch(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # tiny problems: threads only add overhead (and contention)
     torch.manual_seed(0)
     dt = torch.float64
     G = liegroup.SE(3)

@@ -34,6 +34,7 @@ def wahba_svd(b: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # tiny problems: threads only add overhead (and contention)
     torch.manual_seed(0)
     dt = torch.float64
     G = liegroup.SO(3)
