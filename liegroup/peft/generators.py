@@ -63,6 +63,9 @@ class GeneratorSpec:
         dtype, device: of the base weight.
         module_name: dotted name of the adapted module (for error messages).
         options: ``LieRAConfig.generator_kwargs``.
+        weight: the frozen base weight itself (detached), for data-dependent initialisers
+            such as PiSSA; ``None`` when the caller does not provide it. Not compared, not
+            printed.
     """
 
     weight_shape: tuple[int, ...]
@@ -75,6 +78,7 @@ class GeneratorSpec:
     device: torch.device | str | None = None
     module_name: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
