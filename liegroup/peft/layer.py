@@ -32,7 +32,14 @@ from torch.nn import functional as F  # noqa: N812
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
 from liegroup.peft.config import LieRAConfig
-from liegroup.peft.functional import Update, adapted_weight, adapted_weight_lowrank, get_update
+from liegroup.peft.functional import (
+    OpGeometry,
+    Update,
+    adapted_op_lowrank,
+    adapted_weight,
+    adapted_weight_lowrank,
+    get_update,
+)
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
@@ -150,6 +157,7 @@ class LieRALayer(nn.Module):
             device=W.device,
             module_name=self.module_name,
             options=dict(config.generator_kwargs),
+            weight=W.detach(),
         )
         gen_cls = resolve_generator(config.generator)
         generator = gen_cls(spec)
@@ -242,7 +250,53 @@ class LieRALayer(nn.Module):
         if self.disabled or self.active_adapter is None:
             out = self.base_layer(x)
             return out
-        return self._op(x, self.adapted_weight())
+        name = self.active_adapter
+        gen: Generator = self.generators[name]  # type: ignore[assignment]
+        factors = gen.factors()
+        if factors is not None:
+            fused = self._fused_input(x)
+            if fused is not None:
+                xin, geometry = fused
+                return adapted_op_lowrank(
+                    xin, self.weight, self.bias, *factors, self.updates[name], geometry
+                )
+            return self._op(x, adapted_weight_lowrank(self.weight, *factors, self.updates[name]))
+        return self._op(x, adapted_weight(self.weight, gen(), self.updates[name]))
+
+    def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
+        """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.
+
+        Not used (the layer then runs ``op(x, W')`` with ``W'`` as an autograd tensor) under
+        autocast, for unbatched conv inputs, for ``padding="same"`` needing asymmetric
+        padding, or when ``x``'s dtype is not the weight's (the op would refuse it anyway).
+        """
+        base = self.base_layer
+        W = self.weight
+        if x.dtype != W.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        if isinstance(base, nn.Linear):
+            return x, OpGeometry("linear")
+        n = W.dim() - 2
+        if x.dim() != n + 2:
+            return None
+        conv = base
+        assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        kernel = tuple(W.shape[2:])
+        dilation = tuple(int(d) for d in conv.dilation)
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding: tuple[int, ...] = (0,) * n
+        elif conv.padding == "valid":
+            padding = (0,) * n
+        elif conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+            if any(t % 2 for t in total):
+                return None
+            padding = tuple(t // 2 for t in total)
+        else:
+            padding = tuple(int(p) for p in conv.padding)  # type: ignore[union-attr]
+        stride = tuple(int(s) for s in conv.stride)
+        return x, OpGeometry("conv", stride, padding, dilation, int(conv.groups))
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
