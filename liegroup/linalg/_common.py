@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from liegroup._validation import check_finite, check_tensor
@@ -71,4 +73,4 @@ def flat(A: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Reshape ``(..., n, n)`` to ``(B, n, n)``; also return the batch shape."""
     batch = tuple(A.shape[:-2])
     n = A.shape[-1]
-    return A.reshape(-1, n, n), batch
+    return A.reshape(math.prod(batch), n, n), batch

@@ -226,7 +226,7 @@ def _coeffs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Ten
 def _sinhc(x: torch.Tensor) -> torch.Tensor:
     """``sinh(x)/x`` without cancellation (series below |x| = 1e-2, error < u)."""
     small = x.abs() < 1e-2
-    xs = torch.where(small, x, torch.ones_like(x))
+    xs = torch.where(small, torch.ones_like(x), x)
     x2 = x * x
     return torch.where(small, 1 + x2 / 6 * (1 + x2 / 20), torch.sinh(xs) / xs)
 
