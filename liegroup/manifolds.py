@@ -27,7 +27,9 @@ Maps (``P`` the Frobenius-orthogonal projection of ambient matrices onto the alg
   steps accumulate no drift. For the bi-invariant metric this *is* the Riemannian exponential;
   for a left-invariant metric on ``GL``/``SL``/``SE`` it is a retraction, not the geodesic;
 * ``logmap(x, y) = x·log(x⁻¹y)`` (principal log; it inverts ``expmap`` where that is
-  injective);
+  injective). ``x⁻¹y`` gets the same rounding-level clean-up as ``retr``, then the group's
+  ``log``, which accepts points on the group to ``1e4·u`` of their dtype and raises
+  :class:`~liegroup.errors.DomainError` for points further off (``projx`` them first);
 * ``dist(x, y) = ‖log(x⁻¹y)‖_F``: the length of the one-parameter-subgroup curve
   ``t ↦ x·exp(t·log(x⁻¹y))``. With the bi-invariant metric it is the geodesic distance; with a
   left-invariant metric on a non-compact group it is an upper bound on the Riemannian distance
@@ -43,6 +45,9 @@ The Hadamard group's manifold is the whole group (tensors without zero entries);
 connected component (sign pattern) is preserved exactly by ``retr``, and ``random``/``origin``
 give points of the identity component (all entries positive). ``logmap``/``dist`` between
 points with different sign patterns raise :class:`~liegroup.errors.DomainError`.
+
+geoopt's ``RiemannianAdam`` keeps one second-moment scalar per point (``component_inner``),
+not one per coordinate: its ``lr`` is a step length in the algebra's Frobenius norm.
 
 A direct product ``Product(G1, G2, ...)`` is packed as geoopt's own product manifold does: a
 point is the flat concatenation of its factors' points, shape ``(*batch, D)`` with ``D`` the sum
@@ -289,14 +294,15 @@ class _SLOps(_Ops):
         return y / d.abs().pow(1.0 / self.n)[..., None, None]
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        d = torch.linalg.det(x)
-        if not bool((d > 0).all()):
-            bad = (~(d > 0)).nonzero()[:5].tolist()
+        sign, logabs = torch.linalg.slogdet(x)  # no overflow for large n
+        ok = (sign > 0) & torch.isfinite(logabs)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero()[:5].tolist()
             raise DomainError(
                 f"cannot project onto SL({self.n}): det <= 0 (or NaN) at batch indices {bad}; "
                 "rescaling by a positive number cannot make the determinant 1 there"
             )
-        return x / d.pow(1.0 / self.n)[..., None, None]
+        return x * torch.exp(-logabs / self.n)[..., None, None]
 
     def on_group(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str | None]:
         d = torch.linalg.det(x)

@@ -388,3 +388,20 @@ def test_full_pickle_and_deepcopy_keep_the_manifold():
     r = copy.deepcopy(p)
     assert r.manifold == M and torch.equal(r.detach(), p.detach())
     assert LieGroupManifold(liegroup.SO(3)) != LieGroupManifold(liegroup.SO(4))
+
+
+def test_product_packing_and_its_errors():
+    M = _manifold("Product")
+    g = M.group.random(2, dtype=torch.float64)
+    x = M.pack_point(*g)
+    assert x.shape == (2, 18)
+    assert all(torch.equal(a, b) for a, b in zip(M.unpack_tensor(x), g, strict=True))
+    with pytest.raises(ValueError, match="2 tensors expected"):
+        M.pack_point(g[0])
+    with pytest.raises(ShapeError, match=r"tensors\[1\]"):
+        M.pack_point(g[0], torch.ones(2, 4, 4))
+    with pytest.raises(ShapeError):
+        M.unpack_tensor(torch.ones(2, 17))
+    H = LieGroupManifold(liegroup.Hadamard(2))
+    with pytest.raises(ValueError, match="1 tensor expected"):
+        H.pack_point(torch.ones(2), torch.ones(2))
