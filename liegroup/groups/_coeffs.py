@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -71,10 +72,15 @@ _DIRECT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+@functools.cache
+def _floats(name: str, dtype: torch.dtype) -> tuple[tuple[float, ...], float]:
+    sw = switch(name, dtype)
+    return tuple(float(x) for x in SERIES[name][: sw.terms]), sw.threshold
+
+
 def series(name: str, z: torch.Tensor) -> torch.Tensor:
     """Taylor polynomial of coefficient ``name`` in ``z`` with the dtype's number of terms."""
-    terms = switch(name, z.dtype).terms
-    c = [float(x) for x in SERIES[name][:terms]]
+    c = _floats(name, z.dtype)[0]
     out = torch.full_like(z, c[-1])
     for ck in reversed(c[:-1]):
         out = out * z + ck
@@ -91,7 +97,7 @@ def coefficient(name: str, z: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of ``z``'s shape; finite, with finite gradients, for every ``z`` in the domain.
     """
-    thr = switch(name, z.dtype).threshold
+    thr = _floats(name, z.dtype)[1]
     small = z < thr * thr
     z_safe = torch.where(small, torch.full_like(z, 4 * thr * thr), z)
     return torch.where(small, series(name, z), _DIRECT[name](torch.sqrt(z_safe)))
