@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -48,8 +49,11 @@ __all__ = [
     "Additive",
     "HadamardExp",
     "HadamardExpFunction",
+    "LowRankAdaptedOpFunction",
     "LowRankHadamardExpFunction",
+    "OpGeometry",
     "Update",
+    "adapted_op_lowrank",
     "adapted_weight",
     "adapted_weight_lowrank",
     "get_update",
@@ -137,9 +141,8 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
             )
         if ctx.needs_input_grad[0]:
             raise TypeError("LowRankHadamardExpFunction does not differentiate W; freeze it")
-        delta = (L @ R).view(W.shape)
         # bit-identical to Hadamard.act(Hadamard.exp(ΔW, order), W) (tested)
-        Wp = (delta.exp_() if order is None else _exp_inplace(delta, order)).mul_(W)
+        Wp = _lowrank_hadamard(W, L, R, order)
         ctx.order = order
         ctx.save_for_backward(W, L, R)
         return Wp
@@ -160,6 +163,250 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         g_l = gm @ R.T if ctx.needs_input_grad[1] else None
         g_r = L.T @ gm if ctx.needs_input_grad[2] else None
         return None, g_l, g_r, None
+
+
+def _lowrank_hadamard(
+    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None
+) -> torch.Tensor:
+    """``W ⊙ exp((L @ R).view(W.shape))`` (or ``T_k``) with one weight-sized buffer for k ≤ 1.
+
+    Bit-identical to ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
+    """
+    delta = (L @ R).view(W.shape)
+    if order is None:
+        return delta.exp_().mul_(W)
+    if order == 1:
+        return delta.add_(1).mul_(W)
+    return _exp_inplace(delta, order).mul_(W)
+
+
+# Row blocks of the chunked backward hold about this many entries (256 KiB in float32), so the
+# recomputed exp(ΔW) of a block stays in cache and never takes a weight-sized buffer.
+_CHUNK_ENTRIES = 1 << 16
+
+
+@dataclass(frozen=True)
+class OpGeometry:
+    """The base module's op for :func:`adapted_op_lowrank`: ``F.linear`` or an N-d conv.
+
+    Attributes:
+        kind: ``"linear"`` or ``"conv"``.
+        stride, padding, dilation: per spatial dimension (convs; explicit symmetric padding —
+            a ``padding_mode`` other than zeros is applied to the input before the op).
+        groups: the conv's groups.
+
+    Example:
+        >>> OpGeometry("conv", (1, 1), (1, 1), (1, 1), 1).ndim
+        2
+    """
+
+    kind: str
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "conv"):
+            raise ValueError(f"kind must be 'linear' or 'conv', got {self.kind!r}")
+        n = len(self.stride)
+        if self.kind == "conv" and (
+            n not in (1, 2, 3) or len(self.padding) != n or len(self.dilation) != n
+        ):
+            raise ShapeError(
+                f"a conv needs stride, padding and dilation of one length 1-3, got {self}"
+            )
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions (0 for linear)."""
+        return len(self.stride)
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+         3: torch.nn.functional.conv3d}
+
+
+def _op_forward(
+    x: torch.Tensor, Wp: torch.Tensor, bias: torch.Tensor | None, op: OpGeometry
+) -> torch.Tensor:
+    if op.kind == "linear":
+        return torch.nn.functional.linear(x, Wp, bias)
+    out: torch.Tensor = _CONV[op.ndim](
+        x, Wp, bias, op.stride, op.padding, op.dilation, op.groups
+    )
+    return out
+
+
+def _conv_backward(
+    gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: OpGeometry,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gy, x, weight, [weight.shape[0]] if need_b else None, list(op.stride),
+        list(op.padding), list(op.dilation), False, [0] * op.ndim, op.groups,
+        [need_x, need_w, need_b],
+    )
+    return gx, gw, gb
+
+
+class LowRankAdaptedOpFunction(torch.autograd.Function):
+    """``op(x, W', b)`` with ``W' = update(W, (L @ R).view(W.shape))`` as one autograd node.
+
+    The whole adapted layer in one node, so that no more weight-sized memory exists at any time
+    than full fine-tuning of the layer needs (``∂L/∂W``):
+
+    * forward forms ``W'`` in one buffer, runs the op and frees ``W'``; it keeps ``x`` (as the
+      op would), ``W`` and the small factors;
+    * backward recomputes ``W'`` only if ``∂L/∂x`` is needed, forms ``∂L/∂x`` and frees
+      ``W'``; then ``G = ∂L/∂W'`` (one buffer), turns it *in place* into
+      ``G_Δ = G ⊙ W ⊙ exp(ΔW)`` (exact; ``exp(L_i R)`` recomputed per row block ``i`` so it
+      never takes a weight-sized buffer), ``G ⊙ W`` (first order), ``G ⊙ W ⊙ T_{k−1}(ΔW)``
+      (order k) or ``G`` (additive), and returns ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ``.
+
+    Extra work against full fine-tuning: the rank-r products and the element-wise map (twice
+    when ``∂L/∂x`` is needed) — small next to the op, and the same for every map.
+    ``update`` is ``"additive"`` or ``"hadamard"`` (with ``order``); ``W`` must be frozen.
+    The forward is bit-identical to ``op(x, adapted_weight_lowrank(W, L, R))``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+        >>> W = torch.randn(4, 6, dtype=torch.float64)
+        >>> L = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+        >>> R = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+        >>> f = LowRankAdaptedOpFunction.apply
+        >>> torch.autograd.gradcheck(
+        ...     lambda a, lf, rf: f(a, W, None, lf, rf, "hadamard", None, OpGeometry("linear")),
+        ...     (x, L, R))
+        True
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        W: torch.Tensor,
+        bias: torch.Tensor | None,
+        L: torch.Tensor,
+        R: torch.Tensor,
+        update: str,
+        order: int | None,
+        op: OpGeometry,
+    ) -> torch.Tensor:
+        """``op(x, W', bias)``; ``W'`` lives only during the op."""
+        if ctx.needs_input_grad[1]:
+            raise TypeError("LowRankAdaptedOpFunction does not differentiate W; freeze it")
+        if update not in ("hadamard", "additive"):
+            raise ValueError(f"update must be 'hadamard' or 'additive', got {update!r}")
+        Wp = _lowrank_apply(W, L, R, update, order)
+        out = _op_forward(x, Wp, bias, op)
+        del Wp
+        ctx.update, ctx.order, ctx.op = update, order, op
+        ctx.save_for_backward(x, W, L, R)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``∂L/∂x``, ``∂L/∂b`` and the factor gradients with one weight-sized buffer at a time."""
+        x, W, L, R = ctx.saved_tensors
+        update, order, op = ctx.update, ctx.order, ctx.op
+        need_x, _, need_b, need_l, need_r = ctx.needs_input_grad[:5]
+        gx = gb = g_l = g_r = None
+        G: torch.Tensor | None = None
+        rows, cols = L.shape[0], R.shape[1]
+        if op.kind == "linear":
+            gy2 = gy.reshape(-1, W.shape[0])
+            if need_x:
+                Wp = _lowrank_apply(W, L, R, update, order)
+                gx = gy.matmul(Wp)
+                del Wp
+            if need_b:
+                gb = gy2.sum(0)
+            if need_l or need_r:
+                G = gy2.T.mm(x.reshape(-1, W.shape[1]))
+        else:
+            if need_x or need_b:
+                Wp = _lowrank_apply(W, L, R, update, order) if need_x else W
+                gx, _, gb = _conv_backward(gy, x, Wp, op, need_x, False, need_b)
+                del Wp
+            if need_l or need_r:
+                _, G, _ = _conv_backward(gy, x, W, op, False, True, False)
+        if G is not None:
+            Gm = G.contiguous().view(rows, cols)
+            if update == "hadamard":
+                Wm = W.reshape(rows, cols)
+                if order == 1:
+                    Gm.mul_(Wm)
+                else:
+                    step = max(1, _CHUNK_ENTRIES // max(cols, 1))
+                    for i in range(0, rows, step):
+                        d = L[i : i + step] @ R
+                        t = d.exp_() if order is None else _exp_inplace(d, order - 1)
+                        Gm[i : i + step].mul_(t.mul_(Wm[i : i + step]))
+            g_l = Gm.mm(R.T) if need_l else None
+            g_r = L.T.mm(Gm) if need_r else None
+        if gb is not None and ctx.bias_shape is not None:
+            gb = gb.view(ctx.bias_shape)
+        return gx, None, gb, g_l, g_r, None, None, None
+
+
+def _lowrank_apply(
+    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str, order: int | None
+) -> torch.Tensor:
+    if update == "additive":
+        return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
+    return _lowrank_hadamard(W, L, R, order)
+
+
+def adapted_op_lowrank(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    update: Update | str,
+    op: OpGeometry,
+    order: int | None = None,
+) -> torch.Tensor:
+    """``op(x, update(W, (L @ R).view(W.shape)), bias)`` at the memory of full fine-tuning.
+
+    Uses :class:`LowRankAdaptedOpFunction` for the shipped updates (:class:`HadamardExp`,
+    :class:`Additive`) when ``W`` is frozen; otherwise (another update, a
+    trainable ``W``) it runs ``op(x, adapted_weight_lowrank(W, L, R, update), bias)``.
+    Same forward values bit for bit either way.
+
+    Args:
+        x: the op's input (batched for convs, any padding already applied).
+        W: frozen weight ``(out, in)`` or ``(C_out, C_in/g, *k)``.
+        bias: the op's bias or ``None``.
+        L, R: factors with ``L.shape[0] * R.shape[1] == W.numel()``.
+        update: an :class:`Update` or a registered name.
+        op: the op and its geometry.
+        order: Taylor order when ``update`` is a name.
+
+    Example:
+        >>> import torch
+        >>> x, W = torch.randn(3, 4), torch.randn(2, 4)
+        >>> L, R = torch.randn(2, 1), torch.randn(1, 4)
+        >>> y = adapted_op_lowrank(x, W, None, L, R, "hadamard", OpGeometry("linear"))
+        >>> torch.equal(y, x @ adapted_weight_lowrank(W, L, R).T)
+        True
+    """
+    if isinstance(update, str):
+        update = get_update(update, order)
+    if type(update) is HadamardExp:
+        name, order = "hadamard", update.order
+    elif type(update) is Additive:
+        name, order = "additive", None
+    else:
+        name = ""
+    if not name or W.requires_grad:
+        return _op_forward(x, adapted_weight_lowrank(W, L, R, update), bias, op)
+    out: torch.Tensor = LowRankAdaptedOpFunction.apply(x, W, bias, L, R, name, order, op)
+    return out
 
 
 def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:

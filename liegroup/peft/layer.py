@@ -294,7 +294,7 @@ class LieRALayer(nn.Module):
                 return None
             padding = tuple(t // 2 for t in total)
         else:
-            padding = tuple(int(p) for p in conv.padding)  # type: ignore[union-attr]
+            padding = tuple(int(p) for p in conv.padding)
         stride = tuple(int(s) for s in conv.stride)
         return x, OpGeometry("conv", stride, padding, dilation, int(conv.groups))
 

@@ -1,0 +1,186 @@
+"""The fused low-rank op path (LowRankAdaptedOpFunction) against the reference path.
+
+Reference: ``op(x, adapted_weight_lowrank(W, L, R))`` — the op differentiated by autograd on an
+explicit ``W'``. The fused node must give the same forward bit for bit, the same gradients
+(x, factors, bias) to rounding, pass gradcheck in float64, and keep nothing weight-sized for
+the backward beyond what the op itself keeps (x) and the frozen W.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from liegroup.peft import LieRAConfig
+from liegroup.peft import functional as fn
+from liegroup.peft.functional import (
+    LowRankAdaptedOpFunction,
+    OpGeometry,
+    adapted_op_lowrank,
+    adapted_weight_lowrank,
+)
+from liegroup.peft.layer import LieRALayer
+
+DT = torch.float64
+
+CASES = {
+    "linear": (lambda: nn.Linear(7, 5), (3, 4, 7)),
+    "linear_nobias": (lambda: nn.Linear(6, 4, bias=False), (5, 6)),
+    "conv1d_stride_dil": (lambda: nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=1), (2, 3, 17)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 9, 9)),
+    "conv2d_nonsquare": (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), groups=2), (2, 4, 9, 8)),
+    "conv2d_depthwise_reflect": (
+        lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"), (2, 4, 8, 8)
+    ),
+    "conv2d_same_dilated": (lambda: nn.Conv2d(3, 5, 3, padding="same", dilation=2), (1, 3, 10, 9)),
+    "conv2d_same_even_kernel": (lambda: nn.Conv2d(3, 5, 2, padding="same"), (1, 3, 7, 7)),
+    "conv3d_circular": (
+        lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="circular"), (1, 2, 5, 6, 5)
+    ),
+}
+MAPS = [("hadamard", "exact"), ("hadamard", "first_order"), ("hadamard", 3), ("additive", "exact")]
+
+
+def _layer(case: str, group: str, exp_map, seed: int = 0):
+    torch.manual_seed(seed)
+    factory, xshape = CASES[case]
+    base = factory().to(DT)
+    layer = LieRALayer(base, case)
+    layer.add_adapter(
+        "default",
+        LieRAConfig(rank=2, alpha=3.0, target_modules=["x"], exp_map=exp_map, group=group),
+    )
+    with torch.no_grad():
+        layer.generators["default"].B.normal_(0, 0.3)
+    x = torch.randn(xshape, dtype=DT)
+    return layer, x
+
+
+def _reference(layer: LieRALayer, x: torch.Tensor) -> torch.Tensor:
+    L, R = layer.generators["default"].factors()
+    Wp = adapted_weight_lowrank(layer.weight, L, R, layer.updates["default"])
+    return layer._op(x, Wp)
+
+
+def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor):
+    gen = layer.generators["default"]
+    wrt = [x, gen.B, gen.A] + ([layer.bias] if layer.bias is not None else [])
+    return torch.autograd.grad(y, wrt, gy)
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 3])
+@pytest.mark.parametrize(("group", "exp_map"), MAPS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_reference(case, group, exp_map, chunk, monkeypatch):
+    monkeypatch.setattr(fn, "_CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
+    layer, x = _layer(case, group, exp_map)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(True)  # the fused node also returns a bias gradient
+    x.requires_grad_(True)
+    assert layer._fused_input(x) is not None or case == "conv2d_same_even_kernel"
+    y = layer(x)
+    y_ref = _reference(layer, x)
+    assert torch.equal(y, y_ref)  # forward: bit for bit
+    gy = torch.randn_like(y)
+    got = _grads(layer, x, y, gy)
+    want = _grads(layer, x, y_ref, gy)
+    u = torch.finfo(DT).eps
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert (g - w).abs().max().item() <= 1e3 * u * (1 + w.abs().max().item())
+
+
+@pytest.mark.parametrize(("group", "exp_map"), MAPS)
+@pytest.mark.parametrize("case", ["linear", "conv1d_stride_dil", "conv2d_nonsquare"])
+def test_fused_gradcheck(case, group, exp_map):
+    layer, x = _layer(case, group, exp_map)
+    geometry = layer._fused_input(x)
+    assert geometry is not None
+    xin, op = geometry
+    W, b = layer.weight, layer.bias
+    update = layer.updates["default"]
+    L0, R0 = (t.detach().clone() for t in layer.generators["default"].factors())
+    L0 = L0 + 0.2 * torch.randn_like(L0)
+    args = (xin.clone().requires_grad_(True), L0.requires_grad_(True), R0.requires_grad_(True))
+    if b is not None:
+        args = (*args, b.detach().clone().requires_grad_(True))
+
+    def f(xx, lf, rf, *bb):
+        return adapted_op_lowrank(xx, W, bb[0] if bb else None, lf, rf, update, op)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_fused_keeps_nothing_weight_sized():
+    """Saved for backward: x and the frozen W, L, R themselves — no new weight-sized tensor."""
+    layer, x = _layer("linear", "hadamard", "exact")
+    x.requires_grad_(True)
+    gen = layer.generators["default"]
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    allowed = {x.data_ptr(), layer.weight.data_ptr(), gen.B.data_ptr(), gen.A.data_ptr()}
+    for t in saved:
+        big = t.numel() >= layer.weight.numel()
+        assert not big or t.data_ptr() in allowed, tuple(t.shape)
+    # the reference path keeps W' (weight-sized) for the op's backward
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _reference(layer, x)
+    assert any(
+        t.numel() == layer.weight.numel() and t.data_ptr() not in allowed for t in saved
+    )
+    y.sum().backward()
+    assert gen.B.grad is not None and layer.weight.grad is None
+
+
+def test_fallbacks_give_the_same_forward():
+    layer, x = _layer("conv2d_same_even_kernel", "hadamard", "exact")
+    assert layer._fused_input(x) is None  # asymmetric "same" padding
+    assert torch.equal(layer(x), _reference(layer, x))
+    layer, x = _layer("conv2d", "hadamard", "exact")
+    assert layer._fused_input(x[0]) is None  # unbatched conv input
+    assert torch.equal(layer(x[0]), _reference(layer, x[0]))
+    assert layer._fused_input(x.float()) is None  # dtype mismatch: the op's own error path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fused_input(x) is None
+
+
+def test_trainable_weight_and_custom_update_fall_back():
+    W = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    L = torch.randn(3, 1, dtype=DT, requires_grad=True)
+    R = torch.randn(1, 4, dtype=DT, requires_grad=True)
+    x = torch.randn(2, 4, dtype=DT)
+    y = adapted_op_lowrank(x, W, None, L, R, "hadamard", OpGeometry("linear"))
+    y.sum().backward()
+    assert W.grad is not None  # took the reference path, which differentiates W
+
+    class Scaled(fn.Additive):
+        def apply_lowrank(self, W, L, R):
+            return W + 2 * (L @ R).view(W.shape)
+
+    Wf = W.detach()
+    y = adapted_op_lowrank(x, Wf, None, L, R, Scaled(), OpGeometry("linear"))
+    assert torch.allclose(y, x @ (Wf + 2 * L @ R).T)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kind"):
+        OpGeometry("pool")
+    with pytest.raises(ValueError, match="stride"):
+        OpGeometry("conv", (1, 1), (0,), (1, 1))
+    W = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    L, R = torch.randn(3, 1, dtype=DT), torch.randn(1, 4, dtype=DT)
+    x = torch.randn(2, 4, dtype=DT)
+    with pytest.raises(TypeError, match="freeze"):
+        LowRankAdaptedOpFunction.apply(x, W, None, L, R, "hadamard", None, OpGeometry("linear"))
+    with pytest.raises(ValueError, match="update"):
+        LowRankAdaptedOpFunction.apply(
+            x, W.detach(), None, L, R, "affine", None, OpGeometry("linear")
+        )
