@@ -20,7 +20,7 @@ def test_readme_peft_quickstart_runs(tmp_path, monkeypatch):
     blocks = _blocks(section)
     assert len(blocks) == 1
     code = blocks[0]
-    assert len(code.strip().splitlines()) <= 20
+    assert len(code.strip().splitlines()) <= 15  # "ten lines" of real work + imports
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "out/adapter/adapter_config.json").is_file()
