@@ -14,6 +14,12 @@ Example:
     torch.Size([1, 4, 7])
 """
 
+from liegroup.peft.adalora import (
+    AdaLoRAGenerator,
+    RankAllocator,
+    budget_schedule,
+    orthogonality_penalty,
+)
 from liegroup.peft.config import LieRAConfig, parse_exp_map
 from liegroup.peft.functional import (
     Additive,
@@ -27,18 +33,24 @@ from liegroup.peft.functional import (
     register_update,
 )
 from liegroup.peft.generators import (
+    FullGenerator,
     Generator,
     GeneratorSpec,
     LoRAGenerator,
+    TuckerGenerator,
     available_generators,
     register_generator,
     resolve_generator,
 )
+from liegroup.peft.init import register_initialiser
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper
 from liegroup.peft.model import LieRAModel, get_peft_model
+from liegroup.peft.modewise import ModeWiseGenerator, ModeWiseUpdate
 
 __all__ = [
+    "AdaLoRAGenerator",
     "Additive",
+    "FullGenerator",
     "Generator",
     "GeneratorSpec",
     "HadamardExp",
@@ -48,15 +60,22 @@ __all__ = [
     "LieRAModel",
     "LoRAGenerator",
     "LowRankHadamardExpFunction",
+    "ModeWiseGenerator",
+    "ModeWiseUpdate",
     "ModulesToSaveWrapper",
+    "RankAllocator",
+    "TuckerGenerator",
     "Update",
     "adapted_weight",
     "adapted_weight_lowrank",
     "available_generators",
+    "budget_schedule",
     "get_peft_model",
     "get_update",
+    "orthogonality_penalty",
     "parse_exp_map",
     "register_generator",
+    "register_initialiser",
     "register_update",
     "resolve_generator",
 ]

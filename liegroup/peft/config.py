@@ -101,6 +101,13 @@ class LieRAConfig:
         generator_kwargs: extra keyword arguments for the generator (JSON-serialisable).
         zero_warning_fraction: warn when more than this fraction of a targeted weight's
             entries are exactly zero (they can never move under the Hadamard group).
+        rank_pattern: for rank-allocating generators (AdaLoRA), module name → kept rank
+            components (booleans in the original numbering); written by
+            :class:`~liegroup.peft.adalora.RankAllocator` and ``save_pretrained``, used at load
+            to rebuild the pruned shapes. ``None``: nothing pruned.
+
+    ``group`` may also be a mode-wise matrix group (``"so"``, ``"gl"``, ``"sl"``) with a
+    mode-wise generator (``generator="modewise"``); see :mod:`liegroup.peft.modewise`.
 
     Example:
         >>> LieRAConfig(rank=2, target_modules=".*conv.*").target_modules
@@ -120,6 +127,7 @@ class LieRAConfig:
     group: str = "hadamard"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     zero_warning_fraction: float = 0.01
+    rank_pattern: dict[str, list[bool]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -149,8 +157,27 @@ class LieRAConfig:
         from liegroup.peft.functional import get_update
         from liegroup.peft.generators import resolve_generator
 
-        get_update(self.group, parse_exp_map(self.exp_map))  # validates the group name
-        self.generator = resolve_generator(self.generator).name
+        update = get_update(self.group, parse_exp_map(self.exp_map))  # validates the name
+        gen_cls = resolve_generator(self.generator)
+        self.generator = gen_cls.name
+        u_kind = getattr(update, "algebra_kind", "tensor")
+        if u_kind != gen_cls.algebra_kind:
+            raise ValueError(
+                f"group={self.group!r} needs a generator whose algebra element is "
+                f"{'one matrix per mode' if u_kind == 'modes' else 'a weight-shaped tensor'}, "
+                f"but generator={self.generator!r} produces "
+                f"{'one matrix per mode' if gen_cls.algebra_kind == 'modes' else 'a tensor'}; "
+                + ("use generator='modewise'" if u_kind == "modes" else "use e.g. 'lora'")
+            )
+        if self.rank_pattern is not None:
+            rp = self.rank_pattern
+            if not isinstance(rp, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(b, bool) for b in v)
+                for k, v in rp.items()
+            ):
+                raise DTypeError(
+                    f"rank_pattern must map module names to lists of booleans, got {rp!r}"
+                )
         if not isinstance(self.generator_kwargs, dict):
             raise DTypeError(f"generator_kwargs must be a dict, got {self.generator_kwargs!r}")
         if not 0.0 <= float(self.zero_warning_fraction) <= 1.0:

@@ -40,10 +40,13 @@ from torch import nn
 from liegroup.errors import ShapeError
 
 __all__ = [
+    "FullGenerator",
     "Generator",
     "GeneratorSpec",
     "LoRAGenerator",
+    "TuckerGenerator",
     "available_generators",
+    "lowrank_dims",
     "register_generator",
     "resolve_generator",
 ]
@@ -101,6 +104,9 @@ class Generator(nn.Module):
 
     name: ClassVar[str] = ""
     supports_dropout: ClassVar[bool] = False
+    #: ``"tensor"``: ``forward`` returns a weight-shaped ``ΔW`` (Hadamard and additive
+    #: groups); ``"modes"``: a dict ``{mode k: n_k × n_k matrix}`` for mode-wise matrix groups.
+    algebra_kind: ClassVar[str] = "tensor"
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__()
@@ -126,6 +132,49 @@ class Generator(nn.Module):
         :meth:`forward` is used.
         """
         return None
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The tensors written by ``save_pretrained`` (default: the full ``state_dict``).
+
+        Generators that prune at save time (AdaLoRA) return smaller tensors here and rebuild
+        the matching shapes from the config's ``rank_pattern`` at load (:meth:`prune_`).
+        """
+        return dict(self.state_dict())
+
+    def rank_pattern(self) -> list[bool] | None:
+        """Which rank components are kept, in the original numbering (``None``: no ranks)."""
+        return None
+
+    def prune_(self, keep: list[bool]) -> None:
+        """Drop the rank components where ``keep`` is ``False`` (only rank-allocating ones)."""
+        raise TypeError(f"generator {type(self).__name__} has no prunable rank components")
+
+
+def lowrank_dims(spec: GeneratorSpec) -> tuple[int, int, int]:
+    """``(rows, mid, cols)`` of the low-rank factorisation ``rows×mid @ mid×cols`` for a layout.
+
+    ``mode1``: ``(C_out, r, C_in/g·∏k)``; ``loralib`` (equal kernel sizes ``k``):
+    ``(C_out/g·k, r·k, C_in·k^{N−1})``. In both, ``fold`` is a row-major view.
+
+    Example:
+        >>> lowrank_dims(GeneratorSpec(weight_shape=(8, 4, 3, 3), rank=2, scaling=1.0))
+        (8, 2, 36)
+    """
+    shape = tuple(spec.weight_shape)
+    r = spec.rank
+    k = spec.kernel_size
+    if spec.layout == "loralib" and k:
+        if len(set(k)) != 1:
+            raise ShapeError(
+                f"layout='loralib' needs equal kernel sizes, but {spec.module_name or 'the '}"
+                f" module has kernel {k}; use layout='mode1'"
+            )
+        ks = k[0]
+        c_out, c_in = shape[0], shape[1] * spec.groups
+        if c_out % spec.groups:
+            raise ShapeError(f"C_out={c_out} is not divisible by groups={spec.groups}")
+        return c_out // spec.groups * ks, r * ks, c_in * ks ** (len(k) - 1)
+    return shape[0], r, math.prod(shape[1:])
 
 
 def _kaiming_uniform_(t: torch.Tensor) -> None:
@@ -156,26 +205,27 @@ class LoRAGenerator(Generator):
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
-        shape = self.weight_shape
-        r = spec.rank
-        k = spec.kernel_size
-        if spec.layout == "loralib" and k:
-            if len(set(k)) != 1:
-                raise ShapeError(
-                    f"layout='loralib' needs equal kernel sizes, but {spec.module_name or 'the '}"
-                    f" module has kernel {k}; use layout='mode1'"
-                )
-            ks = k[0]
-            c_out, c_in = shape[0], shape[1] * spec.groups
-            if c_out % spec.groups:
-                raise ShapeError(f"C_out={c_out} is not divisible by groups={spec.groups}")
-            rows, mid, cols = c_out // spec.groups * ks, r * ks, c_in * ks ** (len(k) - 1)
-        else:
-            rows, mid, cols = shape[0], r, math.prod(shape[1:])
+        rows, mid, cols = lowrank_dims(spec)
         kw = {"dtype": spec.dtype, "device": spec.device}
         self.B = nn.Parameter(torch.zeros(rows, mid, **kw))  # type: ignore[arg-type]
         self.A = nn.Parameter(torch.empty(mid, cols, **kw))  # type: ignore[arg-type]
+        self.init_name = str(spec.options.get("init", "zeros"))
         self.reset_parameters()
+        if self.init_name != "zeros":
+            from liegroup.peft.init import get_initialiser
+
+            if spec.dropout > 0:
+                raise ValueError(
+                    f"init={self.init_name!r} with dropout > 0 would not be the identity at step 0 "
+                    "(dropout changes B·A but not the frozen B₀·A₀); set dropout=0"
+                )
+            B0, A0 = get_initialiser(self.init_name)(spec, rows, mid, cols)
+            with torch.no_grad():
+                self.B.copy_(B0)
+                self.A.copy_(A0)
+            # frozen copies: ΔW = s(BA − B₀A₀), bit-exactly zero at step 0
+            self.register_buffer("B0", B0.detach().clone())
+            self.register_buffer("A0", A0.detach().clone())
 
     def reset_parameters(self) -> None:
         """``B = 0`` (identity at init), ``A`` Kaiming-uniform as in LoRA."""
@@ -183,16 +233,131 @@ class LoRAGenerator(Generator):
         _kaiming_uniform_(self.A)
 
     def forward(self) -> torch.Tensor:
-        """``s·fold(B·dropout(A))``; the scale multiplies the small factor ``B``."""
-        L, R = self.factors()
-        return (L @ R).view(self.weight_shape)
+        """``s·fold(B·dropout(A))`` (minus ``s·fold(B₀·A₀)`` for a non-zero init).
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s·B, dropout(A))``: ``ΔW = (s·B @ dropout(A)).view(weight_shape)``."""
+        The scale multiplies the small factor ``B``; with a non-zero initialiser the frozen
+        product is computed by the same operations, so ``ΔW`` is exactly zero at step 0.
+        """
+        delta = (self.B * self.scaling) @ self.dropout(self.A)
+        if self.init_name != "zeros":
+            B0, A0 = self.B0, self.A0
+            assert isinstance(B0, torch.Tensor) and isinstance(A0, torch.Tensor)
+            delta = delta - (B0 * self.scaling) @ A0
+        return delta.view(self.weight_shape)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(s·B, dropout(A))``: ``ΔW = (s·B @ dropout(A)).view(weight_shape)``.
+
+        ``None`` with a non-zero initialiser (the subtracted ``B₀A₀`` is not low-rank-fused:
+        a fused ``[sB, −sB₀]·[A; A₀]`` would round to a non-zero ``ΔW`` at step 0).
+        """
+        if self.init_name != "zeros":
+            return None
         return self.B * self.scaling, self.dropout(self.A)
 
 
-_GENERATORS: dict[str, type[Generator]] = {"lora": LoRAGenerator}
+class FullGenerator(Generator):
+    """A dense algebra element: ``ΔW = s·D`` with ``D`` of the weight's shape, zero at init.
+
+    As many parameters as the weight: a baseline (full fine-tuning through the group) and a
+    test generator. No dropout (no input factor).
+
+    Example:
+        >>> g = FullGenerator(GeneratorSpec(weight_shape=(4, 2, 3), rank=1, scaling=1.0))
+        >>> g.D.shape, g().abs().max().item()
+        (torch.Size([4, 2, 3]), 0.0)
+    """
+
+    name = "full"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.D = nn.Parameter(
+            torch.zeros(self.weight_shape, dtype=spec.dtype, device=spec.device)
+        )
+
+    def forward(self) -> torch.Tensor:
+        """``s·D``."""
+        return self.D * self.scaling
+
+
+class TuckerGenerator(Generator):
+    """Tucker (FLoRA-style) core: ``ΔW = s·(G ×₀ U₀ ×₁ U₁ ⋯ ×_{N−1} U_{N−1})``.
+
+    ``U_i ∈ R^{I_i×r_i}`` with orthonormal columns (random), core ``G ∈ R^{r_0×⋯×r_{N−1}}``
+    zero at init (identity). Ranks per mode: ``generator_kwargs["ranks"]`` (one int per mode),
+    else ``rank`` for modes 0 and 1 and ``generator_kwargs["kernel_rank"]`` (default: the full
+    kernel size) for the kernel modes; every rank is clamped to its mode's size. Works for any
+    weight order (Linear: ``U₀ G U₁ᵀ``), grouped convs included (the modes are the weight's:
+    ``C_out, C_in/g, k…``). Layout is ignored (Tucker acts on the tensor, not an unfolding).
+
+    The low-rank fused path uses ``unfold(ΔW, 0) = (s·U₀) · unfold(G ×₁ U₁ ⋯, 0)``.
+
+    Example:
+        >>> import torch
+        >>> spec = GeneratorSpec(weight_shape=(8, 4, 3, 3), rank=2, scaling=1.0,
+        ...                      options={"kernel_rank": 2})
+        >>> g = TuckerGenerator(spec)
+        >>> g.core.shape, [tuple(u.shape) for u in g.factors_list]
+        (torch.Size([2, 2, 2, 2]), [(8, 2), (4, 2), (3, 2), (3, 2)])
+        >>> with torch.no_grad():
+        ...     _ = g.core.normal_()
+        >>> L, R = g.factors()
+        >>> torch.allclose((L @ R).view(8, 4, 3, 3), g(), atol=1e-5)
+        True
+    """
+
+    name = "tucker"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        shape = self.weight_shape
+        opts = spec.options
+        if "ranks" in opts:
+            ranks = list(opts["ranks"])
+            if len(ranks) != len(shape) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks
+            ):
+                raise ValueError(
+                    f"generator_kwargs['ranks'] must be {len(shape)} ints >= 1 (one per mode of "
+                    f"the weight {shape}), got {opts['ranks']!r}"
+                )
+        else:
+            kr = opts.get("kernel_rank")
+            if kr is not None and (isinstance(kr, bool) or not isinstance(kr, int) or kr < 1):
+                raise ValueError(f"generator_kwargs['kernel_rank'] must be an int >= 1, got {kr!r}")
+            ranks = [spec.rank] * min(2, len(shape)) + [
+                (k if kr is None else kr) for k in shape[2:]
+            ]
+        self.ranks = [min(r, n) for r, n in zip(ranks, shape, strict=True)]
+        kw: dict[str, Any] = {"dtype": spec.dtype, "device": spec.device}
+        self.core = nn.Parameter(torch.zeros(self.ranks, **kw))
+        self.factors_list = nn.ParameterList(
+            [nn.Parameter(torch.empty(n, r, **kw)) for n, r in zip(shape, self.ranks, strict=True)]
+        )
+        for u in self.factors_list:
+            nn.init.orthogonal_(u)
+
+    def forward(self) -> torch.Tensor:
+        """``s·(G ×₀ U₀ ×₁ U₁ ⋯)`` via :func:`liegroup.tensor.multi_mode_product`."""
+        from liegroup.tensor import multi_mode_product
+
+        return multi_mode_product(self.core, list(self.factors_list)) * self.scaling
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·U₀, unfold(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}, 0))``."""
+        from liegroup.tensor import multi_mode_product
+
+        us = list(self.factors_list)
+        rest = multi_mode_product(self.core, us[1:], list(range(1, len(us))))
+        return us[0] * self.scaling, rest.reshape(self.ranks[0], -1)
+
+
+_GENERATORS: dict[str, type[Generator]] = {
+    "lora": LoRAGenerator,
+    "full": FullGenerator,
+    "tucker": TuckerGenerator,
+}
 
 
 def register_generator(cls: type[Generator]) -> type[Generator]:
@@ -251,3 +416,8 @@ def available_generators() -> list[str]:
         True
     """
     return sorted(_GENERATORS)
+
+
+# Generators (and the mode-wise groups) that live in their own modules register on import.
+from liegroup.peft import adalora as _adalora  # noqa: E402,F401
+from liegroup.peft import modewise as _modewise  # noqa: E402,F401

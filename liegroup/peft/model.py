@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -39,6 +40,7 @@ from torch import nn
 from liegroup._version import __version__
 from liegroup.errors import AdapterStateError, CheckpointError
 from liegroup.peft.config import LieRAConfig
+from liegroup.peft.generators import Generator
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper, check_supported
 
 __all__ = ["WEIGHTS_NAME", "LieRAModel", "get_peft_model"]
@@ -171,6 +173,13 @@ class LieRAModel(nn.Module):
                     f"{what} entries {missing} match no module of the model (after "
                     "exclude_modules); check the names with model.named_modules()"
                 )
+        if config.rank_pattern is not None:
+            names = {n for n, _ in targets}
+            unknown = sorted(set(config.rank_pattern) - names)
+            if unknown:
+                raise ValueError(
+                    f"rank_pattern names modules that are not adapted: {unknown[:5]}"
+                )
         undo: list[Callable[[], None]] = []
         try:
             for name, module in targets:
@@ -182,6 +191,10 @@ class LieRAModel(nn.Module):
                     undo.append(functools.partial(_set_submodule, self.base_model, name, module))
                 layer.add_adapter(adapter_name, config)
                 undo.append(functools.partial(layer.delete_adapter, adapter_name))
+                if config.rank_pattern is not None and name in config.rank_pattern:
+                    # rebuild the pruned shapes of a rank-allocating generator (AdaLoRA)
+                    gen: Generator = layer.generators[adapter_name]  # type: ignore[assignment]
+                    gen.prune_(config.rank_pattern[name])
                 if self.active_adapter != adapter_name:
                     layer.active_adapter = self._layer_active(layer)
             for name, module in saves:
@@ -377,14 +390,23 @@ class LieRAModel(nn.Module):
         return self._unwrap()
 
     # ------------------------------------------------------------------ save / load
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors ``save_pretrained`` writes: generator states and ``modules_to_save``."""
+    def adapter_state_dict(
+        self, adapter_name: str | None = None, live: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes: generator states and ``modules_to_save``.
+
+        Generators export their own state (:meth:`Generator.export_state`: AdaLoRA keeps only
+        the unmasked triplets); ``live=True`` gives the generators' ``state_dict`` tensors
+        themselves (what loading writes into).
+        """
         name = self.active_adapter if adapter_name is None else adapter_name
         self._check_adapter(name)
         out: dict[str, torch.Tensor] = {}
         for lname, layer in self.lie_layers():
             if name in layer.generators:
-                for k, v in layer.generators[name].state_dict().items():
+                gen: Generator = layer.generators[name]  # type: ignore[assignment]
+                state = gen.state_dict() if live else gen.export_state()
+                for k, v in state.items():
                     out[f"{lname}.{k}"] = v
         for wname, wrapper in self._save_wrappers():
             if name in wrapper.modules_to_save:
@@ -408,7 +430,16 @@ class LieRAModel(nn.Module):
         if self.merged:
             raise AdapterStateError("unmerge_adapter() before saving (the base weights changed)")
         os.makedirs(save_directory, exist_ok=True)
-        self.peft_config[name].save(save_directory)
+        config = self.peft_config[name]
+        patterns = {
+            lname: pat
+            for lname, layer in self.lie_layers()
+            if name in layer.generators
+            and (pat := layer.generators[name].rank_pattern()) is not None  # type: ignore[operator]
+        }
+        if any(not all(p) for p in patterns.values()):
+            config = dataclasses.replace(config, rank_pattern=patterns)
+        config.save(save_directory)
         state = self.adapter_state_dict(name)
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(
@@ -462,8 +493,16 @@ class LieRAModel(nn.Module):
                 f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {bad[:5]}; "
                 "nothing was loaded"
             )
+        live = self.adapter_state_dict(adapter_name, live=True)
+        if set(live) != set(expected) or any(
+            live[k].shape != expected[k].shape for k in expected
+        ):
+            raise CheckpointError(
+                f"checkpoint {directory!r}: the adapter's exported tensors do not match its live "
+                "state (a generator's export_state and state_dict disagree); nothing was loaded"
+            )
         with torch.no_grad():
-            for k, v in expected.items():
+            for k, v in live.items():
                 v.copy_(tensors[k])
 
     @classmethod
