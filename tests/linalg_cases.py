@@ -111,7 +111,7 @@ def _to_mp(A: np.ndarray) -> mpmath.matrix:
 
 
 def _from_mp(M: mpmath.matrix) -> np.ndarray:
-    return np.array([[float(M[i, j]) for j in range(M.cols)] for i in range(M.rows)])
+    return np.array([[float(mpmath.re(M[i, j])) for j in range(M.cols)] for i in range(M.rows)])
 
 
 @lru_cache(maxsize=None)

@@ -91,6 +91,9 @@ _THETA: dict[torch.dtype, tuple[float, ...]] = {
 }
 _MAX_ROOTS = 80
 _MAX_DB_ITERS = 60
+# Eigenvalues with |arg| > π − _NEAR_PI get Newton–Sylvester corrections of the first root.
+_NEAR_PI = 0.1
+_SYLV_MAX_N = 16
 
 
 @lru_cache(maxsize=64)
@@ -144,6 +147,25 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _sylvester_newton(Y: torch.Tensor, X: torch.Tensor, steps: int = 2) -> torch.Tensor:
+    """Newton corrections of a square root: solve ``Y E + E Y = X − Y²``, ``Y ← Y + E``.
+
+    The Denman–Beavers iterates pass near-singular matrices when ``X`` has eigenvalues close
+    to −1 (rotations by nearly π, ``δ = π − |arg λ|``) and leave an error ``~u/δ²``; the
+    simplified Newton step ``½(Y + Y⁻¹X)`` does not reduce it (its error map has eigenvalue
+    1 there), the full step with its Sylvester equation (``n² × n²`` Kronecker solve) does,
+    to the conditioning ``~u/δ``.
+    """
+    b, n = Y.shape[0], Y.shape[-1]
+    I = eye_like(Y)  # noqa: E741
+    for _ in range(steps):
+        R = X - Y @ Y
+        K = torch.einsum("bik,jl->bijkl", Y, I) + torch.einsum("ik,blj->bijkl", I, Y)
+        E = solve(K.reshape(b, n * n, n * n), R.reshape(b, n * n, 1))
+        Y = Y + E.reshape(b, n, n)
+    return Y
+
+
 def _alpha3(Z: torch.Tensor) -> np.ndarray:
     """``max(‖Z³‖₁^{1/3}, ‖Z⁴‖₁^{1/4})`` per matrix (float64 numpy)."""
     Zd = Z.detach()
@@ -167,8 +189,11 @@ def _pade_log(Z: torch.Tensor, m: int) -> torch.Tensor:
     return (ws * S).sum(0)
 
 
-def _check_domain(A: torch.Tensor, name: str) -> None:
-    """Raise :class:`DomainError` if a matrix has an eigenvalue on the closed negative axis."""
+def _check_domain(A: torch.Tensor, name: str) -> np.ndarray:
+    """Raise :class:`DomainError` if a matrix has an eigenvalue on the closed negative axis.
+
+    Returns a flag per matrix: some eigenvalue has argument within ``_NEAR_PI`` of ``±π``.
+    """
     n = A.shape[-1]
     Ad = A.detach()
     if n > _LOOP_SOLVE_N:
@@ -188,9 +213,11 @@ def _check_domain(A: torch.Tensor, name: str) -> None:
             f"first indices {idx[:5]}) has eigenvalue(s) {evs[:4]} on the closed negative real "
             "axis or numerically zero, where the principal real logarithm does not exist"
         )
+    near = (math.pi - ev.angle().abs() < _NEAR_PI).any(-1)
+    return near.cpu().numpy()
 
 
-def _logm_core(A: torch.Tensor) -> torch.Tensor:
+def _logm_core(A: torch.Tensor, near_pi: np.ndarray) -> torch.Tensor:
     """``log`` of a checked ``(B, n, n)`` batch in its own dtype (autograd-transparent)."""
     dt, dev = A.dtype, A.device
     theta = _THETA[dt]
@@ -206,6 +233,10 @@ def _logm_core(A: torch.Tensor) -> torch.Tensor:
             break
         idx = torch.as_tensor(np.flatnonzero(need), device=dev)
         Xr = _sqrtm_db(X[idx])
+        fix = near_pi[need] & (s[need] == 0)
+        if fix.any() and A.shape[-1] <= _SYLV_MAX_N:
+            fi = torch.as_tensor(np.flatnonzero(fix), device=dev)
+            Xr = Xr.index_copy(0, fi, _sylvester_newton(Xr[fi], X[idx][fi]))
         Zr = solve(Xr + I, Z[idx])
         if need.all():
             X, Z = Xr, Zr
@@ -263,6 +294,6 @@ def logm(A: torch.Tensor) -> torch.Tensor:
     n = A.shape[-1]
     if Af.shape[0] == 0 or n == 0:
         return torch.empty_like(A)
-    _check_domain(Af, "A")
-    out = _logm_core(Af)
+    near_pi = _check_domain(Af, "A")
+    out = _logm_core(Af, near_pi)
     return out.reshape(*batch, n, n).to(A.dtype)

@@ -1,0 +1,186 @@
+"""Accuracy, domain errors and gradients of liegroup.linalg.logm."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from liegroup.errors import DomainError, DTypeError, NonFiniteError, ShapeError
+from liegroup.linalg import expm, expm_frechet, logm
+from tests.conftest import eps
+from tests.linalg_cases import HARD, _axis_angle, logm_ref, rel_err
+
+U64 = eps(torch.float64)
+U32 = eps(torch.float32)
+
+
+def _scipy_logm(A: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.real(scipy.linalg.logm(A))
+
+
+def _rng_matrix(seed: int, n: int, scale: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return scale * rng.standard_normal((n, n)) / math.sqrt(n)
+
+
+LOG_CASES = {
+    "near_identity_1e-8": np.eye(3) + 1e-8 * _rng_matrix(1, 3, 1.0),
+    "near_identity_1e-3": np.eye(4) + 1e-3 * _rng_matrix(2, 4, 1.0),
+    "rotation_small": scipy.linalg.expm(HARD["so3_small"]),
+    "rotation_generic": scipy.linalg.expm(_axis_angle(2.0)),
+    "se3_large_translation": scipy.linalg.expm(HARD["se3_large_translation"]),
+    "jordan_block": np.array([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 2.0]]),
+    "nonnormal_triangular": np.array([[1.0, 1e3], [0.0, 2.0]]),
+    "pascal_5": scipy.linalg.pascal(5).astype(float),
+    "ill_conditioned_diag": np.diag([1e-6, 1.0, 1e6]),
+    "complex_pair": np.array([[0.5, -3.0], [3.0, 0.5]]),
+    "exp_burkardt_9": scipy.linalg.expm(HARD["burkardt_9"] / 4),
+}
+
+
+@pytest.mark.parametrize("name", list(LOG_CASES))
+def test_logm_vs_mpmath_and_scipy(name: str) -> None:
+    A = LOG_CASES[name]
+    ref = logm_ref(A)
+    err = rel_err(logm(torch.tensor(A)).numpy(), ref)
+    err_sp = rel_err(_scipy_logm(A), ref)
+    assert err <= max(10 * err_sp, 1e-13), (name, err, err_sp)
+
+
+@pytest.mark.parametrize("name", ["near_identity_1e-3", "rotation_generic", "pascal_5"])
+def test_logm_float32(name: str) -> None:
+    A32 = torch.tensor(LOG_CASES[name]).float()
+    A = A32.double().numpy()
+    ref = logm_ref(A)
+    err = rel_err(logm(A32).double().numpy(), ref)
+    assert err <= 200 * U32 * max(1.0, float(np.linalg.cond(A)) ** 0.5)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1e-6])
+def test_logm_rotation_near_pi(delta: float) -> None:
+    X = _axis_angle(math.pi - delta)
+    L = logm(torch.tensor(scipy.linalg.expm(X))).numpy()
+    # relative condition number of log here is ~ 1/delta
+    assert rel_err(L, X) <= 100 * U64 / delta
+    assert rel_err(L, X) <= 2 * max(rel_err(_scipy_logm(scipy.linalg.expm(X)), X), 1e-13)
+
+
+@given(
+    n=st.integers(1, 6),
+    log_scale=st.floats(-6, math.log10(3.0)),
+    kind=st.sampled_from(["generic", "skew", "triangular"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_logm_inverts_expm_in_strip(n: int, log_scale: float, kind: str, seed: int) -> None:
+    X = _rng_matrix(seed, n, 10.0**log_scale)
+    if kind == "skew":
+        X = X - X.T
+    elif kind == "triangular":
+        X = np.triu(X)
+    if np.abs(np.linalg.eigvals(X).imag).max(initial=0.0) > 3.0:
+        X = X * (3.0 / np.abs(np.linalg.eigvals(X).imag).max())
+    A = scipy.linalg.expm(X.astype(complex)).real
+    L = logm(torch.tensor(A)).numpy()
+    kappa = float(np.linalg.cond(A)) * max(1.0, 1 / (np.linalg.norm(X) + 1e-300))
+    assert rel_err(L, X) <= max(1e-12, 100 * U64 * kappa)
+    assert rel_err(L, _scipy_logm(A)) <= max(1e-10, 100 * U64 * kappa)
+
+
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_logm_property_vs_scipy_spd(n: int, seed: int) -> None:
+    G = _rng_matrix(seed, n, 1.0)
+    A = G @ G.T + 0.5 * np.eye(n)
+    ref = _scipy_logm(A)
+    assert rel_err(logm(torch.tensor(A)).numpy(), ref) <= 1e-12 * max(1.0, np.linalg.cond(A))
+
+
+def test_logm_batch_and_leading_dims() -> None:
+    X = 0.4 * torch.randn(
+        2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    L = logm(expm(X))
+    assert L.shape == X.shape
+    torch.testing.assert_close(L, X, rtol=1e-12, atol=1e-12)
+    assert logm(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+
+
+# --------------------------------------------------------------------------- domain
+@pytest.mark.parametrize(
+    "A",
+    [
+        [[-1.0, 0.0], [0.0, 2.0]],  # negative eigenvalue
+        [[0.0, 0.0], [0.0, 1.0]],  # zero eigenvalue
+        [[-1.0, 0.0], [0.0, -1.0]],  # rotation by π
+        [[1.0, 2.0], [2.0, 4.0]],  # singular
+    ],
+)
+def test_logm_domain_error(A: list[list[float]]) -> None:
+    with pytest.raises(DomainError):
+        logm(torch.tensor(A, dtype=torch.float64))
+
+
+def test_logm_domain_error_names_batch_index() -> None:
+    good = torch.eye(3, dtype=torch.float64) * 2
+    batch = torch.stack([good, good, torch.diag(torch.tensor([1.0, -3.0, 2.0]).double()), good])
+    with pytest.raises(DomainError, match=r"A\[2\]"):
+        logm(batch)
+    assert isinstance(DomainError("x"), ValueError)
+
+
+@pytest.mark.parametrize(
+    ("bad", "err"),
+    [
+        (torch.eye(3, dtype=torch.int32), DTypeError),
+        (torch.ones(2, 3), ShapeError),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), NonFiniteError),
+    ],
+)
+def test_logm_validation(bad: torch.Tensor, err: type[Exception]) -> None:
+    with pytest.raises(err):
+        logm(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logm_low_precision(dtype: torch.dtype) -> None:
+    A = (torch.eye(3) + 0.3 * torch.randn(3, 3, generator=torch.Generator().manual_seed(5))).to(
+        dtype
+    )
+    L = logm(A)
+    assert L.dtype == dtype
+    assert torch.equal(L, logm(A.float()).to(dtype))
+
+
+# --------------------------------------------------------------------------- gradients
+def test_logm_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(7)
+    A = torch.eye(3, dtype=torch.float64) * 2 + 0.5 * torch.randn(
+        2, 3, 3, generator=gen, dtype=torch.float64
+    )
+    assert torch.autograd.gradcheck(logm, (A.requires_grad_(),))
+    R = torch.tensor(scipy.linalg.expm(_axis_angle(2.5)), requires_grad=True)
+    assert torch.autograd.gradcheck(logm, (R,))
+
+
+def test_logm_derivative_inverts_expm_frechet() -> None:
+    gen = torch.Generator().manual_seed(8)
+    X = 1.5 * torch.randn(4, 4, 4, generator=gen, dtype=torch.float64)
+    A = expm(X)
+    E = torch.randn(4, 4, 4, generator=gen, dtype=torch.float64)
+    _, dL = torch.autograd.functional.jvp(logm, A, E)
+    # L_exp(log A, L_log(A, E)) = E
+    torch.testing.assert_close(expm_frechet(logm(A), dL), E, rtol=1e-10, atol=1e-10)
+
+
+def test_logm_gradient_finite_near_identity() -> None:
+    A = (torch.eye(3, dtype=torch.float64) + 1e-9).requires_grad_()
+    logm(A).sum().backward()
+    assert A.grad is not None and torch.isfinite(A.grad).all()
