@@ -9,7 +9,7 @@ near 0 and π).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import numpy as np
@@ -73,9 +73,7 @@ HARD: dict[str, np.ndarray] = {
     "overscale_b1e6": _moler_nonnormal(),
     "overscale_b1e8_full": np.array([[1.0, 1e8, 0.0], [0.0, -1.0, 0.0], [1e-8, 0.0, 0.5]]),
     "scipy_triu_decay": np.array([[-1e-3, 1e3], [0.0, -1e-1]]),
-    "scipy_large_diag_offset": np.array(
-        [[0.1, 1e4, 0.0], [0.0, -0.2, 1e4], [0.0, 0.0, 0.3]]
-    ),
+    "scipy_large_diag_offset": np.array([[0.1, 1e4, 0.0], [0.0, -0.2, 1e4], [0.0, 0.0, 0.3]]),
     "se3_large_translation": _se3((0.3, -0.2, 0.5), (1e4, -3e3, 5e3)),
     "se3_small_rot_large_t": _se3((1e-7, 2e-7, -1e-7), (1e5, 1e5, -1e5)),
     "so3_near_zero": _axis_angle(1e-8),
@@ -114,7 +112,7 @@ def _from_mp(M: mpmath.matrix) -> np.ndarray:
     return np.array([[float(mpmath.re(M[i, j])) for j in range(M.cols)] for i in range(M.rows)])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _expm_ref_cached(key: bytes, shape: tuple[int, int]) -> np.ndarray:
     A = np.frombuffer(key, dtype=np.float64).reshape(shape)
     with mpmath.workdps(MP_DPS):
@@ -127,7 +125,7 @@ def expm_ref(A: np.ndarray) -> np.ndarray:
     return _expm_ref_cached(A.tobytes(), A.shape)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _logm_ref_cached(key: bytes, shape: tuple[int, int]) -> np.ndarray:
     A = np.frombuffer(key, dtype=np.float64).reshape(shape)
     with mpmath.workdps(MP_DPS):
