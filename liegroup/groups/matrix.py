@@ -362,10 +362,20 @@ class MatrixLieGroup(LieGroup):
         cols = self.vee(g[..., None, :, :] @ E @ self.inverse(g)[..., None, :, :])
         return cols.transpose(-1, -2)
 
-    def _jac_from(self, X: torch.Tensor, fn_name: str, sign: float) -> torch.Tensor:
+    def _closed_jac(self, X: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor | None:
+        """Closed-form Jacobian where a subclass has one (SO(2/3), SE(2/3)); else ``None``."""
+        return None
+
+    def _jacobian(self, X: torch.Tensor, left: bool, inverse: bool) -> torch.Tensor:
+        self.check_algebra(X, "X")
+        J = self._closed_jac(X, left, inverse)
+        if J is not None:
+            return J
         from liegroup import linalg
 
-        fn = getattr(linalg, fn_name)
+        # J_l(X) = J_r(−X); J_r e_i = vee(dexp(X, E_i)), its inverse through dexp_inv.
+        fn = linalg.dexp_inv if inverse else linalg.dexp
+        sign = -1.0 if left else 1.0
         E = self.basis(X.dtype, X.device)
         shape = (*X.shape[:-2], *E.shape)
         cols = self.vee(fn((sign * X)[..., None, :, :].expand(shape), E.expand(shape)))
@@ -382,8 +392,7 @@ class MatrixLieGroup(LieGroup):
             >>> G.right_jacobian(torch.zeros(3, 3)).diagonal()
             tensor([1., 1., 1.])
         """
-        self.check_algebra(X, "X")
-        return self._jac_from(X, "dexp", 1.0)
+        return self._jacobian(X, left=False, inverse=False)
 
     def left_jacobian(self, X: torch.Tensor) -> torch.Tensor:
         """Left Jacobian ``J_l(X) = J_r(−X)``: ``exp(X + δ) ≈ exp(J_l δ)·exp(X)``.
@@ -395,8 +404,7 @@ class MatrixLieGroup(LieGroup):
             >>> torch.allclose(G.left_jacobian(X), G.right_jacobian(-X))
             True
         """
-        self.check_algebra(X, "X")
-        return self._jac_from(X, "dexp", -1.0)
+        return self._jacobian(X, left=True, inverse=False)
 
     def right_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`right_jacobian` (generic: ``liegroup.linalg.dexp_inv``).
@@ -409,8 +417,7 @@ class MatrixLieGroup(LieGroup):
             >>> torch.allclose(I, torch.eye(3, dtype=torch.float64))
             True
         """
-        self.check_algebra(X, "X")
-        return self._jac_from(X, "dexp_inv", 1.0)
+        return self._jacobian(X, left=False, inverse=True)
 
     def left_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`left_jacobian`.
@@ -423,5 +430,4 @@ class MatrixLieGroup(LieGroup):
             >>> torch.allclose(I, torch.eye(6, dtype=torch.float64))
             True
         """
-        self.check_algebra(X, "X")
-        return self._jac_from(X, "dexp_inv", -1.0)
+        return self._jacobian(X, left=True, inverse=True)

@@ -396,28 +396,3 @@ class SO(MatrixLieGroup):
         if self.n == 2:
             return torch.ones(*X.shape[:-2], 1, 1, dtype=X.dtype, device=X.device)
         return None
-
-    def left_jacobian(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self.check_algebra(X, "X")
-        J = self._closed_jac(X, True, False)
-        return super().left_jacobian(X) if J is None else J
-
-    def right_jacobian(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self.check_algebra(X, "X")
-        J = self._closed_jac(X, False, False)
-        return super().right_jacobian(X) if J is None else J
-
-    def left_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self.check_algebra(X, "X")
-        J = self._closed_jac(X, True, True)
-        return super().left_jacobian_inv(X) if J is None else J
-
-    def right_jacobian_inv(self, X: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self.check_algebra(X, "X")
-        J = self._closed_jac(X, False, True)
-        return super().right_jacobian_inv(X) if J is None else J
-
-    left_jacobian.__doc__ = MatrixLieGroup.left_jacobian.__doc__
-    right_jacobian.__doc__ = MatrixLieGroup.right_jacobian.__doc__
-    left_jacobian_inv.__doc__ = MatrixLieGroup.left_jacobian_inv.__doc__
-    right_jacobian_inv.__doc__ = MatrixLieGroup.right_jacobian_inv.__doc__
