@@ -114,7 +114,8 @@ class ModeWiseUpdate(Update):
         self.check_delta(W, delta)
         gs = self.group_elements(delta)
         modes = sorted(gs)
-        return multi_mode_product(W, [gs[k] for k in modes], modes)
+        # contiguous like W: the layer's op then takes the same kernel path as on W
+        return multi_mode_product(W, [gs[k] for k in modes], modes).contiguous()
 
     def inverse(self, Wp: torch.Tensor, delta: Any) -> torch.Tensor:
         """``W' ×_k g_k⁻¹`` (``G.inverse``: ``gᵀ`` for SO)."""
@@ -122,7 +123,7 @@ class ModeWiseUpdate(Update):
         gs = self.group_elements(delta)
         modes = sorted(gs)
         inv = [self._group(gs[k].shape[-1]).inverse(gs[k]) for k in modes]
-        return multi_mode_product(Wp, inv, modes)
+        return multi_mode_product(Wp, inv, modes).contiguous()
 
     def __repr__(self) -> str:
         return f"ModeWiseUpdate({self.group!r})"
@@ -148,8 +149,9 @@ class ModeWiseGenerator(Generator):
     """One matrix per chosen mode, zero at init; the group's update maps it to its algebra.
 
     Options (``generator_kwargs``):
-        modes: tensor modes to act on (default ``[0, 1]``: output and input channels; a
-            Linear's two modes). Kernel modes may be listed too.
+        modes: tensor modes to act on (default ``[0, 1]``: output and input channels, a
+            Linear's two modes; modes of size 1, e.g. a depthwise conv's ``C_in/g``, are
+            skipped by default and refused when listed). Kernel modes may be listed too.
         structure: ``"lowrank"`` (default) ``M_k = s·B_k A_kᵀ``, ``B_k ∈ R^{n_k×r}`` zero,
             ``A_k`` Kaiming-uniform (``r`` = the config's rank, clamped to ``n_k``; the skew
             part for SO has rank ≤ 2r); or ``"block"``: ``M_k = s·blockdiag(D_1, …)`` with
@@ -172,13 +174,16 @@ class ModeWiseGenerator(Generator):
         super().__init__(spec)
         shape = self.weight_shape
         opts = spec.options
-        modes = list(opts.get("modes", [0, 1]))
+        default = [k for k in (0, 1) if shape[k] > 1]
+        modes = list(opts.get("modes", default))
         if not modes or len(set(modes)) != len(modes) or not all(
-            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(shape) for k in modes
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(shape)
+            and shape[k] > 1
+            for k in modes
         ):
             raise ValueError(
-                f"generator_kwargs['modes'] must be distinct modes of the weight {shape} "
-                f"(0..{len(shape) - 1}), got {opts.get('modes')!r}"
+                f"generator_kwargs['modes'] must be distinct modes of size > 1 of the weight "
+                f"{shape} (0..{len(shape) - 1}), got {opts.get('modes', default)!r}"
             )
         self.modes = sorted(modes)
         self.structure = str(opts.get("structure", "lowrank"))

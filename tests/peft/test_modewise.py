@@ -1,0 +1,155 @@
+"""Mode-wise matrix-group adapters (SO, GL) over the geometry matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liegroup import tensor
+from liegroup.errors import DTypeError, ShapeError
+from liegroup.peft import LieRAConfig, ModeWiseUpdate, get_peft_model
+from liegroup.peft.layer import LieRALayer
+from tests.conftest import eps
+from tests.peft._ref import ref_op
+from tests.peft.test_layer_geometry import CASES, DT, _CountOps
+
+
+def _expm_ref(M):
+    """torch.linalg.matrix_exp on a batch of two (avoids its single-matrix Taylor-8 path)."""
+    return torch.linalg.matrix_exp(torch.stack([M, torch.zeros_like(M)]))[0]
+
+
+def _ref_weight(W, mats, group):
+    out = W
+    for k, M in sorted(mats.items()):
+        A = (M - M.T) / 2 if group == "so" else M
+        out = torch.movedim(torch.tensordot(_expm_ref(A), out, dims=([1], [k])), 0, k)
+    return out
+
+
+def _setup(case, group, structure, modes=(0, 1), seed=0):
+    torch.manual_seed(seed)
+    factory, xshape = CASES[case]
+    base = factory().to(DT)
+    layer = LieRALayer(base, case)
+    cfg = LieRAConfig(rank=2, alpha=2.0, target_modules=["x"], group=group,
+                      generator="modewise",
+                      generator_kwargs={"structure": structure, "modes": list(modes),
+                                        "block_size": 3})
+    layer.add_adapter("default", cfg)
+    return base, layer, torch.randn(xshape, dtype=DT)
+
+
+def _randomise(layer, scale=0.3):
+    with torch.no_grad():
+        for p in layer.generators["default"].parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _modes(case):
+    shape = CASES[case][0]().weight.shape
+    return tuple(k for k in ((0, 1) if "linear" in case else (0, 1, 2)) if shape[k] > 1)
+
+
+MATRIX = [
+    pytest.param(case, group, structure, id=f"{case}-{group}-{structure}")
+    for case in CASES for group in ("so", "gl") for structure in ("lowrank", "block")
+]
+
+
+@pytest.mark.parametrize(("case", "group", "structure"), MATRIX)
+def test_geometry_matrix(case, group, structure):
+    base, layer, x = _setup(case, group, structure, _modes(case))
+    W0 = base.weight.detach().clone()
+    assert torch.equal(layer(x), base(x))  # identity at init
+    _randomise(layer)
+    gen = layer.generators["default"]
+    mats = {k: M.detach() for k, M in gen().items()}
+    y_ref = ref_op(base, x, _ref_weight(W0, mats, group))
+    with _CountOps() as c:
+        y = layer(x)
+    assert c.n == 1  # single-op forward
+    tol = 1e-11 * (1 + y_ref.abs().max().item())  # expm reference: κ·u, not u
+    assert (y - y_ref).abs().max().item() <= tol
+    y.square().sum().backward()
+    assert base.weight.grad is None
+    grads = [p.grad for p in gen.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
+    layer.eval()
+    with torch.no_grad():
+        y_un = layer(x)
+        layer.merge()
+        assert (layer(x) - y_un).abs().max().item() <= 200 * eps(DT) * (1 + y_un.abs().max())
+        layer.unmerge()
+    # exact group inverse, no kept copy
+    assert layer._merge_backup is None
+    assert ((base.weight - W0).abs().max() / W0.abs().max()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "conv" in c] + ["linear"])
+@pytest.mark.parametrize("structure", ["lowrank", "block"])
+def test_so_preserves_every_mode_spectrum(case, structure):
+    base, layer, _ = _setup(case, "so", structure, _modes(case))
+    _randomise(layer, scale=1.0)
+    W0 = base.weight.detach().clone()
+    layer.merge()
+    Wm = base.weight.detach()
+    assert (Wm - W0).abs().max() > 1e-3  # it moved
+    for k in range(W0.dim()):
+        s0 = torch.linalg.svdvals(tensor.unfold(W0, k))
+        s1 = torch.linalg.svdvals(tensor.unfold(Wm, k))
+        assert (s1 - s0).abs().max().item() <= 1e-10 * max(1.0, s0.max().item())
+
+
+def test_gl_changes_spectrum_and_model_level_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 4 * 4, 2)).to(DT)
+    cfg = LieRAConfig(rank=2, group="gl", generator="modewise", target_modules=["0", "2"])
+    model = get_peft_model(net, cfg)
+    for _, layer in model.lie_layers():
+        _randomise(layer)
+    x = torch.randn(2, 3, 6, 6, dtype=DT)
+    with torch.no_grad():
+        y = model(x)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(5)
+    from liegroup.peft import LieRAModel
+
+    loaded = LieRAModel.from_pretrained(model.unload(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), y, rtol=0, atol=1e-12)
+
+
+def test_wrong_generator_for_group_is_refused():
+    with pytest.raises(ValueError, match="modewise"):
+        LieRAConfig(rank=1, target_modules=["x"], group="so")  # lora is tensor-valued
+    with pytest.raises(ValueError, match="lora"):
+        LieRAConfig(rank=1, target_modules=["x"], generator="modewise")  # hadamard
+    with pytest.raises(ValueError, match="exact"):
+        LieRAConfig(rank=1, target_modules=["x"], group="so", generator="modewise",
+                    exp_map="first_order")
+
+
+@pytest.mark.parametrize("kw", [{"modes": [0, 0]}, {"modes": [4]}, {"modes": []}, {"modes": [1]},
+                                {"structure": "dense"}, {"block_size": 0}])
+def test_bad_generator_options(kw):
+    layer = LieRALayer(torch.nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(ValueError, match="generator_kwargs"):
+        layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], group="so",
+                                           generator="modewise", generator_kwargs=kw))
+
+
+def test_update_checks_its_algebra_element():
+    u = ModeWiseUpdate("so")
+    W = torch.randn(3, 4)
+    with pytest.raises(DTypeError):
+        u.apply(W, torch.zeros(3, 4))
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: torch.zeros(4, 4)})
+    with pytest.raises(ShapeError):
+        u.apply(W, {2: torch.zeros(3, 3)})
+    with pytest.raises(DTypeError):
+        u.apply(W, {0: torch.zeros(3, 3, dtype=torch.float64)})
+    with pytest.raises(ValueError):
+        ModeWiseUpdate("se")
