@@ -180,9 +180,9 @@ def _lowrank_hadamard(
     return _exp_inplace(delta, order).mul_(W)
 
 
-# Row blocks of the chunked backward hold about this many entries (256 KiB in float32), so the
+# Row blocks of the chunked backward hold about this many entries (128 KiB in float32), so the
 # recomputed exp(ΔW) of a block stays in cache and never takes a weight-sized buffer.
-_CHUNK_ENTRIES = 1 << 16
+_CHUNK_ENTRIES = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -346,6 +346,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                         d = L[i : i + step] @ R
                         t = d.exp_() if order is None else _exp_inplace(d, order - 1)
                         Gm[i : i + step].mul_(t.mul_(Wm[i : i + step]))
+                        del d, t  # one block buffer alive at a time
             g_l = Gm.mm(R.T) if need_l else None
             g_r = L.T.mm(Gm) if need_r else None
         if gb is not None and ctx.bias_shape is not None:

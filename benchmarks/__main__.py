@@ -1,0 +1,155 @@
+"""``python -m benchmarks`` (``make bench``): every method against full fine-tuning, on CPU.
+
+Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, default 1),
+``--rounds R --steps K``, ``--only linear,resnet50``, ``--no-memory``, ``--out DIR``
+(default ``out/``). Writes ``DIR/bench-cpu[-quick].md`` and ``.json`` and prints the tables.
+See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from benchmarks import peers
+from benchmarks.suite import (
+    FULL,
+    bench_memory,
+    bench_time,
+    cases,
+    memory_in_this_process,
+    method_names,
+)
+
+TIME_LIMIT, MEM_LIMIT, MAP_LIMIT = 1.10, 1.05, 1.05
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    all_cases = cases(args.quick)
+    if args.memory_case:  # internal: one case's peak memory, in a fresh process
+        case = next(c for c in all_cases if c.name == args.memory_case)
+        print(json.dumps(memory_in_this_process(case, method_names(case))))
+        return 0
+    rounds = args.rounds or (3 if args.quick else 5)
+    steps = args.steps or 2
+    selected = [c for c in all_cases if not args.only or c.name in args.only.split(",")]
+    if not selected:
+        ap.error(f"--only matched no case; cases: {[c.name for c in all_cases]}")
+    load0 = os.getloadavg()
+    meta = {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
+        "rounds": rounds, "steps_per_round": steps, "quick": args.quick, "rank": 8,
+        "dtype": "float32", "optimizer": "SGD (no momentum)",
+        "peers": sorted(peers.available()), "load_avg_start": load0,
+    }
+    results: dict[str, dict] = {}
+    for case in selected:
+        print(f"... {case.label}", file=sys.stderr, flush=True)
+        ratios, notes, ntrain = bench_time(case, rounds, steps)
+        mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads)
+        rows = {}
+        full_mem = mem.get(FULL)
+        for m in method_names(case):
+            row: dict = {"time": ratios.get(m), "note": notes.get(m, "")}
+            if m in ntrain:
+                row["trainable_frac"] = ntrain[m] / ntrain[FULL]
+            mm = mem.get(m)
+            if mm is not None and full_mem:
+                row["step_mem"] = mm[0] / full_mem[0]
+                row["total_mem"] = mm[1] / full_mem[1]
+            rows[m] = row
+        results[case.name] = {"label": case.label, "rows": rows}
+    meta["load_avg_end"] = os.getloadavg()
+    md = render(meta, results)
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench-cpu" + ("-quick" if args.quick else ""))
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    return 0
+
+
+def render(meta: dict, results: dict[str, dict]) -> str:
+    lines = [
+        f"torch {meta['torch']}, {meta['cpu']}, {meta['threads']} thread(s) of "
+        f"{meta['cpus']} CPUs, {meta['rounds']} interleaved rounds × {meta['steps_per_round']} "
+        f"steps, float32, rank {meta['rank']}, {meta['optimizer']}; load average "
+        f"{meta['load_avg_start'][0]:.1f} → {meta['load_avg_end'][0]:.1f}. "
+        "All figures are ratios to full fine-tuning of the same case (median of per-round "
+        "ratios for time; peak RSS in a fresh process for memory).",
+        "",
+    ]
+    fails: list[str] = []
+    for name, res in results.items():
+        rows = res["rows"]
+        lines += [f"### {res['label']}", "",
+                  "| method | trainable | step time | step mem | total mem | note |",
+                  "|---|---|---|---|---|---|"]
+        for m, r in rows.items():
+            tf = r.get("trainable_frac")
+            lines.append(
+                f"| {m} | {'—' if tf is None else f'{100 * tf:.2f} %'} | {_fmt(r.get('time'))} "
+                f"| {_fmt(r.get('step_mem'))} | {_fmt(r.get('total_mem'))} | {r['note']} |"
+            )
+            if m.startswith("LieRA") and r.get("time") is not None:
+                if r["time"] > TIME_LIMIT:
+                    fails.append(f"{name}: {m} time {r['time']:.2f} > {TIME_LIMIT}")
+                for k in ("step_mem", "total_mem"):
+                    if r.get(k) is not None and r[k] > MEM_LIMIT:
+                        fails.append(f"{name}: {m} {k} {r[k]:.2f} > {MEM_LIMIT}")
+        pairs = []
+        for m, r in rows.items():
+            if m.startswith("LieRA") and m.endswith(" exact"):
+                fo = rows.get(m[: -len("exact")] + "first order", {}).get("time")
+                if fo and r.get("time"):
+                    q = r["time"] / fo
+                    pairs.append(f"{m[len('LieRA '):-len(' exact')]} {q:.3f}")
+                    if q > MAP_LIMIT:
+                        fails.append(f"{name}: {m} / first order time {q:.3f} > {MAP_LIMIT}")
+        lines += ["", "exact / first order (time): " + ", ".join(pairs), ""]
+    lines.append(
+        f"Targets (LieRA rows): time ≤ {TIME_LIMIT}, step and total memory ≤ {MEM_LIMIT}, "
+        f"exact / first order ≤ {MAP_LIMIT}: "
+        + ("all met." if not fails else f"{len(fails)} missed:")
+    )
+    lines += [f"- {f}" for f in fails]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Training-step cost of every generator (and the mode-wise groups) relative to full fine-tuning.
+
+Run: ``.venv/bin/python -m benchmarks.generators_step [--rounds N] [--steps K] [--threads T]``
+
+Same layers and protocol as :mod:`benchmarks.adapter_step` (its step function; K steps per
+round, the fastest of them, rounds interleaving the methods in a rotating order, the median
+over rounds of the ratio to full fine-tuning in the same round): Conv2d(64,64,3) on
+(16,64,32,32) and Linear(1024,1024) on (16,128,1024), float32, rank 8, LieRA exact map unless
+named. Printed: fwd+bwd and fwd+bwd+sgd ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.adapter_step import _stepper
+from liegroup.peft import LieRAConfig
+from liegroup.peft.layer import LieRALayer
+
+# label -> (generator, group, exp_map, generator_kwargs)
+METHODS: dict[str, tuple[str, str, object, dict]] = {
+    "lora exact": ("lora", "hadamard", "exact", {}),
+    "adalora exact": ("adalora", "hadamard", "exact", {}),
+    "adalora first_order": ("adalora", "hadamard", "first_order", {}),
+    "tucker exact": ("tucker", "hadamard", "exact", {"kernel_rank": 3}),
+    "tucker additive": ("tucker", "additive", "exact", {"kernel_rank": 3}),
+    "full exact": ("full", "hadamard", "exact", {}),
+    "full additive": ("full", "additive", "exact", {}),
+    "lora pissa exact": ("lora", "hadamard", "exact", {"init": "pissa"}),
+    "so modes 0,1 lowrank": ("modewise", "so", "exact", {}),
+    "gl modes 0,1 lowrank": ("modewise", "gl", "exact", {}),
+}
+
+
+def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "conv":
+        base: nn.Module = nn.Conv2d(64, 64, 3, padding=1)
+        x = torch.randn(16, 64, 32, 32)
+    else:
+        base = nn.Linear(1024, 1024)
+        x = torch.randn(16, 128, 1024)
+    if method == "full ft":
+        module = base
+    else:
+        gen, group, exp_map, kw = METHODS[method]
+        module = LieRALayer(base)
+        module.add_adapter("default", LieRAConfig(
+            rank=8, alpha=8.0, target_modules=["x"], generator=gen, group=group,
+            exp_map=exp_map, generator_kwargs=kw))
+        with torch.no_grad():
+            for p in module.generators["default"].parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    with torch.no_grad():
+        gy = torch.randn_like(module(x))
+    return module, x, gy
+
+
+def bench(kind: str, methods: list[str], rounds: int, steps: int) -> dict[str, tuple[float, float]]:
+    names = ["full ft", *methods]
+    runs: dict[str, Callable[[bool], None]] = {m: _stepper(*_build(kind, m)) for m in names}
+    for step in runs.values():
+        step(True)
+        step(True)
+    t_fb: dict[str, list[float]] = {m: [] for m in names}
+    t_all: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for m in order:
+            fb, al = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                runs[m](False)
+                t1 = time.perf_counter()
+                runs[m](True)
+                t2 = time.perf_counter()
+                fb.append(t1 - t0)
+                al.append(t2 - t1)
+            t_fb[m].append(min(fb))
+            t_all[m].append(min(al))
+
+    def paired(t: dict[str, list[float]], m: str) -> float:
+        return statistics.median(a / b for a, b in zip(t[m], t["full ft"], strict=True))
+
+    return {m: (paired(t_fb, m), paired(t_all, m)) for m in methods}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    layers = {
+        "conv": "Conv2d(64,64,3) on (16,64,32,32)",
+        "linear": "Linear(1024,1024) on (16,128,1024)",
+    }
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds × "
+          f"{args.steps} steps, float32, rank 8; ratios to full fine-tuning of the same layer\n")
+    for kind, label in layers.items():
+        res = bench(kind, args.methods, args.rounds, args.steps)
+        print(label)
+        print("| method | fwd+bwd | fwd+bwd+sgd |\n|---|---|---|")
+        for m, (fb, al) in res.items():
+            print(f"| {m} | {fb:.3f} | {al:.3f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The CPU benchmark suite: one training step of every method against full fine-tuning.
+
+A *step* is ``zero_grad`` → forward → loss → backward → ``SGD.step`` (no momentum, so full
+fine-tuning keeps no optimizer state: the comparison least favourable to adapters). For each
+case (a single layer or a whole network) every method is built from the same seed; timings run
+in one process with the methods interleaved round by round in a rotating order, each round's
+figure being the fastest of ``steps`` steps (other processes only ever add time); a method's
+time ratio is the median over rounds of its time divided by full fine-tuning's *in the same
+round*. Peak memory runs in a fresh subprocess per case, one method after another, counting the
+bytes glibc's malloc has handed out and not taken back (``mallinfo2``), sampled after every ATen op
+of the step by a ``TorchDispatchMode`` (timings never run under that mode). (Peak RSS via
+``/proc/self/clear_refs`` proved unreliable on this kernel: some processes never saw the
+high-water mark move.)
+
+* ``step mem`` — the peak increase of a step over the state right after ``zero_grad`` (all
+  parameters, optimizer state and the input exist; no gradient does): what the step itself
+  needs — activations, ``∂L/∂W`` for full fine-tuning, ``W'`` and ``∂L/∂W'`` for an adapter.
+* ``total mem`` — the step's peak over the process before the method was built: parameters
+  (frozen ones too), adapters, optimizer state and the step.
+
+Both are printed as ratios to full fine-tuning, never as bare numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import peers
+from benchmarks.models import convnext_tiny_like, resnet50_like
+from liegroup.peft import LieRAConfig, available_generators, get_peft_model
+
+RANK = 8
+FULL = "full fine-tuning"
+HEAD = "head only"
+
+
+@dataclass
+class Case:
+    name: str
+    label: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    targets: list[str] = field(default_factory=list)  # modules the adapters adapt
+    head: list[str] = field(default_factory=list)  # trained in full by every adapter method
+    is_model: bool = False
+
+
+def _layer_case(name: str, label: str, make: Callable[[], nn.Module], shape: tuple[int, ...]):
+    return Case(name, label, lambda: nn.Sequential(OrderedDict(layer=make())), shape, ["layer"])
+
+
+def _model_targets(model: nn.Module, head: str) -> list[str]:
+    return [
+        n for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head
+    ]
+
+
+def cases(quick: bool) -> list[Case]:
+    """The benchmark layers and networks (smaller inputs with ``quick``)."""
+    b = 4 if quick else 8
+    img = 64 if quick else 96
+    out = [
+        _layer_case("linear", f"Linear(1024,1024), x ({b},128,1024)",
+                    lambda: nn.Linear(1024, 1024), (b, 128, 1024)),
+        _layer_case("conv1d", f"Conv1d(256,256,3,p=1), x ({b},256,256)",
+                    lambda: nn.Conv1d(256, 256, 3, padding=1), (b, 256, 256)),
+        _layer_case("conv2d", f"Conv2d(64,64,3,p=1), x ({b},64,32,32)",
+                    lambda: nn.Conv2d(64, 64, 3, padding=1), (b, 64, 32, 32)),
+        _layer_case("conv3d", f"Conv3d(32,32,3,p=1), x ({b // 2},32,12,12,12)",
+                    lambda: nn.Conv3d(32, 32, 3, padding=1), (b // 2, 32, 12, 12, 12)),
+        _layer_case("depthwise", f"Conv2d(256,256,7,p=3,groups=256), x ({b},256,28,28)",
+                    lambda: nn.Conv2d(256, 256, 7, padding=3, groups=256), (b, 256, 28, 28)),
+        _layer_case("dilated", f"Conv2d(64,64,3,p=2,dilation=2), x ({b},64,32,32)",
+                    lambda: nn.Conv2d(64, 64, 3, padding=2, dilation=2), (b, 64, 32, 32)),
+    ]
+    mb = 2 if quick else 4
+    for name, make, head in (
+        ("resnet50", resnet50_like, "fc"), ("convnext_t", convnext_tiny_like, "head")
+    ):
+        tgt = _model_targets(make(), head)
+        label = {"resnet50": "ResNet-50-like", "convnext_t": "ConvNeXt-T-like"}[name]
+        out.append(Case(name, f"{label} ({len(tgt)} adapted layers), x ({mb},3,{img},{img})",
+                        make, (mb, 3, img, img), tgt, [head], True))
+    return out
+
+
+def liera_methods() -> dict[str, dict[str, Any]]:
+    """Our rows: LieRA for every registered generator and both maps, and additive LoRA."""
+    out: dict[str, dict[str, Any]] = {}
+    for gen in available_generators():
+        for exp_map, tag in (("exact", "exact"), ("first_order", "first order")):
+            out[f"LieRA {gen} {tag}"] = {"generator": gen, "exp_map": exp_map}
+    out["LoRA W+ΔW (ours)"] = {"generator": "lora", "group": "additive"}
+    return out
+
+
+def method_names(case: Case) -> list[str]:
+    names = [FULL] + ([HEAD] if case.is_model else [])
+    return names + list(liera_methods()) + list(peers.available())
+
+
+def build(case: Case, method: str) -> nn.Module:
+    """The case's module set up for ``method`` (seeded: every method starts from one net)."""
+    torch.manual_seed(0)
+    model = case.build()
+    if method == FULL:
+        return model
+    if method == HEAD:
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(n.startswith(h + ".") for h in case.head))
+        return model
+    ours = liera_methods()
+    if method in ours:
+        cfg = LieRAConfig(rank=RANK, alpha=float(RANK), target_modules=case.targets,
+                          modules_to_save=case.head or None, **ours[method])
+        return get_peft_model(model, cfg)
+    return peers.available()[method](model, case.targets, case.head)
+
+
+class Stepper:
+    """One training step (zero_grad, forward, loss, backward, SGD step) of a built method."""
+
+    def __init__(self, case: Case, module: nn.Module) -> None:
+        torch.manual_seed(1)
+        self.module = module
+        self.x = torch.randn(case.input_shape)
+        self.is_model = case.is_model
+        if case.is_model:
+            self.labels = torch.randint(0, 10, (case.input_shape[0],))
+        else:
+            self.x.requires_grad_(True)  # a layer inside a network: ∂L/∂x is needed
+            with torch.no_grad():
+                self.gy = torch.randn_like(module(self.x))
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in params)
+        self.opt = torch.optim.SGD(params, lr=1e-4)
+
+    def zero(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.x.grad = None
+
+    def run(self) -> None:
+        out = self.module(self.x)
+        if self.is_model:
+            F.cross_entropy(out, self.labels).backward()
+        else:
+            out.backward(self.gy)
+        del out
+        self.opt.step()
+
+    def step(self) -> None:
+        self.zero()
+        self.run()
+
+
+def bench_time(case: Case, rounds: int, steps: int) -> tuple[dict[str, float], dict[str, str],
+                                                             dict[str, int]]:
+    """Median over rounds of each method's step time over full fine-tuning's (same round)."""
+    runs: dict[str, Stepper] = {}
+    notes: dict[str, str] = {}
+    for m in method_names(case):
+        try:
+            runs[m] = Stepper(case, build(case, m))
+            runs[m].step()
+            runs[m].step()
+        except Exception as e:  # a library refusing the case is a result, reported
+            notes[m] = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
+    names = list(runs)
+    t: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(rounds):
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            best = float("inf")
+            for _ in range(steps):
+                runs[m].zero()
+                t0 = time.perf_counter()
+                runs[m].run()
+                best = min(best, time.perf_counter() - t0)
+            t[m].append(best)
+    ratios = {
+        m: statistics.median(a / b for a, b in zip(t[m], t[FULL], strict=True)) for m in names
+    }
+    return ratios, notes, {m: runs[m].n_trainable for m in names}
+
+
+# ---------------------------------------------------------------- memory (subprocess)
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def live_bytes() -> int:
+    """Bytes handed out by malloc and not freed (all arenas + mmapped chunks; glibc)."""
+    mi = _libc.mallinfo2()
+    return int(mi.uordblks + mi.hblkhd)
+
+
+class PeakLive(TorchDispatchMode):
+    """Samples :func:`live_bytes` after every ATen op (forward, backward and optimizer).
+
+    Live memory only grows inside an op (its outputs) and falls between ops (references
+    dropped), so the maximum over op boundaries is the peak of live tensors; scratch buffers
+    an op frees before it returns are not seen (the same kernels run for every method).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = live_bytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, live_bytes())
+        return out
+
+
+def memory_in_this_process(case: Case, methods: list[str]) -> dict[str, list[float] | None]:
+    """Per method ``[step bytes, total bytes]`` of live malloc'd memory (``None``: refused).
+
+    Two passes over the methods, the second one reported: the first absorbs one-time
+    allocations (thread pools, kernel caches) that would otherwise land on whichever method
+    happens to run first.
+    """
+    out: dict[str, list[float] | None] = {}
+    for m in methods + methods:
+        gc.collect()
+        base = live_bytes()
+        try:
+            s = Stepper(case, build(case, m))
+            s.step()
+        except Exception:
+            out[m] = None
+            continue
+        step_b, total_b = [], []
+        for _ in range(2):
+            s.zero()
+            gc.collect()
+            before = live_bytes()
+            with PeakLive() as mode:
+                s.run()
+            step_b.append(mode.peak - before)
+            total_b.append(mode.peak - base)
+        out[m] = [float(min(step_b)), float(min(total_b))]
+        del s
+    return out
+
+
+def bench_memory(case_name: str, quick: bool, threads: int) -> dict[str, list[float] | None]:
+    cmd = [sys.executable, "-m", "benchmarks", "--memory-case", case_name,
+           "--threads", str(threads)] + (["--quick"] if quick else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result: dict[str, list[float] | None] = json.loads(res.stdout.strip().splitlines()[-1])
+    return result
