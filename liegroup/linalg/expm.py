@@ -54,6 +54,8 @@ from liegroup.linalg._common import (
     check_square,
     eye_like,
     flat,
+    lu_factor,
+    lu_solve,
     norm1,
     solve,
     unit_roundoff,
@@ -102,44 +104,68 @@ _TOP: dict[torch.dtype, tuple[int, float]] = {
 _PRESCALE: dict[torch.dtype, int] = {torch.float64: 100, torch.float32: 12}
 
 
-def _log2_abs_power_norm(A: torch.Tensor, nA: np.ndarray, p: int) -> np.ndarray:
-    """``log₂ ‖ |A|^p ‖₁`` per matrix, overflow-free (``|A|`` normalised by ``‖A‖₁`` first)."""
-    scale = torch.as_tensor(np.maximum(nA, 1e-300), dtype=A.dtype, device=A.device)
-    B = A.abs() / scale[:, None, None]
-    v = torch.ones(A.shape[0], 1, A.shape[-1], dtype=A.dtype, device=A.device)
-    P = B
-    q = p
-    while True:
-        if q & 1:
-            v = v @ P
-        q >>= 1
-        if not q:
-            break
-        P = P @ P
-    nb = v.amax(-1).squeeze(-1).double().cpu().numpy()
-    with np.errstate(divide="ignore"):
-        return p * np.log2(nA) + np.log2(nb)
+class _AbsPowerNorms:
+    """Lazily computed ``log₂ ‖ |A|^p ‖₁`` for the guard degrees ``p = 2m + 1`` of a batch.
+
+    On first use, for every matrix at once: ``B = |A|/‖A‖₁`` (overflow-free), its squares
+    ``B², B⁴, B⁸, B¹⁶`` and the row vectors ``1ᵀB^p`` by binary powering with shared
+    prefixes (``‖B^p‖₁`` is the largest entry of ``1ᵀB^p`` since ``B ≥ 0``). Each value is a
+    function of its own matrix only.
+    """
+
+    def __init__(self, A: torch.Tensor, nA: np.ndarray) -> None:
+        self.A, self.nA = A, nA
+        self.values: dict[int, np.ndarray] | None = None
+
+    def get(self, p: int) -> np.ndarray:
+        if self.values is None:
+            self.values = self._compute()
+        return self.values[p]
+
+    def _compute(self) -> dict[int, np.ndarray]:
+        A, nA = self.A, self.nA
+        scale = torch.as_tensor(np.maximum(nA, 1e-300), dtype=A.dtype, device=A.device)
+        B1 = A.abs() / scale[:, None, None]
+        B2 = B1 @ B1
+        B4 = B2 @ B2
+        B8 = B4 @ B4
+        B16 = B8 @ B8
+        v1 = B1.sum(-2, keepdim=True)  # 1ᵀB
+        v3 = v1 @ B2
+        v7 = v3 @ B4
+        v11 = v3 @ B8
+        v15 = v7 @ B8
+        v19 = v3 @ B16
+        v27 = v11 @ B16
+        vs = torch.cat([v7, v11, v15, v19, v27], dim=1).amax(-1)  # (B, 5)
+        nb = vs.double().cpu().numpy()
+        out = {}
+        with np.errstate(divide="ignore"):
+            for j, q in enumerate((7, 11, 15, 19, 27)):
+                out[q] = q * np.log2(nA) + np.log2(nb[:, j])
+        return out
 
 
-def _ell(A: torch.Tensor, nA: np.ndarray, m: int, s: np.ndarray, log2u: float) -> np.ndarray:
-    """``ℓ(2^{-s}A, m)`` per matrix, forming ``|A|^{2m+1}`` only where it can matter.
+def _ell(
+    pn: _AbsPowerNorms, nA: np.ndarray, idx: np.ndarray, m: int, s: np.ndarray, log2u: float
+) -> np.ndarray:
+    """``ℓ(2^{-s}A, m)`` for the matrices ``idx``, forming ``|A|^{2m+1}`` only if needed.
 
     ``α(2^{-s}A) = 2^{-2ms} |c_{2m+1}| ‖|A|^{2m+1}‖₁/‖A‖₁``; since ``‖|A|^p‖₁ ≤ ‖A‖₁^p`` the
-    exact power is formed only for the matrices whose upper bound does not already give 0.
+    exact powers are formed only when some matrix's upper bound does not already give 0.
     """
     p = 2 * m + 1
+    nA = nA[idx]
     with np.errstate(divide="ignore"):
         lognA = np.log2(nA)
     shift = -_LOG2_C_RECIP[m] - log2u - 2 * m * s
     out = np.zeros(s.shape, dtype=np.int64)
     need = ((p - 1) * lognA + shift > 0) & (nA > 0)
     if need.any():
-        idx = np.flatnonzero(need)
-        ti = torch.as_tensor(idx, device=A.device)
-        l2 = _log2_abs_power_norm(A[ti], nA[idx], p) - lognA[idx] + shift[idx]
+        l2 = pn.get(p)[idx][need] - lognA[need] + shift[need]
         with np.errstate(invalid="ignore"):
             val = np.nan_to_num(np.ceil(l2 / (2 * m)), nan=0.0, neginf=0.0)
-        out[idx] = np.maximum(val, 0).astype(np.int64)
+        out[need] = np.maximum(val, 0).astype(np.int64)
     return out
 
 
@@ -164,13 +190,13 @@ def _choose(A: torch.Tensor, Pw: torch.Tensor, norms: np.ndarray) -> tuple[np.nd
     B = nA.shape[0]
     m = np.zeros(B, dtype=np.int64)
     s = np.zeros(B, dtype=np.int64)
+    pn = _AbsPowerNorms(A, nA)
     for deg, theta in _CANDIDATES[dt]:
         eta = np.maximum(d4, d6) if deg <= 5 else np.maximum(d6, d8)
         cand = (m == 0) & (eta <= theta)
         if cand.any():
             idx = np.flatnonzero(cand)
-            ti = torch.as_tensor(idx, device=A.device)
-            ok = _ell(A[ti], nA[idx], deg, s[idx], log2u) == 0
+            ok = _ell(pn, nA, idx, deg, s[idx], log2u) == 0
             m[idx[ok]] = deg
     rest = m == 0
     if not rest.any():
@@ -191,8 +217,7 @@ def _choose(A: torch.Tensor, Pw: torch.Tensor, norms: np.ndarray) -> tuple[np.nd
         e8, e10 = e[0] ** (1 / 8), e[1] ** (1 / 10)
         e5 = np.minimum(np.maximum(d6[j], e8), np.maximum(e8, e10))
         s_r[pos] = _ceil_log2(e5 / theta)
-    ti = torch.as_tensor(idx, device=A.device)
-    s_r = s_r + _ell(A[ti], nA[idx], top, s_r, log2u)
+    s_r = s_r + _ell(pn, nA, idx, top, s_r, log2u)
     m[idx] = top
     s[idx] = s_r
     return m, s
@@ -317,14 +342,15 @@ def _params(A: torch.Tensor) -> _Params:
         with np.errstate(divide="ignore"):
             s0[big] = np.ceil(np.log2(nA0[big])).astype(np.int64) - _PRESCALE[dt]
         A = A * _pow2(torch.as_tensor(s0, device=dev), dt)
-    Pw = torch.empty(3, Bn, n, n, dtype=dt, device=dev)
+    buf = torch.empty(4, Bn, n, n, dtype=dt, device=dev)
+    buf[0].copy_(A)
+    Pw = buf[1:]
     torch.bmm(A, A, out=Pw[0])
     torch.bmm(Pw[0], Pw[0], out=Pw[1])
     torch.bmm(Pw[1], Pw[0], out=Pw[2])
-    absA = A.abs()
-    norms = torch.cat([absA.sum(-2).amax(-1)[None], Pw.abs().sum(-2).amax(-1)])
+    norms = norm1(buf)
     if n > 1:
-        lower = torch.tril(absA, -1).sum((-2, -1))
+        lower = torch.tril(A, -1).abs().amax((-2, -1))
         stats = torch.cat([norms, lower[None]]).double().cpu().numpy()
         tri = stats[4] == 0
     else:
@@ -350,67 +376,77 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- Fréchet
+def _lincomb(mats: list[torch.Tensor], C: torch.Tensor) -> torch.Tensor:
+    """``out[i] = Σ_k C[i, k] mats[k]`` as one GEMM over the stacked matrices."""
+    S = torch.stack(mats)
+    k = S.shape[0]
+    return (C @ S.reshape(k, -1)).reshape(C.shape[0], *S.shape[1:])
+
+
 def _frechet_group(
     deg: int, s_np: np.ndarray, A: torch.Tensor, E: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` for matrices sharing the degree; plain (differentiable) ops."""
     b = _B[deg]
     I = eye_like(A)  # noqa: E741
-    s = torch.as_tensor(s_np, device=A.device)
+    dt, dev = A.dtype, A.device
     if (s_np > 0).any():
-        c = _pow2(s, A.dtype)
+        c = _pow2(torch.as_tensor(s_np, device=dev), dt)
         A, E = A * c, E * c
     A2 = A @ A
-    M2 = A @ E + E @ A
-    pw = [I, A2]
-    Ms = [torch.zeros_like(A), M2]
+    M2 = torch.baddbmm(A @ E, E, A)
+    pw, Ms = [A2], [M2]
     if deg >= 5:
         pw.append(A2 @ A2)
-        Ms.append(A2 @ M2 + M2 @ A2)
+        Ms.append(torch.baddbmm(A2 @ M2, M2, A2))
     if deg >= 7:
-        pw.append(pw[2] @ A2)
-        Ms.append(pw[2] @ M2 + Ms[2] @ A2)
+        pw.append(pw[1] @ A2)
+        Ms.append(torch.baddbmm(pw[1] @ M2, Ms[1], A2))
     if deg == 9:
-        pw.append(pw[2] @ pw[2])
-        Ms.append(pw[2] @ Ms[2] + Ms[2] @ pw[2])
+        pw.append(pw[1] @ pw[1])
+        Ms.append(torch.baddbmm(pw[1] @ Ms[1], Ms[1], pw[1]))
     if deg == 13:
-        A4, A6, M4, M6 = pw[2], pw[3], Ms[2], Ms[3]
-        W1 = b[13] * A6 + b[11] * A4 + b[9] * A2
-        W2 = b[7] * A6 + b[5] * A4 + b[3] * A2 + b[1] * I
-        Z1 = b[12] * A6 + b[10] * A4 + b[8] * A2
-        Z2 = b[6] * A6 + b[4] * A4 + b[2] * A2 + b[0] * I
-        W = A6 @ W1 + W2
+        A6, M6 = pw[2], Ms[2]
+        C = torch.tensor(
+            [[b[13], b[11], b[9]], [b[7], b[5], b[3]], [b[12], b[10], b[8]], [b[6], b[4], b[2]]],
+            dtype=dt,
+            device=dev,
+        )
+        W1, W2, Z1, Z2 = _lincomb([A6, pw[1], A2], C)
+        Lw1, Lw2, Lz1, Lz2 = _lincomb([M6, Ms[1], M2], C)
+        W2 = W2 + b[1] * I
+        Z2 = Z2 + b[0] * I
+        W = torch.baddbmm(W2, A6, W1)
         U = A @ W
-        V = A6 @ Z1 + Z2
-        Lw1 = b[13] * M6 + b[11] * M4 + b[9] * M2
-        Lw2 = b[7] * M6 + b[5] * M4 + b[3] * M2
-        Lz1 = b[12] * M6 + b[10] * M4 + b[8] * M2
-        Lz2 = b[6] * M6 + b[4] * M4 + b[2] * M2
-        Lw = A6 @ Lw1 + M6 @ W1 + Lw2
-        Lu = A @ Lw + E @ W
-        Lv = A6 @ Lz1 + M6 @ Z1 + Lz2
+        V = torch.baddbmm(Z2, A6, Z1)
+        Lw = torch.baddbmm(torch.baddbmm(Lw2, A6, Lw1), M6, W1)
+        Lu = torch.baddbmm(A @ Lw, E, W)
+        Lv = torch.baddbmm(torch.baddbmm(Lz2, A6, Lz1), M6, Z1)
     else:
         k = len(pw)
-        W = sum((b[2 * j + 1] * pw[j] for j in range(k)), torch.zeros_like(A))
-        V = sum((b[2 * j] * pw[j] for j in range(k)), torch.zeros_like(A))
-        Lw = sum((b[2 * j + 1] * Ms[j] for j in range(1, k)), torch.zeros_like(A))
-        Lv = sum((b[2 * j] * Ms[j] for j in range(1, k)), torch.zeros_like(A))
+        C = torch.tensor(
+            [[b[2 * j + 1] for j in range(1, k + 1)], [b[2 * j] for j in range(1, k + 1)]],
+            dtype=dt,
+            device=dev,
+        )
+        W, V = _lincomb(pw, C)
+        Lw, Lv = _lincomb(Ms, C)
+        W = W + b[1] * I
+        V = V + b[0] * I
         U = A @ W
-        Lu = A @ Lw + E @ W
-    Q = V - U
-    RL = solve(Q, torch.cat([U + V, Lu + Lv], dim=-1))
-    n = A.shape[-1]
-    R = RL[..., :n]
-    L = RL[..., n:] + solve(Q, (Lu - Lv) @ R)
-    smax = int(s.max()) if s.numel() else 0
+        Lu = torch.baddbmm(A @ Lw, E, W)
+    LU, piv = lu_factor(V - U)
+    R = lu_solve(LU, piv, U + V)
+    L = lu_solve(LU, piv, torch.baddbmm(Lu + Lv, Lu - Lv, R))
+    smax = int(s_np.max()) if s_np.size else 0
     for k in range(smax):
-        act = (s > k)[:, None, None]
-        RLn = R @ torch.cat([L, R], dim=-1)
-        Ln = RLn[..., :n] + L @ R
-        Rn = RLn[..., n:]
-        if bool(act.all()):
+        Ln = torch.baddbmm(R @ L, L, R)
+        Rn = R @ R
+        act_np = s_np > k
+        if act_np.all():
             R, L = Rn, Ln
         else:
+            act = torch.as_tensor(act_np, device=dev)[:, None, None]
             R, L = torch.where(act, Rn, R), torch.where(act, Ln, L)
     return R, L
 

@@ -50,6 +50,7 @@ from liegroup.linalg._common import (
     eye_like,
     flat,
     lu_factor,
+    lu_solve,
     norm1,
     solve,
     unit_roundoff,
@@ -103,12 +104,6 @@ def _gauss_legendre(m: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(((x + 1) / 2).tolist()), tuple((w / 2).tolist())
 
 
-def _lu_solve(LU: torch.Tensor, piv: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    if LU.shape[-1] <= _LOOP_SOLVE_N or LU.shape[0] <= 1:
-        return torch.linalg.lu_solve(LU, piv, B)
-    return torch.stack([torch.linalg.lu_solve(LU[i], piv[i], B[i]) for i in range(LU.shape[0])])
-
-
 def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     """Principal square root of each matrix by the scaled product-form Denman–Beavers iteration.
 
@@ -126,7 +121,7 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
         e = norm1(M.detach() - I).double().cpu().numpy()
         start_close = e <= math.sqrt(u)
         LU, piv = lu_factor(M)
-        Minv = _lu_solve(LU, piv, Ib)
+        Minv = lu_solve(LU, piv, Ib)
         logdet = LU.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1).double()
         mu_np = np.where(e > 1e-2, np.exp(-logdet.cpu().numpy() / (2 * n)), 1.0)
         mu = torch.as_tensor(mu_np, dtype=X.dtype, device=X.device)[:, None, None]
