@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks.adapter_step import _stepper
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
 
@@ -60,6 +59,22 @@ def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     with torch.no_grad():
         gy = torch.randn_like(module(x))
     return module, x, gy
+
+
+def _stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[bool], None]:
+    """As in :mod:`benchmarks.adapter_step`, with a zero learning rate: the SGD update costs
+    the same, and the random output gradient cannot drive the rotations' generators to
+    overflow over the rounds (it is not a loss that training would decrease)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+
+    def step(with_opt: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        module(x).backward(gy)
+        if with_opt:
+            opt.step()
+
+    return step
 
 
 def bench(kind: str, methods: list[str], rounds: int, steps: int) -> dict[str, tuple[float, float]]:

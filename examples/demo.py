@@ -8,6 +8,10 @@ examples, by:
 * head only (the backbone frozen),
 * additive LoRA (``W + ΔW``, LoRA generator on the conv layers),
 * LieRA first order (``W + W ⊙ ΔW``) and LieRA exact (``W ⊙ exp(ΔW)``), same generator,
+* LieRA exact with other generators at about the rank-4 parameter count: AdaLoRA (``P·Λ·Q``,
+  initial rank 4 per layer, its :class:`~liegroup.peft.RankAllocator` pruning to an average
+  of 2 over training, orthogonality penalty 0.1) and Tucker (core ranks 7 on the channel
+  modes, 3 on the kernel modes),
 
 at equal trainable parameters for LoRA/LieRA (same generator and rank; ranks 1 and 4), several
 seeds. Every method's learning rate is chosen from the same grid by the mean validation
@@ -32,7 +36,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm import tqdm
 
-from liegroup.peft import LieRAConfig, get_peft_model
+from liegroup.peft import (
+    LieRAConfig,
+    LieRAModel,
+    RankAllocator,
+    get_peft_model,
+    orthogonality_penalty,
+)
 
 ROOT = Path(__file__).resolve().parent
 BACKBONE = ROOT / "digits_backbone.safetensors"
@@ -143,10 +153,12 @@ def build(method: str, rank: int, backbone: DigitsCNN, seed: int) -> tuple[nn.Mo
         for p in net.head.parameters():
             p.requires_grad_(True)
         return net, [list(net.head.parameters())]
-    group, exp_map = {
-        "LoRA (W+ΔW)": ("additive", "exact"),
-        "LieRA first order": ("hadamard", "first_order"),
-        "LieRA exact": ("hadamard", "exact"),
+    group, exp_map, generator, kwargs = {
+        "LoRA (W+ΔW)": ("additive", "exact", "lora", {}),
+        "LieRA first order": ("hadamard", "first_order", "lora", {}),
+        "LieRA exact": ("hadamard", "exact", "lora", {}),
+        "LieRA exact, AdaLoRA": ("hadamard", "exact", "adalora", {}),
+        "LieRA exact, Tucker": ("hadamard", "exact", "tucker", {"kernel_rank": 3}),
     }[method]
     cfg = LieRAConfig(
         rank=rank,
@@ -155,6 +167,8 @@ def build(method: str, rank: int, backbone: DigitsCNN, seed: int) -> tuple[nn.Mo
         modules_to_save=["head"],
         group=group,
         exp_map=exp_map,
+        generator=generator,
+        generator_kwargs=kwargs,
     )
     model = get_peft_model(net, cfg)
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and ".generators." in n]
@@ -169,13 +183,30 @@ def train(model: nn.Module, groups: list, lr: float, data: Split, seed: int) -> 
     opt = torch.optim.Adam(opt_groups)
     g = torch.Generator().manual_seed(seed)
     model.train()
+    adalora = (
+        isinstance(model, LieRAModel) and model.peft_config["default"].generator == "adalora"
+    )
+    alloc = None
+    if adalora:
+        assert isinstance(model, LieRAModel)
+        total = EPOCHS * -(-len(data.y) // BATCH)
+        alloc = RankAllocator(model, target_r=2, tinit=total // 10, tfinal=total // 5,
+                              deltaT=5, total_step=total, optimizer=opt)
+    t = 0
     for _ in range(EPOCHS):
         perm = torch.randperm(len(data.y), generator=g)
         for i in range(0, len(perm), BATCH):
             b = perm[i : i + BATCH]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(data.x[b]), data.y[b]).backward()
+            loss = nn.functional.cross_entropy(model(data.x[b]), data.y[b])
+            if alloc is not None:
+                assert isinstance(model, LieRAModel)
+                loss = loss + 0.1 * orthogonality_penalty(model)
+            loss.backward()
             opt.step()
+            if alloc is not None:
+                alloc.step(model, t)
+            t += 1
 
 
 def n_trainable(groups: list) -> int:
@@ -193,7 +224,7 @@ def main() -> None:
     backbone = pretrain(src_train, src_test)
     configs = [("full", 0), ("head only", 0)] + [
         (m, r) for r in RANKS for m in ("LoRA (W+ΔW)", "LieRA first order", "LieRA exact")
-    ]
+    ] + [("LieRA exact, AdaLoRA", 4), ("LieRA exact, Tucker", 7)]
     runs = len(configs) * len(LRS) * len(SEEDS)
     # results[(method, rank)][lr] = list of (val, test, seconds) over seeds
     results: dict[tuple[str, int], dict[float, list[tuple[float, float, float]]]] = {}
@@ -263,6 +294,8 @@ def plot(rows: list) -> str:
         "LoRA (W+ΔW)": ("tab:blue", "o"),
         "LieRA first order": ("tab:orange", "^"),
         "LieRA exact": ("tab:red", "v"),
+        "LieRA exact, AdaLoRA": ("tab:green", "P"),
+        "LieRA exact, Tucker": ("tab:purple", "X"),
     }
     for method, (color, marker) in styles.items():
         pts = sorted((n, m, s) for (meth, _), n, _, _, m, s, _ in rows if meth == method)

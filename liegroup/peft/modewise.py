@@ -48,6 +48,7 @@ from liegroup.tensor import multi_mode_product
 __all__ = ["ModeWiseGenerator", "ModeWiseUpdate"]
 
 _GROUPS = {"so": liegroup.SO, "gl": liegroup.GL, "sl": liegroup.SL}
+_GROUP_CACHE: dict[tuple[str, int], MatrixLieGroup] = {}
 
 
 class ModeWiseUpdate(Update):
@@ -78,8 +79,27 @@ class ModeWiseUpdate(Update):
         self.group = group
 
     def _group(self, n: int) -> MatrixLieGroup:
-        G: MatrixLieGroup = _GROUPS[self.group](n)  # type: ignore[abstract]
+        # Built once per size: constructing SO(n) builds its dense algebra basis
+        # (n(n−1)/2 · n² entries), far too costly per step, impossible for n ≈ 1024. Above
+        # n = 64, SO's exponential is GL(n)'s on the (exactly skew) projection, and its
+        # inverse the transpose — the same maps without the basis.
+        key = (self.group, n)
+        G = _GROUP_CACHE.get(key)
+        if G is None:
+            cls = liegroup.GL if self.group == "so" and n > 64 else _GROUPS[self.group]
+            G = cls(n)  # type: ignore[abstract]
+            _GROUP_CACHE[key] = G
         return G
+
+    def _project(self, M: torch.Tensor) -> torch.Tensor:
+        if self.group == "so":
+            return (M - M.mT) / 2
+        return self._group(M.shape[-1]).project_algebra(M)
+
+    def _inverse(self, g: torch.Tensor) -> torch.Tensor:
+        if self.group == "so":
+            return g.mT
+        return self._group(g.shape[-1]).inverse(g)
 
     def check_delta(self, W: torch.Tensor, delta: Any) -> None:
         """``delta`` must be a non-empty dict ``{mode k: (n_k, n_k) tensor}`` on ``W``'s dtype."""
@@ -105,8 +125,7 @@ class ModeWiseUpdate(Update):
         """``{k: exp(proj(M_k))}``."""
         out = {}
         for k, M in delta.items():
-            G = self._group(M.shape[-1])
-            out[k] = G.exp(G.project_algebra(M))
+            out[k] = self._group(M.shape[-1]).exp(self._project(M))
         return out
 
     def apply(self, W: torch.Tensor, delta: Any) -> torch.Tensor:
@@ -122,7 +141,7 @@ class ModeWiseUpdate(Update):
         self.check_delta(Wp, delta)
         gs = self.group_elements(delta)
         modes = sorted(gs)
-        inv = [self._group(gs[k].shape[-1]).inverse(gs[k]) for k in modes]
+        inv = [self._inverse(gs[k]) for k in modes]
         return multi_mode_product(Wp, inv, modes).contiguous()
 
     def __repr__(self) -> str:
