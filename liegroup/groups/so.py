@@ -226,13 +226,10 @@ class SO(MatrixLieGroup):
         if n < 2:
             raise ShapeError(f"SO(n) needs n >= 2 (SO(1) is the trivial group), got {n}")
         self.dim = n * (n - 1) // 2
+        # coordinates index the strict lower triangle; hat scatters them (O(n²) memory,
+        # no dense (dim, n, n) basis: SO(1024) must be cheap to construct)
         rows, cols = torch.tril_indices(n, n, offset=-1)
         self._rows, self._cols = rows, cols
-        E = torch.zeros(self.dim, n, n, dtype=torch.float64)
-        k = torch.arange(self.dim)
-        E[k, rows, cols] = 1
-        E[k, cols, rows] = -1
-        self._E = E
 
     # ------------------------------------------------------------------ coordinates
     def hat(self, v: torch.Tensor) -> torch.Tensor:
@@ -247,8 +244,11 @@ class SO(MatrixLieGroup):
         self._check_vector(v)
         if self.n == 3:
             return so3_hat(v)
-        E = self._E.to(dtype=v.dtype, device=v.device)
-        return torch.einsum("...k,kij->...ij", v, E)
+        rows, cols = self._rows.to(v.device), self._cols.to(v.device)
+        X = v.new_zeros(*v.shape[:-1], self.n, self.n)
+        X[..., rows, cols] = v
+        X[..., cols, rows] = -v
+        return X
 
     def vee(self, X: torch.Tensor) -> torch.Tensor:
         """``(*batch, n, n) → (*batch, n(n−1)/2)``, coordinates of the skew part ``(X − Xᵀ)/2``.
