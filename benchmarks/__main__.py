@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         case = next(c for c in all_cases if c.name == args.memory_case)
         print(json.dumps(memory_in_this_process(case, method_names(case))))
         return 0
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 4)
     steps = args.steps or 2
     selected = [c for c in all_cases if not args.only or c.name in args.only.split(",")]
     if not selected:
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["total_mem"] = mm[1] / full_mem[1]
             rows[m] = row
         results[case.name] = {"label": case.label, "rows": rows}
+        print(render(meta | {"load_avg_end": os.getloadavg()}, {case.name: results[case.name]}),
+              file=sys.stderr, flush=True)
     meta["load_avg_end"] = os.getloadavg()
     md = render(meta, results)
     print(md)

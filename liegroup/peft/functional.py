@@ -180,9 +180,9 @@ def _lowrank_hadamard(
     return _exp_inplace(delta, order).mul_(W)
 
 
-# Row blocks of the chunked backward hold about this many entries (128 KiB in float32), so the
+# Row blocks of the chunked backward hold about this many entries (256 KiB in float32), so the
 # recomputed exp(ΔW) of a block stays in cache and never takes a weight-sized buffer.
-_CHUNK_ENTRIES = 1 << 15
+_CHUNK_ENTRIES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -317,16 +317,31 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         gx = gb = g_l = g_r = None
         G: torch.Tensor | None = None
         rows, cols = L.shape[0], R.shape[1]
+        done = False  # G already holds G_Δ
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
+            x2 = x.reshape(-1, W.shape[1])
+            if need_b:
+                gb = gy2.sum(0)
             if need_x:
                 Wp = _lowrank_apply(W, L, R, update, order)
                 gx = gy.matmul(Wp)
+                if (need_l or need_r) and (update == "additive" or order in (None, 1)):
+                    # ∂L/∂W' written into W''s buffer, and turned into G_Δ there: additive
+                    # G_Δ = G, first order G ⊙ W, exact G ⊙ W' (W' still there: each row block
+                    # of G is formed in a small buffer and multiplied into the block of W')
+                    if update == "additive" or order == 1:
+                        torch.mm(gy2.T, x2, out=Wp)
+                        if update == "hadamard":
+                            Wp.mul_(W)
+                    else:
+                        step = max(1, _CHUNK_ENTRIES // max(W.shape[1], 1))
+                        for i in range(0, W.shape[0], step):
+                            Wp[i : i + step].mul_(gy2[:, i : i + step].T.mm(x2))
+                    G, done = Wp, True
                 del Wp
-            if need_b:
-                gb = gy2.sum(0)
-            if need_l or need_r:
-                G = gy2.T.mm(x.reshape(-1, W.shape[1]))
+            if (need_l or need_r) and G is None:
+                G = gy2.T.mm(x2)
         else:
             if need_x or need_b:
                 Wp = _lowrank_apply(W, L, R, update, order) if need_x else W
@@ -336,12 +351,14 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                 _, G, _ = _conv_backward(gy, x, W, op, False, True, False)
         if G is not None:
             Gm = G.contiguous().view(rows, cols)
-            if update == "hadamard":
+            if update == "hadamard" and not done:
                 Wm = W.reshape(rows, cols)
                 if order == 1:
                     Gm.mul_(Wm)
                 else:
-                    step = max(1, _CHUNK_ENTRIES // max(cols, 1))
+                    # a block holds ≤ 1/16 of the weight (and ≤ _CHUNK_ENTRIES entries)
+                    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, 1))
+                    step = max(1, entries // max(cols, 1))
                     for i in range(0, rows, step):
                         d = L[i : i + step] @ R
                         t = d.exp_() if order is None else _exp_inplace(d, order - 1)

@@ -69,7 +69,7 @@ def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor
     return torch.autograd.grad(y, wrt, gy)
 
 
-@pytest.mark.parametrize("chunk", [1 << 15, 3])
+@pytest.mark.parametrize("chunk", [1 << 16, 3])
 @pytest.mark.parametrize(("group", "exp_map"), MAPS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_matches_reference(case, group, exp_map, chunk, monkeypatch):
