@@ -9,11 +9,24 @@ update maps it into the algebra with the group's orthogonal projection
 unchanged for ``gl(n)``) and exponentiates it with ``G.exp`` (:func:`liegroup.linalg.expm`,
 closed forms for ``SO(2)``, ``SO(3)``).
 
+Cost. The generator hands its matrices over in structured form and the update never builds
+an ``n_k × n_k`` matrix when that is cheaper:
+
+* low rank (:class:`ModeFactors`, ``M_k = L Rᵀ``): the projection stays factored
+  (``so``: ``(LRᵀ − RLᵀ)/2 = [L, R]/2·[R, −L]ᵀ``, width ``m = 2r``; ``sl``: ``LRᵀ − cI`` with
+  ``exp = e^{−c}·exp(LRᵀ)``), and ``W ×_k exp(LRᵀ) = W + fold(L φ₁(RᵀL) Rᵀ W_(k))``
+  (:func:`liegroup.linalg.lowrank.expm_lowrank_apply`: one ``2m × 2m`` exponential and
+  ``O(m·|W|)`` products) whenever ``2m < n_k`` — measured faster than the dense path from
+  ``n_k = 16`` on; otherwise the dense ``G.exp`` and mode product;
+* block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
+  reshaped mode product (``O(b·|W|)``).
+
 * Identity at init (``M_k = 0`` → ``exp(0) = I``); the layer's forward stays one op on ``W'``.
 * ``SO``: every mode-``j`` unfolding of ``W'`` is an orthogonal transformation of ``W``'s
   (rows for ``j = k``, columns otherwise), so **all** mode-wise singular values are preserved
   — an orthogonal fine-tuning of a conv kernel that keeps its spectra.
-* Merge/unmerge are exact by the group inverse: ``W = W' ×_k g_k⁻¹`` (``g_kᵀ`` for SO).
+* Merge/unmerge are exact by the group inverse: ``W = W' ×_k g_k⁻¹`` (``g_kᵀ`` for SO;
+  ``exp(−Ω_k)`` on the low-rank path).
 * Only the exact exponential (``exp_map="exact"``): a truncated matrix series leaves the group.
 
 Example:
@@ -32,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,18 +55,110 @@ import liegroup
 from liegroup._validation import check_tensor
 from liegroup.errors import DTypeError, ShapeError
 from liegroup.groups.matrix import MatrixLieGroup
+from liegroup.linalg import expm
+from liegroup.linalg.lowrank import expm_lowrank_apply
 from liegroup.peft.functional import Update, register_update
 from liegroup.peft.generators import Generator, GeneratorSpec, register_generator
-from liegroup.tensor import multi_mode_product
+from liegroup.tensor import mode_product
 
-__all__ = ["ModeWiseGenerator", "ModeWiseUpdate"]
+__all__ = ["ModeBlocks", "ModeFactors", "ModeWiseGenerator", "ModeWiseUpdate"]
 
 _GROUPS = {"so": liegroup.SO, "gl": liegroup.GL, "sl": liegroup.SL}
 _GROUP_CACHE: dict[tuple[str, int], MatrixLieGroup] = {}
 
 
+@dataclass(frozen=True, eq=False)
+class ModeFactors:
+    """A mode's matrix in factored form ``M = L Rᵀ`` (``L, R`` of shape ``(n, m)``).
+
+    What :class:`ModeWiseGenerator` returns for ``structure="lowrank"``; the update projects it
+    to the algebra in factored form and, when ``2m' < n`` (``m'`` the projected width),
+    applies ``exp`` by :func:`liegroup.linalg.lowrank.expm_lowrank_apply`, never forming an
+    ``n × n`` matrix.
+
+    Example:
+        >>> import torch
+        >>> f = ModeFactors(torch.ones(3, 1), torch.ones(3, 1))
+        >>> f.n, f.dense().shape
+        (3, torch.Size([3, 3]))
+    """
+
+    L: torch.Tensor
+    R: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        """The matrix size ``n``."""
+        return int(self.L.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """``L @ R.T``, shape ``(n, n)``."""
+        return self.L @ self.R.T
+
+    def detach(self) -> ModeFactors:
+        """The same matrix without autograd history."""
+        return ModeFactors(self.L.detach(), self.R.detach())
+
+
+@dataclass(frozen=True, eq=False)
+class ModeBlocks:
+    """A block-diagonal mode matrix ``blockdiag(D_1, …, D_q, tail)``.
+
+    ``blocks`` has shape ``(q, b, b)``; ``tail`` (optional) is the last ``(r, r)`` block. The
+    update exponentiates the blocks as one batch and applies them by a reshaped mode product
+    (``O(b·|W|)``), never forming the ``n × n`` matrix.
+
+    Example:
+        >>> import torch
+        >>> d = ModeBlocks(torch.zeros(2, 3, 3), torch.zeros(1, 1))
+        >>> d.n, d.dense().shape
+        (7, torch.Size([7, 7]))
+    """
+
+    blocks: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        """The matrix size ``n = q·b + r``."""
+        q, b = int(self.blocks.shape[0]), int(self.blocks.shape[-1])
+        return q * b + (0 if self.tail is None else int(self.tail.shape[-1]))
+
+    def dense(self) -> torch.Tensor:
+        """``blockdiag(D_1, …, tail)``, shape ``(n, n)``."""
+        parts = list(self.blocks.unbind(0))
+        if self.tail is not None:
+            parts.append(self.tail)
+        return torch.block_diag(*parts)
+
+    def detach(self) -> ModeBlocks:
+        """The same matrix without autograd history."""
+        return ModeBlocks(self.blocks.detach(), None if self.tail is None else self.tail.detach())
+
+
+def _blocks_mode_product(
+    T: torch.Tensor, E: torch.Tensor, E_tail: torch.Tensor | None, k: int
+) -> torch.Tensor:
+    """``T ×_k blockdiag(E_1, …, E_q, E_tail)`` by a reshaped product, ``O(b·|T|)``."""
+    q, b = E.shape[0], E.shape[-1]
+    n = T.shape[k]
+    a = math.prod(T.shape[:k])
+    c = T.numel() // max(a * n, 1)
+    T3 = T.reshape(a, n, c)
+    head = T3[:, : q * b].reshape(a, q, b, c)
+    out = torch.matmul(E, head).reshape(a, q * b, c)  # (q, b, b) @ (a, q, b, c)
+    if E_tail is not None:
+        out = torch.cat([out, torch.matmul(E_tail, T3[:, q * b :])], dim=1)
+    return out.reshape(T.shape)
+
+
 class ModeWiseUpdate(Update):
     """``W' = W ×_{k} exp(proj(M_k))`` over the modes of ``delta = {k: M_k}``.
+
+    ``M_k`` is a dense ``(n_k, n_k)`` tensor, a :class:`ModeFactors` (``L Rᵀ``) or a
+    :class:`ModeBlocks` (block diagonal). The structured forms never build an ``n_k × n_k``
+    matrix when that is cheaper (see the module docstring); the dense form takes
+    ``G.exp`` and a dense mode product.
 
     Args:
         group: ``"so"``, ``"gl"`` or ``"sl"``.
@@ -66,6 +172,10 @@ class ModeWiseUpdate(Update):
         >>> torch.allclose(torch.linalg.svdvals(Wp), torch.linalg.svdvals(W))
         True
         >>> torch.allclose(u.inverse(Wp, M), W)
+        True
+        >>> F = {1: ModeFactors(torch.randn(4, 1, dtype=torch.float64),
+        ...                     torch.randn(4, 1, dtype=torch.float64))}
+        >>> torch.allclose(u.apply(W, F), u.apply(W, {1: F[1].dense()}))
         True
     """
 
@@ -101,8 +211,42 @@ class ModeWiseUpdate(Update):
             return g.mT
         return self._group(g.shape[-1]).inverse(g)
 
+    def _project_factors(
+        self, F: ModeFactors
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``proj(L Rᵀ) = L' R'ᵀ − c·I``: ``(L', R', c)`` (``c`` only for ``sl``).
+
+        ``so``: ``(LRᵀ − RLᵀ)/2 = [L, R]/2 · [R, −L]ᵀ`` (width ``2m``); ``sl``: the trace-free
+        part ``LRᵀ − (tr(RᵀL)/n)·I``, whose exponential is ``e^{−c}·exp(LRᵀ)`` (``cI``
+        commutes with everything); ``gl``: unchanged.
+        """
+        L, R = F.L, F.R
+        if self.group == "so":
+            return torch.cat([L, R], 1) / 2, torch.cat([R, -L], 1), None
+        if self.group == "sl":
+            return L, R, (L * R).sum() / L.shape[0]
+        return L, R, None
+
+    def _project_blocks(self, D: ModeBlocks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, tail = D.blocks, D.tail
+        if self.group == "so":
+            return (B - B.mT) / 2, None if tail is None else (tail - tail.mT) / 2
+        if self.group == "sl":
+            tr = B.diagonal(dim1=-2, dim2=-1).sum()
+            if tail is not None:
+                tr = tr + tail.diagonal().sum()
+            c = tr / D.n
+            B = B - c * torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
+            if tail is not None:
+                tail = tail - c * torch.eye(tail.shape[-1], dtype=B.dtype, device=B.device)
+        return B, tail
+
     def check_delta(self, W: torch.Tensor, delta: Any) -> None:
-        """``delta`` must be a non-empty dict ``{mode k: (n_k, n_k) tensor}`` on ``W``'s dtype."""
+        """``delta`` must be a non-empty dict ``{mode k: M_k}`` on ``W``'s dtype.
+
+        ``M_k``: an ``(n_k, n_k)`` tensor, a :class:`ModeFactors` with ``(n_k, m)`` factors
+        or a :class:`ModeBlocks` whose blocks add up to ``n_k``.
+        """
         if not isinstance(delta, dict) or not delta:
             raise DTypeError(
                 f"the {self.group!r} mode-wise group needs a dict {{mode: matrix}} from a "
@@ -111,38 +255,92 @@ class ModeWiseUpdate(Update):
         for k, M in delta.items():
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < W.dim():
                 raise ShapeError(f"mode {k!r} is not a mode of a weight of order {W.dim()}")
-            check_tensor(M, f"delta[{k}]")
             n = W.shape[k]
-            if M.shape != (n, n):
-                raise ShapeError(
-                    f"delta[{k}] must be ({n}, {n}) for mode {k} of W {tuple(W.shape)}, "
-                    f"got {tuple(M.shape)}"
-                )
-            if M.dtype != W.dtype:
-                raise DTypeError(f"delta[{k}] has dtype {M.dtype}, W has {W.dtype}")
+            if isinstance(M, ModeFactors):
+                parts = [check_tensor(M.L, f"delta[{k}].L"), check_tensor(M.R, f"delta[{k}].R")]
+                if M.L.dim() != 2 or M.L.shape != M.R.shape or M.L.shape[0] != n:
+                    raise ShapeError(
+                        f"delta[{k}] factors must both be ({n}, m) for mode {k} of W "
+                        f"{tuple(W.shape)}, got L {tuple(M.L.shape)} and R {tuple(M.R.shape)}"
+                    )
+            elif isinstance(M, ModeBlocks):
+                parts = [check_tensor(M.blocks, f"delta[{k}].blocks")]
+                if M.tail is not None:
+                    parts.append(check_tensor(M.tail, f"delta[{k}].tail"))
+                sq = [t.dim() >= 2 and t.shape[-1] == t.shape[-2] for t in parts]
+                if M.blocks.dim() != 3 or (M.tail is not None and M.tail.dim() != 2) or not all(
+                    sq
+                ) or M.n != n:
+                    raise ShapeError(
+                        f"delta[{k}] blocks must be (q, b, b) [+ a (r, r) tail] with q·b + r = "
+                        f"{n} for mode {k} of W {tuple(W.shape)}, got blocks "
+                        f"{tuple(M.blocks.shape)}, tail "
+                        f"{None if M.tail is None else tuple(M.tail.shape)}"
+                    )
+            else:
+                parts = [check_tensor(M, f"delta[{k}]")]
+                if M.shape != (n, n):
+                    raise ShapeError(
+                        f"delta[{k}] must be ({n}, {n}) for mode {k} of W {tuple(W.shape)}, "
+                        f"got {tuple(M.shape)}"
+                    )
+            for t in parts:
+                if t.dtype != W.dtype:
+                    raise DTypeError(f"delta[{k}] has dtype {t.dtype}, W has {W.dtype}")
 
-    def group_elements(self, delta: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """``{k: exp(proj(M_k))}``."""
+    def _dense(self, M: Any) -> torch.Tensor:
+        return M.dense() if isinstance(M, (ModeFactors, ModeBlocks)) else M
+
+    def group_elements(self, delta: dict[int, Any]) -> dict[int, torch.Tensor]:
+        """``{k: exp(proj(M_k))}`` as dense ``(n_k, n_k)`` matrices (the dense path)."""
         out = {}
         for k, M in delta.items():
-            out[k] = self._group(M.shape[-1]).exp(self._project(M))
+            D = self._dense(M)
+            out[k] = self._group(D.shape[-1]).exp(self._project(D))
         return out
+
+    def _act(self, T: torch.Tensor, M: Any, k: int, sign: int) -> tuple[torch.Tensor, Any]:
+        """``T ×_k exp(sign·proj(M))``, up to a scalar factor returned separately (sl)."""
+        if isinstance(M, ModeFactors):
+            L, R, c = self._project_factors(M)
+            if 2 * L.shape[1] < L.shape[0]:
+                return expm_lowrank_apply(L if sign > 0 else -L, R, T, k), (
+                    None if c is None else -sign * c
+                )
+        elif isinstance(M, ModeBlocks):
+            B, tail = self._project_blocks(M)
+            if self.group == "so" and sign < 0:  # g⁻¹ = gᵀ: transpose the blocks' exps
+                E = expm(B).mT
+                Et = None if tail is None else expm(tail).mT
+            else:
+                E = expm(sign * B)
+                Et = None if tail is None else expm(sign * tail)
+            return _blocks_mode_product(T, E, Et, k), None
+        D = self._dense(M)
+        g = self._group(D.shape[-1]).exp(self._project(D))
+        return mode_product(T, g if sign > 0 else self._inverse(g), k), None
+
+    def _run(self, W: torch.Tensor, delta: dict[int, Any], sign: int) -> torch.Tensor:
+        out = W
+        log_scale = None
+        for k in sorted(delta):
+            out, ls = self._act(out, delta[k], k, sign)
+            if ls is not None:
+                log_scale = ls if log_scale is None else log_scale + ls
+        if log_scale is not None:
+            out = out * torch.exp(log_scale)
+        # contiguous like W: the layer's op then takes the same kernel path as on W
+        return out.contiguous()
 
     def apply(self, W: torch.Tensor, delta: Any) -> torch.Tensor:
         """``W ×_{k₁} g_{k₁} ×_{k₂} g_{k₂} ⋯`` (mode products over distinct modes commute)."""
         self.check_delta(W, delta)
-        gs = self.group_elements(delta)
-        modes = sorted(gs)
-        # contiguous like W: the layer's op then takes the same kernel path as on W
-        return multi_mode_product(W, [gs[k] for k in modes], modes).contiguous()
+        return self._run(W, delta, 1)
 
     def inverse(self, Wp: torch.Tensor, delta: Any) -> torch.Tensor:
-        """``W' ×_k g_k⁻¹`` (``G.inverse``: ``gᵀ`` for SO)."""
+        """``W' ×_k g_k⁻¹`` (``gᵀ`` for SO, ``exp(−proj(M_k))`` in the structured forms)."""
         self.check_delta(Wp, delta)
-        gs = self.group_elements(delta)
-        modes = sorted(gs)
-        inv = [self._inverse(gs[k]) for k in modes]
-        return multi_mode_product(Wp, inv, modes).contiguous()
+        return self._run(Wp, delta, -1)
 
     def __repr__(self) -> str:
         return f"ModeWiseUpdate({self.group!r})"
@@ -182,8 +380,8 @@ class ModeWiseGenerator(Generator):
         ...                      options={"modes": [0, 2], "structure": "block",
         ...                               "block_size": 3})
         >>> d = ModeWiseGenerator(spec)()
-        >>> sorted(d), tuple(d[0].shape), tuple(d[2].shape)
-        ([0, 2], (8, 8), (3, 3))
+        >>> sorted(d), type(d[0]).__name__, tuple(d[0].blocks.shape), tuple(d[2].dense().shape)
+        ([0, 2], 'ModeBlocks', (2, 3, 3), (3, 3))
     """
 
     name = "modewise"
@@ -232,18 +430,16 @@ class ModeWiseGenerator(Generator):
                 if rem:
                     self.mats[f"R{k}"] = nn.Parameter(torch.zeros(rem, rem, **kw))
 
-    def forward(self) -> dict[int, torch.Tensor]:  # type: ignore[override]
-        """``{k: M_k}``."""
-        out: dict[int, torch.Tensor] = {}
+    def forward(self) -> dict[int, ModeFactors | ModeBlocks]:  # type: ignore[override]
+        """``{k: M_k}`` in structured form (``.dense()`` gives the ``n_k × n_k`` matrix)."""
+        out: dict[int, ModeFactors | ModeBlocks] = {}
+        s = self.scaling
         for k in self.modes:
             if self.structure == "lowrank":
-                M = (self.mats[f"B{k}"] * self.scaling) @ self.mats[f"A{k}"].T
+                out[k] = ModeFactors(self.mats[f"B{k}"] * s, self.mats[f"A{k}"])
             else:
-                blocks = list(self.mats[f"D{k}"].unbind(0))
-                if f"R{k}" in self.mats:
-                    blocks.append(self.mats[f"R{k}"])
-                M = torch.block_diag(*blocks) * self.scaling
-            out[k] = M
+                tail = self.mats[f"R{k}"] * s if f"R{k}" in self.mats else None
+                out[k] = ModeBlocks(self.mats[f"D{k}"] * s, tail)
         return out
 
 
