@@ -27,6 +27,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def build(case: Case, method: str) -> nn.Module:
         return model
     ours = liera_methods()
     if method in ours:
-        cfg = LieRAConfig(rank=RANK, alpha=float(RANK), target_modules=case.targets,
+        exact = "|".join(re.escape(n) for n in case.targets)  # full names, not suffixes
+        cfg = LieRAConfig(rank=RANK, alpha=float(RANK), target_modules=f"(?:{exact})",
                           modules_to_save=case.head or None, **ours[method])
         return get_peft_model(model, cfg)
     return peers.available()[method](model, case.targets, case.head)
