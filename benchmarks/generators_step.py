@@ -34,6 +34,9 @@ METHODS: dict[str, tuple[str, str, object, dict]] = {
     "lora pissa exact": ("lora", "hadamard", "exact", {"init": "pissa"}),
     "so modes 0,1 lowrank": ("modewise", "so", "exact", {}),
     "gl modes 0,1 lowrank": ("modewise", "gl", "exact", {}),
+    "sl modes 0,1 lowrank": ("modewise", "sl", "exact", {}),
+    "so modes 0,1 block 4": ("modewise", "so", "exact", {"structure": "block"}),
+    "gl modes 0,1 block 4": ("modewise", "gl", "exact", {"structure": "block"}),
 }
 
 

@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from liegroup._validation import check_tensor, normalize_mode
@@ -45,7 +47,14 @@ from liegroup.errors import DTypeError, ShapeError
 from liegroup.linalg._common import check_square
 from liegroup.linalg.expm import expm
 
-__all__ = ["expm_lowrank", "expm_lowrank_apply", "phi1"]
+__all__ = [
+    "expm_lowrank",
+    "expm_lowrank_apply",
+    "expm_lowrank_factor",
+    "eye_plus_lowrank_mode_product",
+    "eye_plus_lowrank_two_sided",
+    "phi1",
+]
 
 
 def phi1(M: torch.Tensor) -> torch.Tensor:
@@ -185,12 +194,14 @@ def expm_lowrank_apply(
         raise ShapeError(
             f"exp(L Rᵀ) is {n} × {n} but mode {k} of T {tuple(T.shape)} has size {T.shape[k]}"
         )
-    K = L @ phi1(R.mT @ L)  # (n, m)
-    a = 1
-    for s in T.shape[:k]:
-        a *= s
+    return _eye_plus_apply(T, L @ phi1(R.mT @ L), R, k)
+
+
+def _eye_plus_apply(T: torch.Tensor, K: torch.Tensor, R: torch.Tensor, k: int) -> torch.Tensor:
+    n = K.shape[0]
+    a = math.prod(T.shape[:k])
     b = T.numel() // max(a * n, 1)
-    if b == 1:  # last (or only non-trivial trailing) mode: rows of T2 are the fibres
+    if b == 1:  # last mode (or only size-1 modes after it): the rows of T2 are the fibres
         T2 = T.reshape(a, n)
         out = torch.addmm(T2, T2 @ R, K.mT)
     elif a == 1:  # first mode: one GEMM each way
@@ -200,3 +211,126 @@ def expm_lowrank_apply(
         T3 = T.reshape(a, n, b)
         out = T3 + K @ (R.mT @ T3)
     return out.reshape(T.shape)
+
+
+def expm_lowrank_factor(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``K = L φ₁(RᵀL)``, so that ``exp(L Rᵀ) = I + K Rᵀ`` (batched).
+
+    Args:
+        L: real tensor ``(..., n, m)``.
+        R: real tensor ``(..., n, m)``, same shape, dtype and device.
+
+    Returns:
+        ``K``, shape ``(..., n, m)``.
+
+    Raises:
+        DTypeError, ShapeError, NonFiniteError: as :func:`expm_lowrank`.
+
+    Example:
+        >>> import torch
+        >>> L = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+        >>> R = torch.tensor([[1.0], [0.0]], dtype=torch.float64)   # RᵀL = 0: nilpotent
+        >>> expm_lowrank_factor(L, R).flatten().tolist()
+        [0.0, 2.0]
+    """
+    L, R = _check_factors(L, R)
+    return L @ phi1(R.mT @ L)
+
+
+def _check_eye_plus(T: object, K: object, R: object) -> tuple[torch.Tensor, ...]:
+    K, R = _check_factors(K, R)
+    T = check_tensor(T, "T")
+    if K.dim() != 2:
+        raise ShapeError(f"the factors must be matrices (n, m), got {tuple(K.shape)}")
+    if T.dtype != K.dtype or T.device != K.device:
+        raise DTypeError(
+            f"T ({T.dtype}, {T.device}) must match the factors ({K.dtype}, {K.device})"
+        )
+    return T, K, R
+
+
+def eye_plus_lowrank_mode_product(
+    T: torch.Tensor, K: torch.Tensor, R: torch.Tensor, mode: int
+) -> torch.Tensor:
+    """``T ×_mode (I + K Rᵀ) = T + fold(K · (Rᵀ · unfold(T, mode)))``, ``O(m·|T|)``.
+
+    With ``K`` from :func:`expm_lowrank_factor` this is ``T ×_mode exp(L Rᵀ)``.
+
+    Args:
+        T: real tensor; ``T.shape[mode] == n``.
+        K: real matrix ``(n, m)``.
+        R: real matrix ``(n, m)``; all three of one dtype and device.
+        mode: the mode acted on (negative counts from the end).
+
+    Returns:
+        The product, contiguous, ``T``'s shape.
+
+    Raises:
+        DTypeError: non-float inputs, different dtypes/devices, or a non-int mode.
+        ShapeError: ``K``/``R`` not matrices of one shape, ``mode`` out of range, or
+            ``T.shape[mode] != n``.
+
+    Example:
+        >>> import torch
+        >>> T = torch.ones(2, 3)
+        >>> K, R = torch.ones(3, 1), torch.tensor([[1.0], [0.0], [0.0]])
+        >>> eye_plus_lowrank_mode_product(T, K, R, 1)   # T (I + K Rᵀ)ᵀ = T (I + R Kᵀ)
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]])
+    """
+    T, K, R = _check_eye_plus(T, K, R)
+    if T.dim() == 0:
+        raise ShapeError("T must have at least one mode")
+    k = normalize_mode(mode, T.dim())
+    if T.shape[k] != K.shape[0]:
+        raise ShapeError(
+            f"I + K Rᵀ is {K.shape[0]} × {K.shape[0]} but mode {k} of T {tuple(T.shape)} has "
+            f"size {T.shape[k]}"
+        )
+    return _eye_plus_apply(T, K, R, k)
+
+
+def eye_plus_lowrank_two_sided(
+    W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor, R1: torch.Tensor
+) -> torch.Tensor:
+    """``(I + K₀R₀ᵀ) · W · (I + K₁R₁ᵀ)ᵀ`` for a matrix ``W`` as one rank-``(m₀+m₁)`` update.
+
+    ``= W + [K₀, B] · [A + C K₁ᵀ; K₁ᵀ]`` with ``A = R₀ᵀW``, ``B = W R₁``, ``C = A R₁``: three
+    passes over ``W`` forward (``A``, ``B`` and one ``addmm``) and four backward, about half
+    of applying the two sides one after the other.
+
+    Args:
+        W: real matrix ``(n₀, n₁)``.
+        K0, R0: real matrices ``(n₀, m₀)``.
+        K1, R1: real matrices ``(n₁, m₁)``; all of ``W``'s dtype and device.
+
+    Returns:
+        The product, ``(n₀, n₁)``, contiguous.
+
+    Raises:
+        DTypeError, ShapeError: as :func:`eye_plus_lowrank_mode_product`, or ``W`` not a
+            matrix of matching sizes.
+
+    Example:
+        >>> import torch
+        >>> from liegroup.tensor import mode_product
+        >>> g = torch.Generator().manual_seed(2)
+        >>> W = torch.randn(4, 5, dtype=torch.float64, generator=g)
+        >>> K0, R0 = (torch.randn(4, 1, dtype=torch.float64, generator=g) for _ in range(2))
+        >>> K1, R1 = (torch.randn(5, 2, dtype=torch.float64, generator=g) for _ in range(2))
+        >>> seq = eye_plus_lowrank_mode_product(
+        ...     eye_plus_lowrank_mode_product(W, K0, R0, 0), K1, R1, 1)
+        >>> torch.allclose(eye_plus_lowrank_two_sided(W, K0, R0, K1, R1), seq)
+        True
+    """
+    W, K0, R0 = _check_eye_plus(W, K0, R0)
+    W, K1, R1 = _check_eye_plus(W, K1, R1)
+    if W.dim() != 2 or W.shape[0] != K0.shape[0] or W.shape[1] != K1.shape[0]:
+        raise ShapeError(
+            f"W must be a ({K0.shape[0]}, {K1.shape[0]}) matrix for factors K0 "
+            f"{tuple(K0.shape)} and K1 {tuple(K1.shape)}, got {tuple(W.shape)}"
+        )
+    A = R0.mT @ W  # (m0, n1)
+    B = W @ R1  # (n0, m1)
+    right = torch.cat([torch.addmm(A, A @ R1, K1.mT), K1.mT], 0)  # [A + C K1ᵀ; K1ᵀ]
+    return torch.addmm(W, torch.cat([K0, B], 1), right)
