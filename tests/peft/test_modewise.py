@@ -153,3 +153,94 @@ def test_update_checks_its_algebra_element():
         u.apply(W, {0: torch.zeros(3, 3, dtype=torch.float64)})
     with pytest.raises(ValueError):
         ModeWiseUpdate("se")
+
+
+FAST_CASES = [
+    pytest.param(shape, group, structure, dtype, id=f"{shape}-{group}-{structure}-{dtype}")
+    for shape in [(40, 24), (24, 12, 3, 3)]
+    for group in ("so", "gl", "sl")
+    for structure in ("lowrank", "block")
+    for dtype in ("float64", "float32")
+]
+
+
+@pytest.mark.parametrize(("shape", "group", "structure", "dtype"), FAST_CASES)
+def test_fast_path_equals_dense_path(shape, group, structure, dtype):
+    """Factored / block path vs the dense G.exp + dense mode product, forward and inverse."""
+    from liegroup.peft.generators import GeneratorSpec
+    from liegroup.peft.modewise import ModeWiseGenerator
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(1)
+    modes = [0, 1] if len(shape) == 2 else [0, 1, 2]
+    spec = GeneratorSpec(weight_shape=shape, rank=2, scaling=1.0, dtype=dt,
+                         options={"structure": structure, "modes": modes, "block_size": 5})
+    gen = ModeWiseGenerator(spec)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    u = ModeWiseUpdate(group)
+    W = torch.randn(shape, dtype=dt)
+    delta = {k: M.detach() for k, M in gen().items()}
+    dense = {k: M.dense() for k, M in delta.items()}
+    gs = u.group_elements({k: M.double() for k, M in dense.items()})
+    # the dense result's error: u · (Σ_k n_k · κ(g_k)) · ‖W‖ (κ(g) = ‖g‖‖g⁻¹‖)
+    kap = sum(shape[k] * (torch.linalg.matrix_norm(g, 2)
+                          * torch.linalg.matrix_norm(torch.linalg.inv(g), 2)).item()
+              for k, g in gs.items())
+    tol = 50 * eps(dt) * kap * W.abs().max().item()
+    fast = u.apply(W, delta)
+    slow = u.apply(W, dense)
+    assert fast.is_contiguous() and fast.dtype == dt
+    assert (fast - slow).abs().max().item() <= tol
+    assert (u.inverse(fast, delta) - u.inverse(slow, dense)).abs().max().item() <= tol * kap
+
+
+def test_lowrank_path_builds_no_dense_exponential(monkeypatch):
+    """Linear(1024, 1024)-sized modes go through φ₁ of the factors, never an n × n group exp."""
+    from liegroup.peft import modewise
+
+    calls = []
+    real_phi1 = modewise.phi1
+    monkeypatch.setattr(modewise, "phi1", lambda M: calls.append(tuple(M.shape)) or real_phi1(M))
+
+    def no_dense(self, n):
+        raise AssertionError(f"dense group of size {n} built on the low-rank path")
+
+    monkeypatch.setattr(ModeWiseUpdate, "_group", no_dense)
+    W = torch.randn(1024, 512, dtype=DT)
+    g = torch.Generator().manual_seed(0)
+    delta = {k: modewise.ModeFactors(0.1 * torch.randn(W.shape[k], 8, dtype=DT, generator=g),
+                                     torch.randn(W.shape[k], 8, dtype=DT, generator=g))
+             for k in (0, 1)}
+    Wp = ModeWiseUpdate("so").apply(W, delta)
+    assert calls == [(2, 16, 16)]  # both modes' φ₁ (width 2r = 16) in one batched call
+    for k in (0, 1):  # SO: every mode's spectrum kept
+        s0 = torch.linalg.svdvals(tensor.unfold(W, k))
+        s1 = torch.linalg.svdvals(tensor.unfold(Wp, k))
+        assert (s1 - s0).abs().max().item() <= 1e-10 * s0.max().item()
+    back = ModeWiseUpdate("so").inverse(Wp, delta)
+    assert (back - W).abs().max().item() <= 1e-12 * W.abs().max().item()
+
+
+def test_update_checks_structured_elements():
+    from liegroup.peft.modewise import ModeBlocks, ModeFactors
+
+    u = ModeWiseUpdate("gl")
+    W = torch.randn(6, 4)
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: ModeFactors(torch.zeros(6, 2), torch.zeros(6, 3))})
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: ModeFactors(torch.zeros(4, 2), torch.zeros(4, 2))})
+    with pytest.raises(DTypeError):
+        u.apply(W, {0: ModeFactors(torch.zeros(6, 2, dtype=torch.float64), torch.zeros(6, 2))})
+    with pytest.raises(DTypeError):
+        u.apply(W, {0: ModeFactors(torch.zeros(6, 2, dtype=torch.int64), torch.zeros(6, 2))})
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 2))})  # 4 != 6
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 3))})  # not square
+    with pytest.raises(ShapeError):
+        u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 2), torch.zeros(2, 3))})
+    with pytest.raises(DTypeError):
+        u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 2), torch.zeros(2, 2, dtype=torch.float64))})

@@ -1,0 +1,230 @@
+"""liegroup.linalg.lowrank: φ₁ and exp(L Rᵀ) = I + L φ₁(RᵀL) Rᵀ against mpmath and dense expm."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from liegroup.errors import DTypeError, NonFiniteError, ShapeError
+from liegroup.linalg import expm
+from liegroup.linalg.lowrank import (
+    expm_lowrank,
+    expm_lowrank_apply,
+    expm_lowrank_factor,
+    eye_plus_lowrank_mode_product,
+    eye_plus_lowrank_two_sided,
+    phi1,
+)
+from liegroup.tensor import mode_product
+from tests.conftest import eps
+
+F64 = torch.float64
+
+
+def _n1(A: torch.Tensor) -> float:
+    """Spectral norm (every bound below holds in any consistent norm; this one is tightest)."""
+    return float(torch.linalg.matrix_norm(A.double(), ord=2))
+
+
+def _kappa_bound(A: torch.Tensor) -> float:
+    """Upper bound of exp's relative condition number: ‖A‖ e^{‖A‖} / ‖e^A‖, ≥ 1."""
+    a = _n1(A)
+    return max(1.0, a * math.exp(a) / _n1(expm(A.double())))
+
+
+def _phi1_tol(M: torch.Tensor) -> float:
+    """Error of the φ₁ block of expm([[M, I], [0, 0]]): (size)·u·κ·‖e^aug‖."""
+    m = M.shape[-1]
+    aug = torch.zeros(2 * m, 2 * m, dtype=F64)
+    aug[:m, :m] = M.double()
+    aug[:m, m:] = torch.eye(m, dtype=F64)
+    return 10 * (2 * m) * eps(M.dtype) * _kappa_bound(aug) * _n1(expm(aug))
+
+
+def _lowrank_tol(L: torch.Tensor, R: torch.Tensor) -> float:
+    """φ₁'s error carried through the products, plus their own rounding, plus dense expm's."""
+    n, m = L.shape
+    Ld, Rd = L.double(), R.double()
+    P = phi1(Rd.T @ Ld)
+    prod = _n1(Ld) * _n1(P) * _n1(Rd.T)
+    carried = _n1(Ld) * _phi1_tol(R.T @ L) * _n1(Rd.T)
+    dense = 10 * n * eps(L.dtype) * _kappa_bound(Ld @ Rd.T) * _n1(expm(Ld @ Rd.T))
+    return carried + 10 * (n + m) * eps(L.dtype) * (1 + prod) + dense
+
+
+def _mp_phi1(M: torch.Tensor, dps: int = 40) -> torch.Tensor:
+    """Σ M^k/(k+1)! summed in mpmath until the terms drop below 10^-dps (independent of expm)."""
+    with mpmath.workdps(dps):
+        A = mpmath.matrix(M.tolist())
+        m = A.rows
+        term = mpmath.eye(m)
+        S = mpmath.eye(m)
+        k = 1
+        while True:
+            term = term * A / (k + 1)
+            S += term
+            k += 1
+            if mpmath.mnorm(term, 1) < mpmath.mpf(10) ** (-dps) and k > 5:
+                break
+        return torch.tensor([[float(S[i, j]) for j in range(m)] for i in range(m)], dtype=F64)
+
+
+def _mp_expm(A: torch.Tensor, dps: int = 40) -> torch.Tensor:
+    with mpmath.workdps(dps):
+        E = mpmath.expm(mpmath.matrix(A.tolist()))
+        n = E.rows
+        return torch.tensor([[float(E[i, j]) for j in range(n)] for i in range(n)], dtype=F64)
+
+
+def _rand(*shape: int, scale: float = 1.0, seed: int = 0, dtype: torch.dtype = F64):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(*shape, dtype=F64, generator=g).to(dtype)
+
+
+PHI1_CASES = {
+    "zero": torch.zeros(2, 2, dtype=F64),
+    "nilpotent": torch.tensor([[0.0, 3.0], [0.0, 0.0]], dtype=F64),
+    "rank1_singular": torch.tensor([[1.0, 2.0], [0.5, 1.0]], dtype=F64),
+    "tiny": 1e-9 * _rand(3, 3, seed=1),
+    "moderate": _rand(3, 3, seed=2),
+    "rotation_generator": torch.tensor([[0.0, -2.5], [2.5, 0.0]], dtype=F64),
+    "larger_norm": 2.0 * _rand(4, 4, seed=3),
+}
+
+
+@pytest.mark.parametrize("name", list(PHI1_CASES))
+def test_phi1_vs_mpmath_series(name):
+    M = PHI1_CASES[name]
+    got = phi1(M)
+    want = _mp_phi1(M)
+    assert (got - want).abs().max().item() <= _phi1_tol(M)
+
+
+def test_phi1_batched_matches_single_and_float32():
+    Ms = torch.stack([PHI1_CASES["moderate"], PHI1_CASES["tiny"], torch.zeros(3, 3, dtype=F64)])
+    P = phi1(Ms)
+    for i in range(3):
+        assert torch.equal(P[i], phi1(Ms[i]))  # expm is batch-invariant
+    P32 = phi1(Ms.float())
+    for i in range(3):
+        assert (P32[i].double() - P[i]).abs().max().item() <= _phi1_tol(Ms[i].float())
+
+
+@pytest.mark.parametrize(("n", "m", "scale", "seed"), [(5, 1, 1.0, 0), (6, 2, 0.7, 1),
+                                                       (7, 3, 0.4, 2), (4, 2, 1e-6, 3)])
+def test_expm_lowrank_vs_mpmath(n, m, scale, seed):
+    L, R = _rand(n, m, scale=scale, seed=seed), _rand(n, m, seed=seed + 10)
+    want = _mp_expm(L @ R.T)
+    tol = _lowrank_tol(L, R)
+    assert (expm_lowrank(L, R) - want).abs().max().item() <= tol
+    T = _rand(3, n, 2, seed=seed + 20)
+    got = expm_lowrank_apply(L, R, T, 1)
+    assert (got - mode_product(T, want, 1)).abs().max().item() <= tol * n * _n1(T.reshape(-1, 1))
+
+
+@given(
+    n=st.integers(2, 24),
+    m=st.integers(1, 6),
+    scale=st.sampled_from([1e-8, 1e-3, 0.1, 1.0, 2.5]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_expm_lowrank_matches_dense_expm(n, m, scale, seed, dtype):
+    L = _rand(n, m, seed=seed)
+    R = _rand(n, m, seed=seed + 1)
+    L = (L * (scale / (_n1(L) * _n1(R)))).to(dtype)  # ‖L Rᵀ‖₂ ≤ scale
+    R = R.to(dtype)
+    dense = expm((L @ R.T).double())
+    tol = _lowrank_tol(L, R)
+    assert (expm_lowrank(L, R).double() - dense).abs().max().item() <= tol
+    for mode, shape in [(0, (n, 5)), (1, (4, n)), (1, (3, n, 2)), (-1, (2, n))]:
+        T = _rand(*shape, seed=seed + 2, dtype=dtype)
+        got = expm_lowrank_apply(L, R, T, mode)
+        want = mode_product(T.double(), dense, mode)
+        ttol = tol * n * T.abs().max().item() + 4 * n * eps(dtype) * want.abs().max().item()
+        assert got.dtype == dtype and got.shape == T.shape and got.is_contiguous()
+        assert (got.double() - want).abs().max().item() <= ttol
+        back = expm_lowrank_apply(-L, R, got, mode)  # exp(−LRᵀ) is the inverse
+        inv_tol = _lowrank_tol(-L, R) * n * got.abs().max().item() + ttol
+        assert (back.double() - T.double()).abs().max().item() <= inv_tol * (
+            1 + _n1(dense) * _n1(expm(-(L @ R.T).double()))
+        )
+
+
+def test_factor_and_two_sided_match_sequential():
+    W = _rand(9, 7, seed=4)
+    L0, R0 = _rand(9, 2, scale=0.5, seed=5), _rand(9, 2, seed=6)
+    L1, R1 = _rand(7, 3, scale=0.5, seed=7), _rand(7, 3, seed=8)
+    K0, K1 = expm_lowrank_factor(L0, R0), expm_lowrank_factor(L1, R1)
+    assert torch.allclose(torch.eye(9, dtype=F64) + K0 @ R0.T, expm(L0 @ R0.T), atol=1e-13)
+    seq = eye_plus_lowrank_mode_product(eye_plus_lowrank_mode_product(W, K0, R0, 0), K1, R1, 1)
+    two = eye_plus_lowrank_two_sided(W, K0, R0, K1, R1)
+    want = expm(L0 @ R0.T) @ W @ expm(L1 @ R1.T).T
+    assert (two - want).abs().max().item() <= 1e-13 * (1 + want.abs().max().item())
+    assert (two - seq).abs().max().item() <= 1e-13 * (1 + want.abs().max().item())
+    # batched factor
+    Kb = expm_lowrank_factor(torch.stack([L0, 2 * L0]), torch.stack([R0, R0]))
+    assert (Kb[0] - K0).abs().max().item() <= 20 * eps(F64) * K0.abs().max().item()
+    assert (Kb[1] - expm_lowrank_factor(2 * L0, R0)).abs().max().item() <= 1e-13
+
+
+def test_identity_bit_exact_for_zero_factor():
+    """L = 0 ⇒ exp(0) = I: the weight comes back bit for bit (adapters' identity at init)."""
+    T = _rand(4, 6, 3, seed=9, dtype=torch.float32)
+    R = _rand(6, 2, seed=10, dtype=torch.float32)
+    assert torch.equal(expm_lowrank_apply(torch.zeros_like(R), R, T, 1), T)
+
+
+def test_gradcheck():
+    L, R = _rand(5, 2, scale=0.5, seed=11), _rand(5, 2, seed=12)
+    T = _rand(3, 5, 2, seed=13)
+    M = _rand(3, 3, scale=0.7, seed=14)
+    for x in (L, R, T, M):
+        x.requires_grad_(True)
+    assert torch.autograd.gradcheck(phi1, (M,))
+    assert torch.autograd.gradcheck(expm_lowrank, (L, R))
+    assert torch.autograd.gradcheck(lambda a, b, t: expm_lowrank_apply(a, b, t, 1), (L, R, T))
+    W = _rand(5, 4, seed=15).requires_grad_(True)
+    K1, R1 = (_rand(4, 1, seed=s).requires_grad_(True) for s in (16, 17))
+    assert torch.autograd.gradcheck(eye_plus_lowrank_two_sided, (W, L, R, K1, R1))
+
+
+def test_errors():
+    with pytest.raises(ShapeError):
+        phi1(torch.zeros(2, 3))
+    with pytest.raises(DTypeError):
+        phi1(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(NonFiniteError):
+        phi1(torch.tensor([[float("nan")]]))
+    L = torch.zeros(4, 2)
+    with pytest.raises(ShapeError):
+        expm_lowrank(L, torch.zeros(4, 3))
+    with pytest.raises(ShapeError):
+        expm_lowrank(torch.zeros(4), torch.zeros(4))
+    with pytest.raises(DTypeError):
+        expm_lowrank(L, L.double())
+    with pytest.raises(DTypeError):
+        expm_lowrank(L, "R")
+    with pytest.raises(ShapeError):
+        expm_lowrank_apply(L, L, torch.zeros(3, 5), 1)  # mode size 5 != 4
+    with pytest.raises(ShapeError):
+        expm_lowrank_apply(L, L, torch.zeros(3, 4), 2)  # mode out of range
+    with pytest.raises(DTypeError):
+        expm_lowrank_apply(L, L, torch.zeros(3, 4), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError):
+        expm_lowrank_apply(L, L, torch.zeros(3, 4, dtype=F64), 1)
+    with pytest.raises(ShapeError):
+        expm_lowrank_apply(L[None], L[None], torch.zeros(3, 4), 1)  # batched factors
+    with pytest.raises(ShapeError):
+        expm_lowrank_apply(L, L, torch.zeros(()), 0)
+    with pytest.raises(ShapeError):
+        eye_plus_lowrank_mode_product(torch.zeros(3, 5), L, L, 1)
+    with pytest.raises(ShapeError):
+        eye_plus_lowrank_two_sided(torch.zeros(4, 5), L, L, L, L)  # n1 = 5 != 4
+    with pytest.raises(DTypeError):
+        eye_plus_lowrank_two_sided(torch.zeros(4, 4), L, L, L.double(), L.double())
