@@ -45,7 +45,7 @@ from liegroup.peft.generators import (
 from liegroup.peft.init import register_initialiser
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper
 from liegroup.peft.model import LieRAModel, get_peft_model
-from liegroup.peft.modewise import ModeWiseGenerator, ModeWiseUpdate
+from liegroup.peft.modewise import ModeBlocks, ModeFactors, ModeWiseGenerator, ModeWiseUpdate
 
 __all__ = [
     "AdaLoRAGenerator",
@@ -60,6 +60,8 @@ __all__ = [
     "LieRAModel",
     "LoRAGenerator",
     "LowRankHadamardExpFunction",
+    "ModeBlocks",
+    "ModeFactors",
     "ModeWiseGenerator",
     "ModeWiseUpdate",
     "ModulesToSaveWrapper",
