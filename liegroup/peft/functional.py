@@ -314,10 +314,15 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         x, W, L, R = ctx.saved_tensors
         update, order, op = ctx.update, ctx.order, ctx.op
         need_x, _, need_b, need_l, need_r = ctx.needs_input_grad[:5]
-        gx = gb = g_l = g_r = None
-        G: torch.Tensor | None = None
-        rows, cols = L.shape[0], R.shape[1]
-        done = False  # G already holds G_Δ
+        need_f = need_l or need_r
+        gx = gb = None
+        G: torch.Tensor | None = None  # ∂L/∂W'
+        Wp: torch.Tensor | None = None  # W', kept for G_Δ = G ⊙ W' only when `keep`
+        # the exact map needs W' next to G; keep the W' formed for ∂L/∂x (a second
+        # weight-sized buffer) only where it is small next to the activations
+        keep = need_x and need_f and update == "hadamard" and order is None and (
+            _keep_second_buffer(W, x, gy)
+        )
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
             x2 = x.reshape(-1, W.shape[1])
@@ -326,49 +331,94 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             if need_x:
                 Wp = _lowrank_apply(W, L, R, update, order)
                 gx = gy.matmul(Wp)
-                if (need_l or need_r) and (update == "additive" or order in (None, 1)):
-                    # ∂L/∂W' written into W''s buffer, and turned into G_Δ there: additive
-                    # G_Δ = G, first order G ⊙ W, exact G ⊙ W' (W' still there: each row block
-                    # of G is formed in a small buffer and multiplied into the block of W')
-                    if update == "additive" or order == 1:
-                        torch.mm(gy2.T, x2, out=Wp)
-                        if update == "hadamard":
-                            Wp.mul_(W)
-                    else:
-                        step = max(1, _CHUNK_ENTRIES // max(W.shape[1], 1))
-                        for i in range(0, W.shape[0], step):
-                            Wp[i : i + step].mul_(gy2[:, i : i + step].T.mm(x2))
-                    G, done = Wp, True
-                del Wp
-            if (need_l or need_r) and G is None:
-                G = gy2.T.mm(x2)
-        else:
-            if need_x or need_b:
-                Wp = _lowrank_apply(W, L, R, update, order) if need_x else W
-                gx, _, gb = _conv_backward(gy, x, Wp, op, need_x, False, need_b)
-                del Wp
-            if need_l or need_r:
-                _, G, _ = _conv_backward(gy, x, W, op, False, True, False)
-        if G is not None:
-            Gm = G.contiguous().view(rows, cols)
-            if update == "hadamard" and not done:
-                Wm = W.reshape(rows, cols)
-                if order == 1:
-                    Gm.mul_(Wm)
+            if need_f:
+                if Wp is not None and not keep:
+                    G = torch.mm(gy2.T, x2, out=Wp)  # ∂L/∂W' in W''s buffer
+                    Wp = None
                 else:
-                    # a block holds ≤ 1/16 of the weight (and ≤ _CHUNK_ENTRIES entries)
-                    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, 1))
-                    step = max(1, entries // max(cols, 1))
-                    for i in range(0, rows, step):
-                        d = L[i : i + step] @ R
-                        t = d.exp_() if order is None else _exp_inplace(d, order - 1)
-                        Gm[i : i + step].mul_(t.mul_(Wm[i : i + step]))
-                        del d, t  # one block buffer alive at a time
-            g_l = Gm.mm(R.T) if need_l else None
-            g_r = L.T.mm(Gm) if need_r else None
+                    G = gy2.T.mm(x2)
+        else:
+            if keep:
+                assert Wp is None
+                Wp = _lowrank_apply(W, L, R, update, order)
+                gx, G, gb = _conv_backward(gy, x, Wp, op, True, True, need_b)
+            else:
+                if need_x or need_b:
+                    Wq = _lowrank_apply(W, L, R, update, order) if need_x else W
+                    gx, _, gb = _conv_backward(gy, x, Wq, op, need_x, False, need_b)
+                    del Wq
+                if need_f:
+                    _, G, _ = _conv_backward(gy, x, W, op, False, True, False)
+        g_l = g_r = None
+        if G is not None:
+            g_l, g_r = _factor_grads(G, W, L, R, update, order, Wp, x, gy, need_l, need_r)
         if gb is not None and ctx.bias_shape is not None:
             gb = gb.view(ctx.bias_shape)
         return gx, None, gb, g_l, g_r, None, None, None
+
+
+# The memory rule for keeping a second weight-sized buffer (W' next to ∂L/∂W') in the fused
+# backward: allowed when the weight has at most 1/32 of the entries of the layer's input plus
+# output gradient, i.e. ≤ ~3 % of the activations that any training step of the layer holds
+# (full fine-tuning's ∂L/∂x and ∂L/∂y are that size), so peak memory stays within 1.05× of full
+# fine-tuning. Otherwise W' is recomputed row block by row block (one exp per entry).
+_KEEP_RATIO = 32
+
+
+def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, gy: torch.Tensor) -> bool:
+    return W.numel() * _KEEP_RATIO <= x.numel() + gy.numel()
+
+
+def _block_rows(W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor) -> int:
+    """Rows per block of the blocked backward.
+
+    A block holds at most ``_CHUNK_ENTRIES`` entries (it stays in cache through its
+    ``L_i R → exp → ⊙ W_i → ⊙ G_i → factor products`` chain) and at most the larger of 1/16
+    of the weight and 1/32 of the activations (its buffer is the only memory the block adds).
+    Small blocks cost a few kernel launches each, so blocks are as large as these allow.
+    """
+    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, (x.numel() + gy.numel()) // 32))
+    return max(1, entries // max(cols, 1))
+
+
+def _factor_grads(
+    G: torch.Tensor, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str,
+    order: int | None, Wp: torch.Tensor | None, x: torch.Tensor, gy: torch.Tensor,
+    need_l: bool, need_r: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``G_Δ`` from ``G = ∂L/∂W'`` (in place in ``G``), then ``G_Δ Rᵀ`` and ``Lᵀ G_Δ``.
+
+    ``G_Δ = G`` (additive), ``G ⊙ W`` (first order), ``G ⊙ W'`` (exact; from ``Wp`` when it
+    was kept, else ``W ⊙ exp(L_i R)`` recomputed per row block in one reused block buffer,
+    the factor products taken per block while it is in cache), ``G ⊙ W ⊙ T_{k−1}(ΔW)``
+    (order ``k ≥ 2``, per block).
+    """
+    rows, cols = L.shape[0], R.shape[1]
+    Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
+    blocked = update == "hadamard" and order != 1 and Wp is None
+    if not blocked:
+        if update == "hadamard":
+            Gm.mul_((W if order == 1 else Wp).reshape(rows, cols))  # type: ignore[union-attr]
+        return (Gm.mm(R.T) if need_l else None), (L.T.mm(Gm) if need_r else None)
+    Wm = W.reshape(rows, cols)
+    step = min(rows, _block_rows(W, cols, x, gy))
+    buf = torch.empty((step, cols), dtype=G.dtype, device=G.device)
+    g_l = torch.empty((rows, L.shape[1]), dtype=G.dtype, device=G.device) if need_l else None
+    g_r = torch.zeros((L.shape[1], cols), dtype=G.dtype, device=G.device) if need_r else None
+    RT = R.T
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        Li, Gi = L[i:j], Gm[i:j]
+        if order is None:
+            t = torch.mm(Li, R, out=buf[: j - i]).exp_()
+        else:
+            t = _exp_inplace(Li @ R, order - 1)
+        Gi.mul_(t.mul_(Wm[i:j]))
+        if g_l is not None:
+            torch.mm(Gi, RT, out=g_l[i:j])
+        if g_r is not None:
+            g_r.addmm_(Li.T, Gi)
+    return g_l, g_r
 
 
 def _lowrank_apply(

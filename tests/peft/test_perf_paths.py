@@ -69,11 +69,14 @@ def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor
     return torch.autograd.grad(y, wrt, gy)
 
 
+@pytest.mark.parametrize("keep", [1 << 30, 0])
 @pytest.mark.parametrize("chunk", [1 << 16, 3])
 @pytest.mark.parametrize(("group", "exp_map"), MAPS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_matches_reference(case, group, exp_map, chunk, monkeypatch):
+def test_fused_matches_reference(case, group, exp_map, chunk, keep, monkeypatch):
     monkeypatch.setattr(fn, "_CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
+    # 1 << 30: W' always recomputed in backward; 0: W' always kept next to ∂L/∂W' (exact map)
+    monkeypatch.setattr(fn, "_KEEP_RATIO", keep)
     layer, x = _layer(case, group, exp_map)
     if layer.bias is not None:
         layer.bias.requires_grad_(True)  # the fused node also returns a bias gradient
