@@ -18,15 +18,20 @@ _LOOP_SOLVE_N = 128
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def check_square(A: object, name: str) -> torch.Tensor:
-    """Validate a real floating ``(..., n, n)`` tensor with finite entries; return it."""
+def check_square(A: object, name: str, finite: bool = True) -> torch.Tensor:
+    """Validate a real floating ``(..., n, n)`` tensor with finite entries; return it.
+
+    With ``finite=False`` the (full-size) finiteness scan is left to the caller, which must
+    then detect non-finite entries some other way (e.g. a non-finite norm) and call
+    :func:`liegroup._validation.check_finite`.
+    """
     A = check_tensor(A, name)
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ShapeError(
             f"{name} must have shape (*batch, n, n) (square matrices in the last two "
             f"dimensions), got {tuple(A.shape)}"
         )
-    if A.numel() and not bool(torch.isfinite(A).all()):
+    if finite and A.numel() and not bool(torch.isfinite(A).all()):
         check_finite(A, name)
     return A
 
@@ -63,12 +68,22 @@ def eye_like(X: torch.Tensor) -> torch.Tensor:
     return torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
 
 
-def solve(Q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """``Q⁻¹ P`` for batches ``(B, n, n)``; per matrix identical whatever the batch."""
+def solve(Q: torch.Tensor, P: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``Q⁻¹ P`` for batches ``(B, n, n)``; per matrix identical whatever the batch.
+
+    ``check=False`` skips LAPACK's singularity check (a host sync on GPU): only for ``Q``
+    that are nonsingular by construction, e.g. Padé denominators within their ``θ``.
+    """
     n = Q.shape[-1]
     if n <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
-        return torch.linalg.solve(Q, P)
-    return torch.stack([torch.linalg.solve(Q[i], P[i]) for i in range(Q.shape[0])])
+        if check:
+            return torch.linalg.solve(Q, P)
+        return torch.linalg.solve_ex(Q, P, check_errors=False)[0]
+    if check:
+        return torch.stack([torch.linalg.solve(Q[i], P[i]) for i in range(Q.shape[0])])
+    return torch.stack(
+        [torch.linalg.solve_ex(Q[i], P[i], check_errors=False)[0] for i in range(Q.shape[0])]
+    )
 
 
 def lu_factor(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,12 +43,14 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, overload
 
 import numpy as np
 import torch
 
+from liegroup._validation import check_finite
 from liegroup.errors import ShapeError
 from liegroup.linalg._common import (
     check_square,
@@ -58,7 +60,6 @@ from liegroup.linalg._common import (
     lu_solve,
     norm1,
     solve,
-    unit_roundoff,
     working_dtype,
 )
 
@@ -72,12 +73,6 @@ def _pade_b(m: int) -> tuple[float, ...]:
 
 
 _B: dict[int, tuple[float, ...]] = {m: _pade_b(m) for m in (3, 5, 7, 9, 13)}
-
-# 1/|c_{2m+1}|: the leading coefficient of the backward-error series h_{2m+1}(x) of r_m.
-_LOG2_C_RECIP: dict[int, float] = {
-    m: math.log2(math.comb(2 * m, m)) + math.log2(math.factorial(2 * m + 1))
-    for m in (3, 5, 7, 9, 13)
-}
 
 # (degree, theta) for the unscaled candidates, then the degree used with scaling.
 # The thetas are the largest θ with Σ_{k>2m} |c_k| θ^{k-1} <= u (recomputed with mpmath at
@@ -96,144 +91,253 @@ _TOP: dict[torch.dtype, tuple[int, float]] = {
     torch.float64: (13, 4.25),
     torch.float32: (7, 3.925724846433284e0),
 }
+# 1/u of the working dtypes (exact powers of two).
+_INV_U: dict[torch.dtype, int] = {torch.float64: 2**53, torch.float32: 2**24}
 
-
-# --------------------------------------------------------------------------- parameters
 # Matrices with ‖A‖₁ above 2^_PRESCALE[dtype] are first divided by a power of two (their
 # powers up to A¹⁰ would overflow otherwise) and squared back at the end.
 _PRESCALE: dict[torch.dtype, int] = {torch.float64: 100, torch.float32: 12}
 
+_NEG = -(2**40)  # "log₂ 0"
 
-class _AbsPowerNorms:
-    """Lazily computed ``log₂ ‖ |A|^p ‖₁`` for the guard degrees ``p = 2m + 1`` of a batch.
 
-    On first use, for every matrix at once: ``B = |A|/‖A‖₁`` (overflow-free), its squares
-    ``B², B⁴, B⁸, B¹⁶`` and the row vectors ``1ᵀB^p`` by binary powering with shared
-    prefixes (``‖B^p‖₁`` is the largest entry of ``1ᵀB^p`` since ``B ≥ 0``). Each value is a
-    function of its own matrix only.
+# --------------------------------------------------------------------------- exact host math
+# Every decision below uses only IEEE-exact operations (+, −, ×, ÷ once rounded, comparisons,
+# frexp) and integer arithmetic on one matrix's own numbers, so it is reproducible bit for bit
+# whatever the batch (no libm log/pow, whose vectorised and scalar variants may differ).
+def _clog2(x: np.ndarray) -> np.ndarray:
+    """``⌈log₂ x⌉`` exactly (int64) for ``x > 0``; ``_NEG`` for ``x = 0``."""
+    mant, ex = np.frexp(x)
+    c = ex.astype(np.int64) - (mant == 0.5)
+    return np.where(x > 0, c, _NEG)
+
+
+def _cdiv(a: np.ndarray, k: int) -> np.ndarray:
+    """``⌈a / k⌉`` for int64 arrays."""
+    return -((-a) // k)
+
+
+def _s_of(nk: np.ndarray, theta_k: float, k: int) -> np.ndarray:
+    """Smallest ``s ≥ 0`` with ``nk^{1/k} ≤ 2^s θ``, i.e. ``max(0, ⌈log₂(nk/θ^k)/k⌉)``.
+
+    ``⌈L/k⌉ = ⌈⌈L⌉/k⌉`` for integer ``k``, so only ``⌈log₂⌉`` of one quotient is needed.
+    """
+    return np.maximum(_cdiv(_clog2(nk / theta_k), k), 0)
+
+
+class _Guard:
+    """The guard ``ℓ(2^{-s}A, m) = max(⌈log₂(α/u)/(2m)⌉, 0)`` of Al-Mohy & Higham, exactly.
+
+    ``α = |c_{2m+1}| ‖|A|^{2m+1}‖₁/‖A‖₁ · 2^{-2ms}``, so ``ℓ = max(t_m − s, 0)`` with
+    ``t_m = ⌈log₂(K_m ‖|A|^p‖₁/‖A‖₁)/(2m)⌉``, ``K_m = |c_{2m+1}|/u``, ``p = 2m + 1``. With
+    ``‖A‖₁ = μ·2^e`` (frexp) and ``‖|A|^p‖₁ = ν_p·2^{pe}`` (``ν_p`` from ``|A|·2^{-e}``, whose
+    1-norm is ``μ ∈ [½, 1)``, so nothing overflows), ``K_m‖|A|^p‖₁/‖A‖₁ = (K_m ν_p/μ)·2^{(p−1)e}``.
+    The bound ``ν_p ≤ μ^p`` gives ``t_m^up ≥ t_m``: where ``t_m^up ≤ s``, ``ℓ = 0`` without
+    forming ``|A|^p``.
     """
 
-    def __init__(self, A: torch.Tensor, nA: np.ndarray) -> None:
-        self.A, self.nA = A, nA
-        self.values: dict[int, np.ndarray] | None = None
+    def __init__(self, nA: np.ndarray, dt: torch.dtype) -> None:
+        self.mu, e = np.frexp(nA)
+        self.e = e.astype(np.int64)
+        q2 = self.mu * self.mu
+        q4 = q2 * q2
+        q8 = q4 * q4
+        q16 = q8 * q8
+        # μ^{2m} by fixed products (IEEE, reproducible)
+        self.mpow = {3: q4 * q2, 5: q8 * q2, 7: (q8 * q4) * q2, 9: q16 * q2, 13: (q16 * q8) * q2}
+        self.inv_u = _INV_U[dt]
 
-    def get(self, p: int) -> np.ndarray:
-        if self.values is None:
-            self.values = self._compute()
-        return self.values[p]
+    def _k(self, m: int) -> float:
+        f = math.factorial
+        return self.inv_u / (math.comb(2 * m, m) * f(2 * m + 1))
 
-    def _compute(self) -> dict[int, np.ndarray]:
-        A, nA = self.A, self.nA
-        scale = torch.as_tensor(np.maximum(nA, 1e-300), dtype=A.dtype, device=A.device)
-        B1 = A.abs() / scale[:, None, None]
-        B2 = B1 @ B1
-        B4 = B2 @ B2
-        B8 = B4 @ B4
-        B16 = B8 @ B8
-        v1 = B1.sum(-2, keepdim=True)  # 1ᵀB
-        v3 = v1 @ B2
-        v7 = v3 @ B4
-        v11 = v3 @ B8
-        v15 = v7 @ B8
-        v19 = v3 @ B16
-        v27 = v11 @ B16
-        vs = torch.cat([v7, v11, v15, v19, v27], dim=1).amax(-1)  # (B, 5)
-        nb = vs.double().cpu().numpy()
-        out = {}
-        with np.errstate(divide="ignore"):
-            for j, q in enumerate((7, 11, 15, 19, 27)):
-                out[q] = q * np.log2(nA) + np.log2(nb[:, j])
+    def t_up(self, m: int) -> np.ndarray:
+        """Upper bound of ``t_m`` from ``‖|A|^p‖₁ ≤ ‖A‖₁^p`` (no matrix products)."""
+        return _cdiv(_clog2(self.mpow[m] * self._k(m)) + 2 * m * self.e, 2 * m)
+
+    def t_exact(self, m: int, nu: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``t_m`` for the matrices ``idx`` given their ``ν_p`` (same order as ``idx``)."""
+        c = _clog2((nu / self.mu[idx]) * self._k(m)) + 2 * m * self.e[idx]
+        return _cdiv(c, 2 * m)
+
+
+# --------------------------------------------------------------------------- torch stages
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A small tensor as a float64 numpy array (the host synchronisation)."""
+    return t.detach().cpu().numpy().astype(np.float64, copy=False)
+
+
+def _fill_powers(A: torch.Tensor, buf: torch.Tensor) -> None:
+    """``buf[0:4] = A, A², A⁴, A⁶`` and ``buf[4] = tril(A, −1)`` when there is a slot 4."""
+    buf[0].copy_(A)
+    torch.bmm(A, A, out=buf[1])
+    torch.bmm(buf[1], buf[1], out=buf[2])
+    torch.bmm(buf[2], buf[1], out=buf[3])
+    if buf.shape[0] > 4:
+        torch.tril(A, -1, out=buf[4])
+
+
+def _abs_power_norms(A: torch.Tensor, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
+    """``ν_p = ‖(|A|·2^{-e})^p‖₁`` for ``p ∈ ps ⊆ {7, 11, 15, 19, 27}``; ``(B, len(ps))``.
+
+    ``B = |A|·2^{-e}`` (exact); ``‖B^p‖₁`` is the largest entry of ``1ᵀB^p`` (``B ≥ 0``),
+    formed by binary powering with shared prefixes: ``B², B⁴, B⁸(, B¹⁶)`` and row vectors
+    ``v₃ = 1ᵀB·B², v₇ = v₃B⁴, v₁₁ = v₃B⁸, v₁₅ = v₇B⁸, v₁₉ = v₃B¹⁶, v₂₇ = v₁₁B¹⁶``.
+    """
+    dev, dt = A.device, A.dtype
+    top = max(ps)
+    k = 5 if top > 15 else 4
+    sc = torch.as_tensor(np.ldexp(1.0, -e), dtype=dt, device=dev)[:, None, None]
+    P = torch.empty((k, *A.shape), dtype=dt, device=dev)
+    torch.mul(A.abs(), sc, out=P[0])
+    for j in range(1, k):
+        torch.bmm(P[j - 1], P[j - 1], out=P[j])
+    v1 = P[0].sum(-2, keepdim=True)
+    v3 = torch.bmm(v1, P[1])
+    vs = {3: v3}
+    # v7, v11(, v19) = v3 · (B⁴, B⁸(, B¹⁶)) in one broadcast product
+    w = torch.matmul(v3[None], P[2:k])
+    vs[7], vs[11] = w[0], w[1]
+    if k == 5:
+        vs[19] = w[2]
+        w2 = torch.matmul(torch.stack([vs[7], vs[11]]), P[3:5])  # v15, v27
+        vs[15], vs[27] = w2[0], w2[1]
+    elif top >= 15:
+        vs[15] = torch.bmm(vs[7], P[3])
+    return _host(torch.cat([vs[p] for p in ps], dim=1).amax(-1))
+
+
+def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Degree, scaling and structure of every matrix of a ``(B, n, n)`` batch.
+
+    Returns ``buf`` (``(4 or 5, B, n, n)``: the prescaled ``A``, ``A²``, ``A⁴``, ``A⁶`` and a
+    free slot), degree ``m``, scaling ``s`` of the Padé argument (relative to the prescaled
+    ``A``), prescaling ``s0`` (total squarings ``s + s0``) and upper-triangularity ``tri``.
+    Every decision depends on its own matrix only (see the module docstring); the batch is
+    synchronised with the host once, plus once more only for matrices whose guard or scaling
+    needs exact norms of higher powers.
+    """
+    Bn, n = A.shape[0], A.shape[-1]
+    dt, dev = A.dtype, A.device
+    buf = torch.empty((5 if n > 1 else 4, Bn, n, n), dtype=dt, device=dev)
+    _fill_powers(A, buf)
+    st = _host(norm1(buf))
+    nA = st[0]
+    s0 = np.zeros(Bn, dtype=np.int64)
+    big = ~(nA <= 2.0 ** _PRESCALE[dt])  # also NaN/inf
+    if big.any():
+        nb = nA[big]
+        if not np.isfinite(nb).all():
+            check_finite(A, "A")  # raises for NaN/inf entries
+        idx = np.flatnonzero(big)
+        ti = torch.as_tensor(idx, device=dev)
+        Ab = A[ti]
+        c = _clog2(np.where(np.isfinite(nb), nb, 1.0))
+        over = ~np.isfinite(nb)
+        if over.any():  # finite entries whose column sums overflow: measure them scaled down
+            mx = _host(Ab.abs().amax((-2, -1)))
+            ex = np.frexp(mx)[1].astype(np.int64)
+            scl = torch.as_tensor(np.ldexp(1.0, -ex), dtype=dt, device=dev)[:, None, None]
+            c2 = _clog2(_host(norm1(Ab * scl))) + ex
+            c = np.where(over, c2, c)
+        s0[idx] = c - _PRESCALE[dt]
+        Ab = Ab * torch.as_tensor(np.ldexp(1.0, -s0[idx]), dtype=dt, device=dev)[:, None, None]
+        sub = torch.empty((buf.shape[0], idx.size, n, n), dtype=dt, device=dev)
+        _fill_powers(Ab, sub)
+        buf[:, ti] = sub
+        st[:, idx] = _host(norm1(sub))
+        nA = st[0]
+    n2, n4, n6 = st[1], st[2], st[3]
+    tri = st[4] == 0 if n > 1 else np.ones(Bn, dtype=bool)
+
+    cands = _CANDIDATES[dt]
+    top, theta = _TOP[dt]
+    n8 = np.minimum(n4 * n4, n2 * n6)  # bounds of ‖A⁸‖₁, ‖A¹⁰‖₁
+    n10 = np.minimum(n4 * n6, n2 * (n4 * n4))
+    g = _Guard(nA, dt)
+    passes = []
+    for deg, th in cands:  # η = max(d4, d6) (m ≤ 5) or max(d6, d8) ≤ θ, d_k = ‖A^k‖^{1/k}
+        if deg <= 5:
+            passes.append((n4 <= th**4) & (n6 <= th**6))
+        else:
+            passes.append((n6 <= th**6) & (n8 <= th**8))
+    s6, s8, s10 = _s_of(n6, theta**6, 6), _s_of(n8, theta**8, 8), _s_of(n10, theta**10, 10)
+    s_top = np.minimum(np.maximum(s6, s8), np.maximum(s8, s10))
+
+    # Which matrices need exact ν_p (guard) or exact ‖A⁸‖, ‖A¹⁰‖ (scaling)?
+    t_up = {deg: g.t_up(deg) for deg, _ in cands}
+    open_ = np.ones(Bn, dtype=bool)  # may still fall through to later degrees
+    need_g = np.zeros(Bn, dtype=bool)
+    for (deg, _), ok in zip(cands, passes, strict=True):
+        here = open_ & ok
+        unsure = here & (t_up[deg] > 0)
+        need_g |= unsure
+        open_ &= ~(here & ~unsure)
+    t_up[top] = g.t_up(top)
+    need_g |= open_ & (t_up[top] > s_top)
+    need_e = open_ & (s_top > 0)
+
+    ps = (*(2 * d + 1 for d, _ in cands), 2 * top + 1)
+    nu = np.zeros((Bn, len(ps)))
+    have = need_g.copy()
+    if need_g.any():
+        idx = np.flatnonzero(need_g)
+        nu[idx] = _abs_power_norms(buf[0, torch.as_tensor(idx, device=dev)], g.e[idx], ps)
+    if need_e.any():
+        idx = np.flatnonzero(need_e)
+        ti = torch.as_tensor(idx, device=dev)
+        A4 = buf[2, ti]
+        E = torch.empty((2, idx.size, n, n), dtype=dt, device=dev)
+        torch.bmm(A4, A4, out=E[0])
+        torch.bmm(A4, buf[3, ti], out=E[1])
+        e8, e10 = _host(norm1(E))
+        s8e, s10e = _s_of(e8, theta**8, 8), _s_of(e10, theta**10, 10)
+        s_top[idx] = np.minimum(np.maximum(s6[idx], s8e), np.maximum(s8e, s10e))
+
+    def ell(deg: int, j: int, s: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """ℓ for the matrices ``sel`` (bool) at scaling ``s`` (their values)."""
+        out = np.zeros(int(sel.sum()), dtype=np.int64)
+        need = t_up[deg][sel] > s
+        if need.any():
+            idx = np.flatnonzero(sel)[need]
+            t = g.t_exact(deg, nu[idx, j], idx)
+            out[need] = np.maximum(t - s[need], 0)
         return out
 
-
-def _ell(
-    pn: _AbsPowerNorms, nA: np.ndarray, idx: np.ndarray, m: int, s: np.ndarray, log2u: float
-) -> np.ndarray:
-    """``ℓ(2^{-s}A, m)`` for the matrices ``idx``, forming ``|A|^{2m+1}`` only if needed.
-
-    ``α(2^{-s}A) = 2^{-2ms} |c_{2m+1}| ‖|A|^{2m+1}‖₁/‖A‖₁``; since ``‖|A|^p‖₁ ≤ ‖A‖₁^p`` the
-    exact powers are formed only when some matrix's upper bound does not already give 0.
-    """
-    p = 2 * m + 1
-    nA = nA[idx]
-    with np.errstate(divide="ignore"):
-        lognA = np.log2(nA)
-    shift = -_LOG2_C_RECIP[m] - log2u - 2 * m * s
-    out = np.zeros(s.shape, dtype=np.int64)
-    need = ((p - 1) * lognA + shift > 0) & (nA > 0)
-    if need.any():
-        l2 = pn.get(p)[idx][need] - lognA[need] + shift[need]
-        with np.errstate(invalid="ignore"):
-            val = np.nan_to_num(np.ceil(l2 / (2 * m)), nan=0.0, neginf=0.0)
-        out[need] = np.maximum(val, 0).astype(np.int64)
-    return out
-
-
-def _ceil_log2(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.ceil(np.log2(x))
-    return np.maximum(np.nan_to_num(r, nan=0.0, neginf=0.0, posinf=0.0), 0).astype(np.int64)
-
-
-def _choose(A: torch.Tensor, Pw: torch.Tensor, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Degree ``m`` and scaling ``s`` of each matrix (int64 arrays of shape ``(B,)``).
-
-    ``Pw`` stacks ``A², A⁴, A⁶`` (``(3, B, n, n)``); ``norms`` their 1-norms and ``A``'s
-    (``(4, B)`` float64, row 0 is ``‖A‖₁``). Every decision uses one matrix's numbers only.
-    """
-    dt = A.dtype
-    log2u = math.log2(unit_roundoff(dt))
-    nA, n2, n4, n6 = norms
-    d4, d6 = n4 ** (1 / 4), n6 ** (1 / 6)
-    d8 = np.minimum(n4 * n4, n2 * n6) ** (1 / 8)  # upper bounds of ||A^8||^(1/8), ...
-    d10 = np.minimum(n4 * n6, n2 * n4 * n4) ** (1 / 10)
-    B = nA.shape[0]
-    m = np.zeros(B, dtype=np.int64)
-    s = np.zeros(B, dtype=np.int64)
-    pn = _AbsPowerNorms(A, nA)
-    for deg, theta in _CANDIDATES[dt]:
-        eta = np.maximum(d4, d6) if deg <= 5 else np.maximum(d6, d8)
-        cand = (m == 0) & (eta <= theta)
-        if cand.any():
-            idx = np.flatnonzero(cand)
-            ok = _ell(pn, nA, idx, deg, s[idx], log2u) == 0
-            m[idx[ok]] = deg
+    m = np.zeros(Bn, dtype=np.int64)
+    for j, ((deg, _), ok) in enumerate(zip(cands, passes, strict=True)):
+        sel = (m == 0) & ok
+        if sel.any():
+            zero = np.zeros(int(sel.sum()), dtype=np.int64)
+            idx = np.flatnonzero(sel)
+            m[idx[ell(deg, j, zero, sel) == 0]] = deg
+    s = np.zeros(Bn, dtype=np.int64)
     rest = m == 0
-    if not rest.any():
-        return m, s
-    top, theta = _TOP[dt]
-    idx = np.flatnonzero(rest)
-    eta5 = np.minimum(np.maximum(d6, d8), np.maximum(d8, d10))[idx]
-    s_r = _ceil_log2(eta5 / theta)
-    # Where the bound-based s is positive, the exact ||A^8||, ||A^10|| may lower it.
-    pos = s_r > 0
-    if pos.any():
-        j = idx[pos]
-        tj = torch.as_tensor(j, device=A.device)
-        A4, A6 = Pw[1, tj], Pw[2, tj]
-        P = A4 @ torch.cat([A4, A6], dim=-1)
-        n = A.shape[-1]
-        e = torch.stack([norm1(P[..., :n]), norm1(P[..., n:])]).double().cpu().numpy()
-        e8, e10 = e[0] ** (1 / 8), e[1] ** (1 / 10)
-        e5 = np.minimum(np.maximum(d6[j], e8), np.maximum(e8, e10))
-        s_r[pos] = _ceil_log2(e5 / theta)
-    s_r = s_r + _ell(pn, nA, idx, top, s_r, log2u)
-    m[idx] = top
-    s[idx] = s_r
-    return m, s
+    if rest.any():
+        late = rest & ~have & (t_up[top] > s_top)  # refined scaling made the guard necessary
+        if late.any():
+            idx = np.flatnonzero(late)
+            nu[idx] = _abs_power_norms(buf[0, torch.as_tensor(idx, device=dev)], g.e[idx], ps)
+        sr = s_top[rest]
+        m[rest] = top
+        s[rest] = sr + ell(top, len(cands), sr, rest)
+    return buf, m, s, s0, tri
 
 
 # --------------------------------------------------------------------------- Padé
-def _combo(Pw: torch.Tensor, C: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``Σ_k C[i, k] Pw[k] + bias[i]·I`` for each row ``i`` in one GEMM pass, ``(r, B, n, n)``."""
-    k, B, n, _ = Pw.shape
-    out = (C @ Pw.reshape(k, -1)).reshape(C.shape[0], B, n, n)
-    out.diagonal(dim1=-2, dim2=-1).add_(bias[:, None, None])
-    return out
+_COEF_CACHE: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _coeffs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Coefficient matrices for :func:`_combo` on the powers ``(A², A⁴, A⁶[, A⁸])``."""
+def _coeffs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficient matrix and identity shifts for the powers ``(A², A⁴, A⁶[, A⁸])``.
+
+    Rows: degree 13: ``W₁, Z₁, W₂, Z₂`` (``U = A(A⁶W₁ + W₂)``, ``V = A⁶Z₁ + Z₂``); lower
+    degrees: ``W, V`` with ``U = AW``. Cached per (degree, dtype, device).
+    """
+    key = (m, dtype, device)
+    hit = _COEF_CACHE.get(key)
+    if hit is not None:
+        return hit
     b = _B[m]
     if m == 13:
         C = [[b[9], b[11], b[13]], [b[8], b[10], b[12]], [b[3], b[5], b[7]], [b[2], b[4], b[6]]]
@@ -242,10 +346,20 @@ def _coeffs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Ten
         k = (m - 1) // 2
         C = [[b[2 * j + 1] for j in range(1, k + 1)], [b[2 * j] for j in range(1, k + 1)]]
         bias = [b[1], b[0]]
-    return (
+    out = (
         torch.tensor(C, dtype=dtype, device=device),
         torch.tensor(bias, dtype=dtype, device=device),
     )
+    _COEF_CACHE[key] = out
+    return out
+
+
+def _combo(Pw: torch.Tensor, C: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``Σ_k C[i, k] Pw[k] + bias[i]·I`` for each row ``i`` in one GEMM pass, ``(r, B, n, n)``."""
+    k, B, n, _ = Pw.shape
+    out = (C @ Pw.reshape(k, -1)).reshape(C.shape[0], B, n, n)
+    out.diagonal(dim1=-2, dim2=-1).add_(bias[:, None, None])
+    return out
 
 
 def _sinhc(x: torch.Tensor) -> torch.Tensor:
@@ -275,103 +389,104 @@ def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Ten
     return X
 
 
-def _pow2(s: torch.Tensor, dtype: torch.dtype, k: int = 1) -> torch.Tensor:
-    """``2^{-k s}`` per matrix as a ``(B, 1, 1)`` tensor (exact power of two)."""
-    return torch.ldexp(torch.ones(s.shape, dtype=dtype, device=s.device), -k * s)[:, None, None]
+def _scales(s: np.ndarray, ks: tuple[int, ...], dt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """``2^{-k s}`` for ``k ∈ ks`` as a ``(len(ks), B, 1, 1)`` tensor (exact powers of two)."""
+    v = np.ldexp(1.0, -np.outer(ks, s))
+    return torch.as_tensor(v, dtype=dt, device=dev)[:, :, None, None]
+
+
+def _counts(s: np.ndarray) -> list[int]:
+    """For ``s`` sorted in decreasing order: how many matrices take squaring ``k = 0, 1, …``."""
+    if s.size == 0 or s[0] <= 0:
+        return []
+    return [int(np.count_nonzero(s > k)) for k in range(int(s[0]))]
 
 
 def _expm_group(
-    m: int, s: np.ndarray, s_sq: np.ndarray, A: torch.Tensor, Pw: torch.Tensor, tri: np.ndarray
+    m: int, s: np.ndarray, s_sq: np.ndarray, G: torch.Tensor, tri: np.ndarray
 ) -> torch.Tensor:
-    """``r_m(2^{-s}A)^{2^{s_sq}}`` for matrices sharing the degree ``m`` (``Pw``: A², A⁴, A⁶)."""
-    dev, dt = A.device, A.dtype
-    if (s > 0).any():
-        st = torch.as_tensor(s, device=dev)
-        c = _pow2(st, dt)
-        c2 = c * c
-        A = A * c
-        Pw = Pw * torch.stack([c2, c2 * c2, c2 * c2 * c2])
+    """``r_m(2^{-s}A)^{2^{s_sq}}`` for matrices sharing the degree ``m``.
+
+    ``G``: ``(4 or 5, B, n, n)`` holding ``A, A², A⁴, A⁶`` (and a free slot); ``s_sq`` sorted in
+    decreasing order, so squaring ``k`` applies to a leading slice of the group.
+    """
+    dev, dt = G.device, G.dtype
+    if m == 9:  # A⁸ into the free slot (n ≥ 2 here: for n = 1 m ≤ 7 ... or handled by exp)
+        torch.bmm(G[2], G[2], out=G[4])
+        P = G[1:5]
+    else:
+        P = G[1 : (m - 1) // 2 + 1] if m != 13 else G[1:4]
+    A = G[0]
+    if s.size and s.max() > 0:  # only the top degree is ever scaled
+        S = G[:4] * _scales(s, (1, 2, 4, 6), dt, dev)
+        A, P = S[0], S[1:4]
     C, bias = _coeffs(m, dt, dev)
     if m == 13:
-        W1, Z1, W2, Z2 = _combo(Pw, C, bias)
-        A6 = Pw[2]
+        W1, Z1, W2, Z2 = _combo(P, C, bias)
+        A6 = P[2]
         W = torch.baddbmm(W2, A6, W1)
         V = torch.baddbmm(Z2, A6, Z1)
     else:
-        P = Pw[: (m - 1) // 2]
-        if m == 9:
-            P = torch.cat([P, (Pw[1] @ Pw[1])[None]])
         W, V = _combo(P, C, bias)
-    U = A @ W
-    X = solve(V - U, V + U)
-    if tri.any():
+    U = torch.bmm(A, W)
+    X = solve(V - U, V + U, check=False)
+    fix = bool(tri.any())
+    if fix:
         ti = torch.as_tensor(np.flatnonzero(tri), device=dev)
         X[ti] = _fix_triangular(X[ti], A[ti], 1.0)
-    smax = int(s_sq.max()) if s_sq.size else 0
-    for k in range(smax):
-        act = s_sq > k
-        if act.all():
-            X = X @ X
+    for k, c in enumerate(_counts(s_sq)):
+        if c == X.shape[0]:
+            X = torch.bmm(X, X)
         else:
-            idx = torch.as_tensor(np.flatnonzero(act), device=dev)
-            Xi = X[idx]
-            X[idx] = Xi @ Xi
-        ta = tri & act
-        if ta.any():
-            ti = torch.as_tensor(np.flatnonzero(ta), device=dev)
-            # X[ti] is now exp(2^{k+1} · A_s) with A_s the Padé argument.
-            X[ti] = _fix_triangular(X[ti], A[ti], float(2 ** (k + 1)))
+            Xc = X[:c]
+            X[:c] = torch.bmm(Xc, Xc)
+        if fix:
+            ta = tri[:c]
+            if ta.any():
+                ti = torch.as_tensor(np.flatnonzero(ta), device=dev)
+                # X[ti] is now exp(2^{k+1} · A_s) with A_s the Padé argument.
+                X[ti] = _fix_triangular(X[ti], A[ti], float(2 ** (k + 1)))
     return X
 
 
-_Params = tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+def _order(m: np.ndarray, s: np.ndarray) -> np.ndarray | None:
+    """Permutation grouping equal degrees, each by decreasing ``s``; ``None`` if identity."""
+    if m.size <= 1:
+        return None
+    if (m[1:] == m[:-1]).all() and (s[1:] <= s[:-1]).all():
+        return None
+    return np.lexsort((-s, m))
 
 
-def _params(A: torch.Tensor) -> _Params:
-    """Decisions for a ``(B, n, n)`` batch.
-
-    Returns the prescaled ``A``, its powers, degree ``m``, scaling ``s`` (of the prescaled
-    matrix), total scaling and upper-triangularity flags of each matrix.
-    """
-    Bn, n = A.shape[0], A.shape[-1]
-    dev, dt = A.device, A.dtype
-    nA0 = norm1(A).double().cpu().numpy()
-    s0 = np.zeros(Bn, dtype=np.int64)
-    big = nA0 > 2.0 ** _PRESCALE[dt]
-    if big.any():
-        with np.errstate(divide="ignore"):
-            s0[big] = np.ceil(np.log2(nA0[big])).astype(np.int64) - _PRESCALE[dt]
-        A = A * _pow2(torch.as_tensor(s0, device=dev), dt)
-    buf = torch.empty(4, Bn, n, n, dtype=dt, device=dev)
-    buf[0].copy_(A)
-    Pw = buf[1:]
-    torch.bmm(A, A, out=Pw[0])
-    torch.bmm(Pw[0], Pw[0], out=Pw[1])
-    torch.bmm(Pw[1], Pw[0], out=Pw[2])
-    norms = norm1(buf)
-    if n > 1:
-        lower = torch.tril(A, -1).abs().amax((-2, -1))
-        stats = torch.cat([norms, lower[None]]).double().cpu().numpy()
-        tri = stats[4] == 0
-    else:
-        stats = norms.double().cpu().numpy()
-        tri = np.ones(Bn, dtype=bool)
-    m, s = _choose(A, Pw, stats[:4])
-    return A, Pw, m, s, s + s0, tri
+def _segments(m: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` slices of equal consecutive values of ``m``."""
+    cut = np.flatnonzero(m[1:] != m[:-1]) + 1
+    edges = [0, *cut.tolist(), m.size]
+    return list(itertools.pairwise(edges))
 
 
 def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """``exp`` of a ``(B, n, n)`` batch in its own dtype; also the chosen ``m`` and total ``s``."""
-    A, Pw, m, s, s_tot, tri = _params(A)
+    if A.shape[-1] == 1:
+        # 1×1: the triangular treatment makes the result exp(a) exactly; the degree/scaling
+        # are still chosen for the backward pass.
+        buf, m, s, s0, _ = _decide(A)
+        return torch.exp(A), m, s + s0
+    buf, m, s, s0, tri = _decide(A)
+    s_tot = s + s0
+    order = _order(m, s_tot)
+    if order is None:
+        return _expm_group(int(m[0]), s, s_tot, buf, tri), m, s_tot
     dev = A.device
-    degs = np.unique(m)
-    if degs.size == 1:
-        return _expm_group(int(degs[0]), s, s_tot, A, Pw, tri), m, s_tot
-    X = torch.empty_like(A)
-    for d in degs.tolist():
-        sel = m == d
-        ti = torch.as_tensor(np.flatnonzero(sel), device=dev)
-        X[ti] = _expm_group(d, s[sel], s_tot[sel], A[ti], Pw[:, ti], tri[sel])
+    perm = torch.as_tensor(order, device=dev)
+    bufp = buf[:, perm]
+    mo, so, sto, tro = m[order], s[order], s_tot[order], tri[order]
+    outs = [
+        _expm_group(int(mo[a]), so[a:b], sto[a:b], bufp[:, a:b], tro[a:b]) for a, b in _segments(mo)
+    ]
+    Xp = outs[0] if len(outs) == 1 else torch.cat(outs)
+    X = torch.empty_like(Xp)
+    X[perm] = Xp
     return X, m, s_tot
 
 
@@ -383,16 +498,42 @@ def _lincomb(mats: list[torch.Tensor], C: torch.Tensor) -> torch.Tensor:
     return (C @ S.reshape(k, -1)).reshape(C.shape[0], *S.shape[1:])
 
 
+_FCOEF_CACHE: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _fcoeffs(deg: int, dt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    key = (deg, dt, dev)
+    C = _FCOEF_CACHE.get(key)
+    if C is None:
+        b = _B[deg]
+        if deg == 13:
+            rows = [
+                [b[13], b[11], b[9]],
+                [b[7], b[5], b[3]],
+                [b[12], b[10], b[8]],
+                [b[6], b[4], b[2]],
+            ]
+        else:
+            k = (deg - 1) // 2
+            rows = [[b[2 * j + 1] for j in range(1, k + 1)], [b[2 * j] for j in range(1, k + 1)]]
+        C = torch.tensor(rows, dtype=dt, device=dev)
+        _FCOEF_CACHE[key] = C
+    return C
+
+
 def _frechet_group(
     deg: int, s_np: np.ndarray, A: torch.Tensor, E: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(exp(A), L(A, E))`` for matrices sharing the degree; plain (differentiable) ops."""
+    """``(exp(A), L(A, E))`` for matrices sharing the degree; plain (differentiable) ops.
+
+    ``s_np`` sorted in decreasing order (squaring ``k`` applies to a leading slice).
+    """
     b = _B[deg]
     I = eye_like(A)  # noqa: E741
     dt, dev = A.dtype, A.device
-    if (s_np > 0).any():
-        c = _pow2(torch.as_tensor(s_np, device=dev), dt)
-        A, E = A * c, E * c
+    if s_np.size and s_np.max() > 0:
+        sc = _scales(s_np, (1,), dt, dev)[0]
+        A, E = A * sc, E * sc
     A2 = A @ A
     M2 = torch.baddbmm(A @ E, E, A)
     pw, Ms = [A2], [M2]
@@ -405,13 +546,9 @@ def _frechet_group(
     if deg == 9:
         pw.append(pw[1] @ pw[1])
         Ms.append(torch.baddbmm(pw[1] @ Ms[1], Ms[1], pw[1]))
+    C = _fcoeffs(deg, dt, dev)
     if deg == 13:
         A6, M6 = pw[2], Ms[2]
-        C = torch.tensor(
-            [[b[13], b[11], b[9]], [b[7], b[5], b[3]], [b[12], b[10], b[8]], [b[6], b[4], b[2]]],
-            dtype=dt,
-            device=dev,
-        )
         W1, W2, Z1, Z2 = _lincomb([A6, pw[1], A2], C)
         Lw1, Lw2, Lz1, Lz2 = _lincomb([M6, Ms[1], M2], C)
         W2 = W2 + b[1] * I
@@ -423,12 +560,6 @@ def _frechet_group(
         Lu = torch.baddbmm(A @ Lw, E, W)
         Lv = torch.baddbmm(torch.baddbmm(Lz2, A6, Lz1), M6, Z1)
     else:
-        k = len(pw)
-        C = torch.tensor(
-            [[b[2 * j + 1] for j in range(1, k + 1)], [b[2 * j] for j in range(1, k + 1)]],
-            dtype=dt,
-            device=dev,
-        )
         W, V = _lincomb(pw, C)
         Lw, Lv = _lincomb(Ms, C)
         W = W + b[1] * I
@@ -438,33 +569,30 @@ def _frechet_group(
     LU, piv = lu_factor(V - U)
     R = lu_solve(LU, piv, U + V)
     L = lu_solve(LU, piv, torch.baddbmm(Lu + Lv, Lu - Lv, R))
-    smax = int(s_np.max()) if s_np.size else 0
-    for k in range(smax):
-        Ln = torch.baddbmm(R @ L, L, R)
-        Rn = R @ R
-        act_np = s_np > k
-        if act_np.all():
-            R, L = Rn, Ln
+    for c in _counts(s_np):
+        if c == R.shape[0]:
+            L = torch.baddbmm(R @ L, L, R)
+            R = R @ R
         else:
-            act = torch.as_tensor(act_np, device=dev)[:, None, None]
-            R, L = torch.where(act, Rn, R), torch.where(act, Ln, L)
+            Rc, Lc = R[:c], L[:c]
+            L = torch.cat([torch.baddbmm(Rc @ Lc, Lc, Rc), L[c:]])
+            R = torch.cat([Rc @ Rc, R[c:]])
     return R, L
 
 
 def _frechet_core(
     A: torch.Tensor, E: torch.Tensor, m: np.ndarray, s: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    degs = np.unique(m).tolist()
-    if len(degs) == 1:
-        return _frechet_group(degs[0], s, A, E)
-    R = torch.zeros_like(A)
-    L = torch.zeros_like(A)
-    for d in degs:
-        sel = m == d
-        idx = torch.as_tensor(np.flatnonzero(sel), device=A.device)
-        Rd, Ld = _frechet_group(d, s[sel], A[idx], E[idx])
-        R = R.index_copy(0, idx, Rd)
-        L = L.index_copy(0, idx, Ld)
+    order = _order(m, s)
+    if order is None:
+        return _frechet_group(int(m[0]), s, A, E)
+    perm = torch.as_tensor(order, device=A.device)
+    inv = torch.as_tensor(np.argsort(order), device=A.device)
+    Ap, Ep = A[perm], E[perm]
+    mo, so = m[order], s[order]
+    parts = [_frechet_group(int(mo[a]), so[a:b], Ap[a:b], Ep[a:b]) for a, b in _segments(mo)]
+    R = torch.cat([p[0] for p in parts])[inv]
+    L = torch.cat([p[1] for p in parts])[inv]
     return R, L
 
 
@@ -513,13 +641,16 @@ def expm(A: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(R, torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64))
         True
     """
-    A = check_square(A, "A")
+    A = check_square(A, "A", finite=False)  # non-finite entries are caught from the norms
     wd = working_dtype(A.dtype)
     Af, batch = flat(A.to(wd))
     n = A.shape[-1]
     if Af.shape[0] == 0 or n == 0:
         return torch.empty_like(A)
-    X = _Expm.apply(Af)
+    if Af.requires_grad and torch.is_grad_enabled():
+        X = _Expm.apply(Af)
+    else:
+        X = _expm_core(Af.detach())[0]
     return X.reshape(*batch, n, n).to(A.dtype)
 
 
@@ -561,7 +692,7 @@ def expm_frechet(
         >>> round(expm_frechet(A, E)[0, 1].item(), 12)   # (e^1 - e^0) / (1 - 0)
         1.718281828459
     """
-    A = check_square(A, "A")
+    A = check_square(A, "A", finite=False)  # checked from the norms in _decide
     E = check_square(E, "E")
     if A.shape[-1] != E.shape[-1]:
         raise ShapeError(
@@ -577,8 +708,8 @@ def expm_frechet(
         z = torch.zeros(A.shape, dtype=dtype, device=A.device)
         return (z, z.clone()) if return_expm else z
     with torch.no_grad():
-        m, s = _params(Af.detach())[2::2]
-    X, L = _frechet_core(Af, Ef, m, s)
+        _, m, s, s0, _ = _decide(Af.detach())
+    X, L = _frechet_core(Af, Ef, m, s + s0)
     L = L.reshape(*batch, n, n).to(dtype)
     if return_expm:
         return X.reshape(*batch, n, n).to(dtype), L
