@@ -1,7 +1,8 @@
 """``python -m benchmarks`` (``make bench``): every method against full fine-tuning, on CPU.
 
 Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, default 1),
-``--rounds R --steps K``, ``--only linear,resnet50``, ``--no-memory``, ``--out DIR``
+``--rounds R --steps K``, ``--only linear,resnet50``, ``--methods REGEX`` (e.g.
+``"LieRA lora"``; full fine-tuning always runs), ``--no-memory``, ``--out DIR``
 (default ``out/``). Writes ``DIR/bench-cpu[-quick].md`` and ``.json`` and prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
@@ -24,6 +25,7 @@ from benchmarks.suite import (
     cases,
     memory_in_this_process,
     method_names,
+    set_method_filter,
 )
 
 TIME_LIMIT, MEM_LIMIT, MAP_LIMIT = 1.10, 1.05, 1.05
@@ -51,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--methods", default="",
+                    help="regex: only methods whose name matches (full fine-tuning always runs)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_method_filter(args.methods or None)
     all_cases = cases(args.quick)
     if args.memory_case:  # internal: one case's peak memory, in a fresh process
         case = next(c for c in all_cases if c.name == args.memory_case)
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in selected:
         print(f"... {case.label}", file=sys.stderr, flush=True)
         ratios, notes, ntrain = bench_time(case, rounds, steps)
-        mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads)
+        extra = ["--methods", args.methods] if args.methods else []
+        mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads, extra)
         rows = {}
         full_mem = mem.get(FULL)
         for m in method_names(case):

@@ -112,9 +112,20 @@ def liera_methods() -> dict[str, dict[str, Any]]:
     return out
 
 
+_METHOD_FILTER: re.Pattern[str] | None = None
+
+
+def set_method_filter(pattern: str | None) -> None:
+    """Keep only the methods whose name matches ``pattern`` (full fine-tuning always stays)."""
+    global _METHOD_FILTER
+    _METHOD_FILTER = re.compile(pattern) if pattern else None
+
+
 def method_names(case: Case) -> list[str]:
     names = [FULL] + ([HEAD] if case.is_model else [])
-    return names + list(liera_methods()) + list(peers.available())
+    names += list(liera_methods()) + list(peers.available())
+    flt = _METHOD_FILTER
+    return [m for m in names if m == FULL or flt is None or flt.search(m)]
 
 
 def build(case: Case, method: str) -> nn.Module:
@@ -274,9 +285,10 @@ def memory_in_this_process(case: Case, methods: list[str]) -> dict[str, list[flo
     return out
 
 
-def bench_memory(case_name: str, quick: bool, threads: int) -> dict[str, list[float] | None]:
+def bench_memory(case_name: str, quick: bool, threads: int,
+                 extra: list[str] | None = None) -> dict[str, list[float] | None]:
     cmd = [sys.executable, "-m", "benchmarks", "--memory-case", case_name,
-           "--threads", str(threads)] + (["--quick"] if quick else [])
+           "--threads", str(threads)] + (["--quick"] if quick else []) + (extra or [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result: dict[str, list[float] | None] = json.loads(res.stdout.strip().splitlines()[-1])

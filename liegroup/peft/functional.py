@@ -257,15 +257,22 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
     than full fine-tuning of the layer needs (``∂L/∂W``):
 
     * forward forms ``W'`` in one buffer, runs the op and frees ``W'``; it keeps ``x`` (as the
-      op would), ``W`` and the small factors;
-    * backward recomputes ``W'`` only if ``∂L/∂x`` is needed, forms ``∂L/∂x`` and frees
-      ``W'``; then ``G = ∂L/∂W'`` (one buffer), turns it *in place* into
-      ``G_Δ = G ⊙ W ⊙ exp(ΔW)`` (exact; ``exp(L_i R)`` recomputed per row block ``i`` so it
-      never takes a weight-sized buffer), ``G ⊙ W`` (first order), ``G ⊙ W ⊙ T_{k−1}(ΔW)``
-      (order k) or ``G`` (additive), and returns ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ``.
+      op would), ``W`` and the small factors — and ``W'`` itself only when the weight has at
+      most 1/32 of the entries of ``x`` and ``y`` together (then it costs ≤ 3 % of the
+      activations, and the backward neither recomputes ``W'`` nor a second ``exp``);
+    * backward recomputes ``W'`` (if not kept) only if ``∂L/∂x`` is needed, forms ``∂L/∂x``
+      and, for Linear, writes ``G = ∂L/∂W'`` into the same buffer (convs: frees ``W'`` before
+      ``G`` exists, or with a kept ``W'`` forms ``∂L/∂x``, ``G``, ``∂L/∂b`` in one call); then
+      turns ``G`` *in place* into ``G_Δ = G ⊙ W'`` (exact; without a kept ``W'``,
+      ``W ⊙ exp(L_i R)`` is recomputed per cache-sized row block ``i`` in one reused block
+      buffer, the factor products taken per block), ``G ⊙ W`` (first order),
+      ``G ⊙ W ⊙ T_{k−1}(ΔW)`` (order k, per block) or ``G`` (additive), and returns
+      ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ``.
 
     Extra work against full fine-tuning: the rank-r products and the element-wise map (twice
-    when ``∂L/∂x`` is needed) — small next to the op, and the same for every map.
+    when ``∂L/∂x`` is needed and ``W'`` was not kept) — a few passes over the weight, small
+    next to the op when the activations are large; the exact map adds one ``exp`` per entry
+    in the backward's blocks.
     ``update`` is ``"additive"`` or ``"hadamard"`` (with ``order``); ``W`` must be frozen.
     The forward is bit-identical to ``op(x, adapted_weight_lowrank(W, L, R))``.
 
@@ -301,9 +308,15 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             raise ValueError(f"update must be 'hadamard' or 'additive', got {update!r}")
         Wp = _lowrank_apply(W, L, R, update, order)
         out = _op_forward(x, Wp, bias, op)
+        need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        # keep W' for the backward (no recompute there) only where it is small next to the
+        # activations; it is then needed by ∂L/∂x or by the exact map's G ⊙ W'
+        keep = need_f and (need_x or (update == "hadamard" and order is None)) and (
+            _keep_second_buffer(W, x, out)
+        )
+        ctx.update, ctx.order, ctx.op, ctx.keep = update, order, op, keep
+        ctx.save_for_backward(x, W, L, R, Wp if keep else None)
         del Wp
-        ctx.update, ctx.order, ctx.op = update, order, op
-        ctx.save_for_backward(x, W, L, R)
         ctx.bias_shape = None if bias is None else bias.shape
         return out
 
@@ -311,44 +324,39 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``∂L/∂x``, ``∂L/∂b`` and the factor gradients with one weight-sized buffer at a time."""
-        x, W, L, R = ctx.saved_tensors
+        x, W, L, R, kept = ctx.saved_tensors
         update, order, op = ctx.update, ctx.order, ctx.op
         need_x, _, need_b, need_l, need_r = ctx.needs_input_grad[:5]
         need_f = need_l or need_r
         gx = gb = None
         G: torch.Tensor | None = None  # ∂L/∂W'
-        Wp: torch.Tensor | None = None  # W', kept for G_Δ = G ⊙ W' only when `keep`
-        # the exact map needs W' next to G; keep the W' formed for ∂L/∂x (a second
-        # weight-sized buffer) only where it is small next to the activations
-        keep = need_x and need_f and update == "hadamard" and order is None and (
-            _keep_second_buffer(W, x, gy)
-        )
+        Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
             x2 = x.reshape(-1, W.shape[1])
             if need_b:
                 gb = gy2.sum(0)
             if need_x:
-                Wp = _lowrank_apply(W, L, R, update, order)
-                gx = gy.matmul(Wp)
-            if need_f:
-                if Wp is not None and not keep:
-                    G = torch.mm(gy2.T, x2, out=Wp)  # ∂L/∂W' in W''s buffer
-                    Wp = None
-                else:
-                    G = gy2.T.mm(x2)
+                Wq = _lowrank_apply(W, L, R, update, order) if Wp is None else Wp
+                gx = gy.matmul(Wq)
+                if need_f and Wp is None:
+                    G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
+                del Wq
+            if need_f and G is None:
+                G = gy2.T.mm(x2)
+        elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
+            gx, G, gb = _conv_backward(gy, x, Wp, op, need_x, True, need_b)
         else:
-            if keep:
-                assert Wp is None
-                Wp = _lowrank_apply(W, L, R, update, order)
-                gx, G, gb = _conv_backward(gy, x, Wp, op, True, True, need_b)
-            else:
-                if need_x or need_b:
-                    Wq = _lowrank_apply(W, L, R, update, order) if need_x else W
-                    gx, _, gb = _conv_backward(gy, x, Wq, op, need_x, False, need_b)
-                    del Wq
-                if need_f:
-                    _, G, _ = _conv_backward(gy, x, W, op, False, True, False)
+            if need_x:
+                Wq = _lowrank_apply(W, L, R, update, order)
+                gx, _, _ = _conv_backward(gy, x, Wq, op, True, False, False)
+                del Wq  # freed before ∂L/∂W' exists: one weight-sized buffer at a time
+            if need_f:
+                # ∂L/∂b with ∂L/∂W': asked for with ∂L/∂x alone, oneDNN's backward takes a
+                # path that costs as much as ∂L/∂x again (measured: Conv2d(64,64,3), 4×32²)
+                _, G, gb = _conv_backward(gy, x, W, op, False, True, need_b)
+            elif need_b:
+                gb = gy.sum([0, *range(2, gy.dim())])
         g_l = g_r = None
         if G is not None:
             g_l, g_r = _factor_grads(G, W, L, R, update, order, Wp, x, gy, need_l, need_r)
@@ -357,16 +365,17 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         return gx, None, gb, g_l, g_r, None, None, None
 
 
-# The memory rule for keeping a second weight-sized buffer (W' next to ∂L/∂W') in the fused
-# backward: allowed when the weight has at most 1/32 of the entries of the layer's input plus
-# output gradient, i.e. ≤ ~3 % of the activations that any training step of the layer holds
-# (full fine-tuning's ∂L/∂x and ∂L/∂y are that size), so peak memory stays within 1.05× of full
-# fine-tuning. Otherwise W' is recomputed row block by row block (one exp per entry).
+# The memory rule for keeping W' from the forward to the backward (a second weight-sized
+# buffer next to ∂L/∂W'; no recompute of W' and, for the exact map, no second exp): allowed
+# when the weight has at most 1/32 of the entries of the layer's input plus output, i.e.
+# ≤ ~3 % of activations that a training step holds anyway (full fine-tuning's ∂L/∂x and ∂L/∂y
+# are that size), so peak memory stays within 1.05× of full fine-tuning, for one layer and,
+# summed, for a network. Otherwise W' is recomputed in the backward (row blocks for exp).
 _KEEP_RATIO = 32
 
 
-def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, gy: torch.Tensor) -> bool:
-    return W.numel() * _KEEP_RATIO <= x.numel() + gy.numel()
+def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+    return W.numel() * _KEEP_RATIO <= x.numel() + y.numel()
 
 
 def _block_rows(W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor) -> int:
@@ -395,7 +404,8 @@ def _factor_grads(
     """
     rows, cols = L.shape[0], R.shape[1]
     Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
-    blocked = update == "hadamard" and order != 1 and Wp is None
+    # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
+    blocked = update == "hadamard" and order != 1 and (Wp is None or order is not None)
     if not blocked:
         if update == "hadamard":
             Gm.mul_((W if order == 1 else Wp).reshape(rows, cols))  # type: ignore[union-attr]

@@ -187,3 +187,34 @@ def test_errors():
         LowRankAdaptedOpFunction.apply(
             x, W.detach(), None, L, R, "affine", None, OpGeometry("linear")
         )
+
+
+def _saved_weight_sized(layer: LieRALayer, x: torch.Tensor) -> list[torch.Tensor]:
+    """Weight-sized tensors the fused node saves for backward, other than x, W and factors."""
+    gen = layer.generators["default"]
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    allowed = {x.data_ptr(), layer.weight.data_ptr(), gen.B.data_ptr(), gen.A.data_ptr()}
+    return [t for t in saved if t.numel() >= layer.weight.numel() and t.data_ptr() not in allowed]
+
+
+def test_keeps_w_prime_only_for_small_weights():
+    """W' is kept for backward iff 32·|W| ≤ |x| + |y| (≤ 3 % of the step's activations)."""
+    torch.manual_seed(0)
+    for hw, kept in ((4, False), (24, True)):  # W: 4·3·9 = 108 entries; x+y = 7·hw² per image
+        base = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+        layer = LieRALayer(base, "c")
+        layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"]))
+        x = torch.randn(1, 3, hw, hw, dtype=DT, requires_grad=True)
+        assert (108 * fn._KEEP_RATIO <= 7 * hw * hw) is kept
+        big = _saved_weight_sized(layer, x)
+        assert len(big) == int(kept) and all(t.shape == layer.weight.shape for t in big)
+        # no gradient for x and first order: nothing needs W' in the backward
+        layer.updates["default"] = fn.HadamardExp(1)
+        assert _saved_weight_sized(layer, x.detach()) == []
