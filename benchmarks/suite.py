@@ -62,7 +62,9 @@ class Case:
     is_model: bool = False
 
 
-def _layer_case(name: str, label: str, make: Callable[[], nn.Module], shape: tuple[int, ...]):
+def _layer_case(
+    name: str, label: str, make: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> Case:
     return Case(name, label, lambda: nn.Sequential(OrderedDict(layer=make())), shape, ["layer"])
 
 

@@ -413,8 +413,6 @@ def _factor_grads(
     Wm = W.reshape(rows, cols)
     step = min(rows, _block_rows(W, cols, x, gy))
     buf = torch.empty((step, cols), dtype=G.dtype, device=G.device)
-    g_l = torch.empty((rows, L.shape[1]), dtype=G.dtype, device=G.device) if need_l else None
-    g_r = torch.zeros((L.shape[1], cols), dtype=G.dtype, device=G.device) if need_r else None
     RT = R.T
     for i in range(0, rows, step):
         j = min(i + step, rows)
@@ -424,11 +422,7 @@ def _factor_grads(
         else:
             t = _exp_inplace(Li @ R, order - 1)
         Gi.mul_(t.mul_(Wm[i:j]))
-        if g_l is not None:
-            torch.mm(Gi, RT, out=g_l[i:j])
-        if g_r is not None:
-            g_r.addmm_(Li.T, Gi)
-    return g_l, g_r
+    return (Gm.mm(RT) if need_l else None), (L.T.mm(Gm) if need_r else None)
 
 
 def _lowrank_apply(
