@@ -2,7 +2,8 @@
 
 Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, default 1),
 ``--rounds R --steps K``, ``--only linear,resnet50``, ``--methods REGEX`` (e.g.
-``"LieRA lora"``; full fine-tuning always runs), ``--no-memory``, ``--out DIR``
+``"LieRA lora"``; full fine-tuning always runs), ``--layer-batch B`` (single layers' batch,
+default 16), ``--no-memory``, ``--out DIR``
 (default ``out/``). Writes ``DIR/bench-cpu[-quick].md`` and ``.json`` and prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
@@ -55,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--methods", default="",
                     help="regex: only methods whose name matches (full fine-tuning always runs)")
+    ap.add_argument("--layer-batch", type=int, default=None,
+                    help="batch of the single-layer cases (default 16; --quick: 2)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_method_filter(args.methods or None)
-    all_cases = cases(args.quick)
+    all_cases = cases(args.quick, args.layer_batch)
     if args.memory_case:  # internal: one case's peak memory, in a fresh process
         case = next(c for c in all_cases if c.name == args.memory_case)
         print(json.dumps(memory_in_this_process(case, method_names(case))))
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(),
         "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
         "rounds": rounds, "steps_per_round": steps, "quick": args.quick, "rank": 8,
-        "dtype": "float32", "optimizer": "SGD (no momentum)",
+        "dtype": "float32", "optimizer": "SGD (no momentum)", "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
     }
     results: dict[str, dict] = {}
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {case.label}", file=sys.stderr, flush=True)
         ratios, notes, ntrain = bench_time(case, rounds, steps)
         extra = ["--methods", args.methods] if args.methods else []
+        if args.layer_batch:
+            extra += ["--layer-batch", str(args.layer_batch)]
         mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads, extra)
         rows = {}
         full_mem = mem.get(FULL)
