@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any, overload
 
 import numpy as np
@@ -104,61 +105,72 @@ _NEG = -(2**40)  # "log₂ 0"
 # --------------------------------------------------------------------------- exact host math
 # Every decision below uses only IEEE-exact operations (+, −, ×, ÷ once rounded, comparisons,
 # frexp) and integer arithmetic on one matrix's own numbers, so it is reproducible bit for bit
-# whatever the batch (no libm log/pow, whose vectorised and scalar variants may differ).
+# whatever the batch (no libm log/pow, whose vectorised and scalar variants may differ). The
+# arrays are laid out (degree or power, batch) so that a whole batch costs a few dozen numpy
+# calls (a single small matrix is dominated by call overhead).
 def _clog2(x: np.ndarray) -> np.ndarray:
     """``⌈log₂ x⌉`` exactly (int64) for ``x > 0``; ``_NEG`` for ``x = 0``."""
     mant, ex = np.frexp(x)
     c = ex.astype(np.int64) - (mant == 0.5)
-    return np.where(x > 0, c, _NEG)
+    c[x <= 0] = _NEG
+    return c
 
 
-def _cdiv(a: np.ndarray, k: int) -> np.ndarray:
-    """``⌈a / k⌉`` for int64 arrays."""
+def _cdiv(a: np.ndarray, k: np.ndarray | int) -> np.ndarray:
+    """``⌈a / k⌉`` for int64 arrays (``⌈L/k⌉ = ⌈⌈L⌉/k⌉`` for integer ``k``)."""
     return -((-a) // k)
 
 
-def _s_of(nk: np.ndarray, theta_k: float, k: int) -> np.ndarray:
-    """Smallest ``s ≥ 0`` with ``nk^{1/k} ≤ 2^s θ``, i.e. ``max(0, ⌈log₂(nk/θ^k)/k⌉)``.
+class _Consts:
+    """Per-dtype constants of the decisions, as column arrays over the degrees.
 
-    ``⌈L/k⌉ = ⌈⌈L⌉/k⌉`` for integer ``k``, so only ``⌈log₂⌉`` of one quotient is needed.
-    """
-    return np.maximum(_cdiv(_clog2(nk / theta_k), k), 0)
-
-
-class _Guard:
-    """The guard ``ℓ(2^{-s}A, m) = max(⌈log₂(α/u)/(2m)⌉, 0)`` of Al-Mohy & Higham, exactly.
-
-    ``α = |c_{2m+1}| ‖|A|^{2m+1}‖₁/‖A‖₁ · 2^{-2ms}``, so ``ℓ = max(t_m − s, 0)`` with
-    ``t_m = ⌈log₂(K_m ‖|A|^p‖₁/‖A‖₁)/(2m)⌉``, ``K_m = |c_{2m+1}|/u``, ``p = 2m + 1``. With
-    ``‖A‖₁ = μ·2^e`` (frexp) and ``‖|A|^p‖₁ = ν_p·2^{pe}`` (``ν_p`` from ``|A|·2^{-e}``, whose
-    1-norm is ``μ ∈ [½, 1)``, so nothing overflows), ``K_m‖|A|^p‖₁/‖A‖₁ = (K_m ν_p/μ)·2^{(p−1)e}``.
-    The bound ``ν_p ≤ μ^p`` gives ``t_m^up ≥ t_m``: where ``t_m^up ≤ s``, ``ℓ = 0`` without
-    forming ``|A|^p``.
+    ``t_m = ⌈log₂(K_m ‖|A|^p‖₁/‖A‖₁)/(2m)⌉`` (``K_m = |c_{2m+1}|/u``, ``p = 2m + 1``) gives the
+    Al-Mohy–Higham guard ``ℓ(2^{-s}A, m) = max(t_m − s, 0)`` (``α`` scales by ``2^{-2ms}``).
     """
 
-    def __init__(self, nA: np.ndarray, dt: torch.dtype) -> None:
-        self.mu, e = np.frexp(nA)
-        self.e = e.astype(np.int64)
-        q2 = self.mu * self.mu
-        q4 = q2 * q2
-        q8 = q4 * q4
-        q16 = q8 * q8
-        # μ^{2m} by fixed products (IEEE, reproducible)
-        self.mpow = {3: q4 * q2, 5: q8 * q2, 7: (q8 * q4) * q2, 9: q16 * q2, 13: (q16 * q8) * q2}
-        self.inv_u = _INV_U[dt]
-
-    def _k(self, m: int) -> float:
+    def __init__(self, dt: torch.dtype) -> None:
+        self.cands = _CANDIDATES[dt]
+        self.top, th = _TOP[dt]
+        self.degs = (*(d for d, _ in self.cands), self.top)
+        self.ps = tuple(2 * d + 1 for d in self.degs)
         f = math.factorial
-        return self.inv_u / (math.comb(2 * m, m) * f(2 * m + 1))
+        self.K = np.array([[_INV_U[dt] / (math.comb(2 * d, d) * f(2 * d + 1))] for d in self.degs])
+        self.two_m = np.array([[2 * d] for d in self.degs], dtype=np.int64)
+        # candidate tests on N = (n4, n6, n8): η = max(d4, d6) (m ≤ 5) or max(d6, d8) ≤ θ
+        self.qa = np.array([0 if d <= 5 else 1 for d, _ in self.cands])
+        self.qb = np.array([1 if d <= 5 else 2 for d, _ in self.cands])
+        self.ta = np.array([[t**4 if d <= 5 else t**6] for d, t in self.cands])
+        self.tb = np.array([[t**6 if d <= 5 else t**8] for d, t in self.cands])
+        # top-degree scaling from n6, n8, n10: s_k = max(0, ⌈log₂(n_k/θ^k)/k⌉)
+        self.th_k = np.array([[th**6], [th**8], [th**10]])
+        self.ks = np.array([[6], [8], [10]], dtype=np.int64)
+        # the same values as Python scalars for _choose_one
+        self.th_k_f = tuple(float(v) for v in self.th_k[:, 0])
+        self.K_f = tuple(float(v) for v in self.K[:, 0])
+        self.two_m_f = tuple(int(v) for v in self.two_m[:, 0])
+        self.pass_f = tuple(
+            (int(qa), float(ta), int(qb), float(tb))
+            for qa, ta, qb, tb in zip(self.qa, self.ta[:, 0], self.qb, self.tb[:, 0], strict=True)
+        )
 
-    def t_up(self, m: int) -> np.ndarray:
-        """Upper bound of ``t_m`` from ``‖|A|^p‖₁ ≤ ‖A‖₁^p`` (no matrix products)."""
-        return _cdiv(_clog2(self.mpow[m] * self._k(m)) + 2 * m * self.e, 2 * m)
 
-    def t_exact(self, m: int, nu: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """``t_m`` for the matrices ``idx`` given their ``ν_p`` (same order as ``idx``)."""
-        c = _clog2((nu / self.mu[idx]) * self._k(m)) + 2 * m * self.e[idx]
-        return _cdiv(c, 2 * m)
+_CONSTS = {dt: _Consts(dt) for dt in (torch.float64, torch.float32)}
+
+
+def _s_top(nk: np.ndarray, c: _Consts) -> np.ndarray:
+    """Scaling of the top degree from (bounds of) ``‖A⁶‖, ‖A⁸‖, ‖A¹⁰‖`` (rows of ``nk``)."""
+    s6, s8, s10 = np.maximum(_cdiv(_clog2(nk / c.th_k), c.ks), 0)
+    return np.minimum(np.maximum(s6, s8), np.maximum(s8, s10))
+
+
+def _mu_pow(mu: np.ndarray, degs: tuple[int, ...]) -> np.ndarray:
+    """``μ^{2m}`` for each degree by fixed products of ``μ², μ⁴, μ⁸, μ¹⁶`` (reproducible)."""
+    q2 = mu * mu
+    q4 = q2 * q2
+    q8 = q4 * q4
+    q16 = q8 * q8
+    rest = {3: q4, 5: q8, 7: q8 * q4, 9: q16, 13: q16 * q8}
+    return np.stack([rest[d] for d in degs]) * q2
 
 
 # --------------------------------------------------------------------------- torch stages
@@ -177,7 +189,53 @@ def _fill_powers(A: torch.Tensor, buf: torch.Tensor) -> None:
         torch.tril(A, -1, out=buf[4])
 
 
-def _abs_power_norms(A: torch.Tensor, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
+def _abs_power_norms(
+    buf: torch.Tensor, idx: np.ndarray, e: np.ndarray, ps: tuple[int, ...]
+) -> np.ndarray:
+    """``ν_p`` (see :func:`_abs_power_norms_torch`) of the matrices ``idx`` of ``buf[0]``.
+
+    On CPU in numpy (per-matrix BLAS calls, about three times cheaper per call than torch
+    for the small products here), elsewhere in torch; either way each value is a function of
+    its own matrix only, computed by the same calls whatever the batch.
+    """
+    if buf.device.type == "cpu":
+        return _abs_power_norms_np(buf[0].detach().numpy()[idx], e, ps)
+    return _abs_power_norms_torch(_take(buf[0], idx), e, ps)
+
+
+def _abs_power_norms_np(A: np.ndarray, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
+    """The numpy twin of :func:`_abs_power_norms_torch` (float64 throughout)."""
+    B1 = np.abs(A).astype(np.float64) * np.ldexp(1.0, -e)[:, None, None]
+    P = [B1]
+    for _ in range(4 if max(ps) > 15 else 3):
+        P.append(P[-1] @ P[-1])
+    vs = {3: B1.sum(axis=-2)[:, None, :] @ P[1]}
+    vs[7] = vs[3] @ P[2]
+    vs[11] = vs[3] @ P[3]
+    if max(ps) >= 15:
+        vs[15] = vs[7] @ P[3]
+    if max(ps) > 15:
+        vs[19] = vs[3] @ P[4]
+        vs[27] = vs[11] @ P[4]
+    return np.concatenate([vs[p] for p in ps], axis=1).max(axis=-1)
+
+
+def _e_norms(buf: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``‖A⁸‖₁, ‖A¹⁰‖₁`` (as ``A⁴·A⁴``, ``A⁴·A⁶``) of the matrices ``idx``."""
+    if buf.device.type == "cpu":
+        A4 = buf[2].detach().numpy()[idx]
+        P = np.stack([A4 @ A4, A4 @ buf[3].detach().numpy()[idx]])
+        e8, e10 = np.abs(P).sum(axis=-2).max(axis=-1).astype(np.float64)
+        return e8, e10
+    A4 = _take(buf[2], idx)
+    E = torch.empty((2, *A4.shape), dtype=A4.dtype, device=A4.device)
+    torch.bmm(A4, A4, out=E[0])
+    torch.bmm(A4, _take(buf[3], idx), out=E[1])
+    e8, e10 = _host(norm1(E))
+    return e8, e10
+
+
+def _abs_power_norms_torch(A: torch.Tensor, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
     """``ν_p = ‖(|A|·2^{-e})^p‖₁`` for ``p ∈ ps ⊆ {7, 11, 15, 19, 27}``; ``(B, len(ps))``.
 
     ``B = |A|·2^{-e}`` (exact); ``‖B^p‖₁`` is the largest entry of ``1ᵀB^p`` (``B ≥ 0``),
@@ -207,6 +265,158 @@ def _abs_power_norms(A: torch.Tensor, e: np.ndarray, ps: tuple[int, ...]) -> np.
     return _host(torch.cat([vs[p] for p in ps], dim=1).amax(-1))
 
 
+_NuFn = Callable[[np.ndarray, np.ndarray, tuple[int, ...]], np.ndarray]
+_EFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _choose(st: np.ndarray, c: _Consts, nu_fn: _NuFn, e_fn: _EFn) -> tuple[np.ndarray, np.ndarray]:
+    """Degree ``m`` and scaling ``s`` of each matrix from ``st = (‖A‖₁, ‖A²‖₁, ‖A⁴‖₁, ‖A⁶‖₁)``.
+
+    ``nu_fn(idx, e, ps)`` returns the ``ν_p`` of the matrices ``idx`` and ``e_fn(idx)`` their
+    exact ``‖A⁸‖₁, ‖A¹⁰‖₁``; they are called only for the matrices that need them.
+    :func:`_choose_one` is the same computation for one matrix in Python scalars (IEEE
+    operations in the same order, so the same result; tested).
+    """
+    nA, n2, n4, n6 = st
+    Bn = nA.shape[0]
+    n44 = n4 * n4
+    N = np.stack([n4, n6, np.minimum(n44, n2 * n6), np.minimum(n4 * n6, n2 * n44)])
+    passes = (N[c.qa] <= c.ta) & (N[c.qb] <= c.tb)  # (candidates, B)
+    s_top = _s_top(N[1:], c)
+    # Guard: with ‖A‖₁ = μ·2^e (frexp) and ν_p = ‖(|A|·2^{-e})^p‖₁ (1-norm of |A|·2^{-e} is
+    # μ ∈ [½, 1): no overflow), K‖|A|^p‖₁/‖A‖₁ = (Kν_p/μ)·2^{2me}. The bound ν_p ≤ μ^p gives
+    # t_up ≥ t: where t_up ≤ s, ℓ = 0 without forming |A|^p.
+    mu, e = np.frexp(nA)
+    e = e.astype(np.int64)
+    t_up = _cdiv(_clog2(_mu_pow(mu, c.degs) * c.K) + c.two_m * e, c.two_m)
+    nc = len(c.cands)
+
+    # Which matrices need exact ν_p (guard) or exact ‖A⁸‖, ‖A¹⁰‖ (scaling)?
+    open_ = np.ones(Bn, dtype=bool)  # may still fall through to later degrees
+    need_g = np.zeros(Bn, dtype=bool)
+    for j in range(nc):
+        here = open_ & passes[j]
+        unsure = here & (t_up[j] > 0)
+        need_g |= unsure
+        open_ &= ~here | unsure
+    need_g |= open_ & (t_up[nc] > s_top)
+    need_e = open_ & (s_top > 0)
+
+    t = t_up.copy()  # exact t where ν_p is known
+    have = need_g
+    if need_g.any():
+        idx = np.flatnonzero(need_g)
+        nu = nu_fn(idx, e[idx], c.ps)
+        t_ex = _cdiv(_clog2((nu.T / mu[idx]) * c.K) + c.two_m * e[idx], c.two_m)
+        t[:, idx] = np.minimum(t_ex, t_up[:, idx])  # t ≤ t_up in exact arithmetic
+    if need_e.any():
+        idx = np.flatnonzero(need_e)
+        e8, e10 = e_fn(idx)
+        s_top[idx] = _s_top(np.stack([n6[idx], e8, e10]), c)
+
+    m = np.zeros(Bn, dtype=np.int64)
+    for j, (deg, _) in enumerate(c.cands):  # first candidate with η ≤ θ and ℓ = 0
+        m[(m == 0) & passes[j] & (t[j] <= 0)] = deg
+    s = np.zeros(Bn, dtype=np.int64)
+    rest = m == 0
+    if rest.any():
+        late = rest & ~have & (t_up[nc] > s_top)  # refined scaling made the guard necessary
+        if late.any():
+            idx = np.flatnonzero(late)
+            nu = nu_fn(idx, e[idx], c.ps[-1:])
+            t_ex = _cdiv(_clog2((nu.T / mu[idx]) * c.K[nc:]) + c.two_m[nc:] * e[idx], 2 * c.top)
+            t[nc, idx] = np.minimum(t_ex[0], t_up[nc, idx])
+        m[rest] = c.top
+        s[rest] = s_top[rest] + np.maximum(t[nc, rest] - s_top[rest], 0)
+    return m, s
+
+
+def _clog2_1(x: float) -> int:
+    """Scalar :func:`_clog2`."""
+    if x <= 0:
+        return _NEG
+    mant, ex = math.frexp(x)
+    return ex - (mant == 0.5)
+
+
+def _cdiv_1(a: int, k: int) -> int:
+    return -((-a) // k)
+
+
+def _s_top_1(n6: float, n8: float, n10: float, c: _Consts) -> int:
+    """Scalar :func:`_s_top`."""
+    th = c.th_k_f
+    s6 = max(_cdiv_1(_clog2_1(n6 / th[0]), 6), 0)
+    s8 = max(_cdiv_1(_clog2_1(n8 / th[1]), 8), 0)
+    s10 = max(_cdiv_1(_clog2_1(n10 / th[2]), 10), 0)
+    return min(max(s6, s8), max(s8, s10))
+
+
+def _choose_one(
+    st: np.ndarray, c: _Consts, nu_fn: _NuFn, e_fn: _EFn
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_choose` for a single matrix (``st`` of shape ``(4, 1)``), in Python scalars.
+
+    The same IEEE operations in the same order as the vectorised version (Python floats are
+    float64, ``math.frexp`` is exact), so the decisions are identical; it only avoids ~100
+    numpy calls of per-call overhead.
+    """
+    nA, n2, n4, n6 = (float(v) for v in st[:, 0])
+    n44 = n4 * n4
+    N = (n4, n6, min(n44, n2 * n6), min(n4 * n6, n2 * n44))
+    passes = [N[qa] <= ta and N[qb] <= tb for qa, ta, qb, tb in c.pass_f]
+    s_top = _s_top_1(N[1], N[2], N[3], c)
+    mu, e = math.frexp(nA)
+    q2 = mu * mu
+    q4 = q2 * q2
+    q8 = q4 * q4
+    q16 = q8 * q8
+    rest = {3: q4, 5: q8, 7: q8 * q4, 9: q16, 13: q16 * q8}
+    t_up = [
+        _cdiv_1(_clog2_1((rest[d] * q2) * k) + tm * e, tm)
+        for d, k, tm in zip(c.degs, c.K_f, c.two_m_f, strict=True)
+    ]
+    nc = len(c.cands)
+    open_, need_g = True, False
+    for j in range(nc):
+        here = open_ and passes[j]
+        unsure = here and t_up[j] > 0
+        need_g = need_g or unsure
+        open_ = open_ and (not here or unsure)
+    need_g = need_g or (open_ and t_up[nc] > s_top)
+    need_e = open_ and s_top > 0
+    one = np.zeros(1, dtype=np.int64)
+    ev = np.array([e], dtype=np.int64)
+    t = list(t_up)
+    if need_g:
+        nu = nu_fn(one, ev, c.ps)[0]
+        for j, (k, tm) in enumerate(zip(c.K_f, c.two_m_f, strict=True)):
+            t[j] = min(_cdiv_1(_clog2_1((float(nu[j]) / mu) * k) + tm * e, tm), t_up[j])
+    if need_e:
+        e8, e10 = e_fn(one)
+        s_top = _s_top_1(n6, float(e8[0]), float(e10[0]), c)
+    m = 0
+    for j, (deg, _) in enumerate(c.cands):
+        if m == 0 and passes[j] and t[j] <= 0:
+            m = deg
+    s = 0
+    if m == 0:
+        if not need_g and t_up[nc] > s_top:
+            nu = nu_fn(one, ev, c.ps[-1:])[0]
+            k, tm = c.K_f[nc], c.two_m_f[nc]
+            t[nc] = min(_cdiv_1(_clog2_1((float(nu[0]) / mu) * k) + tm * e, tm), t_up[nc])
+        m = c.top
+        s = s_top + max(t[nc] - s_top, 0)
+    return np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
+
+
+def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """``X[idx]`` along the batch (first) dimension; ``X`` itself when ``idx`` is all of it."""
+    if idx.size == X.shape[0]:
+        return X
+    return X[torch.as_tensor(idx, device=X.device)]
+
+
 def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Degree, scaling and structure of every matrix of a ``(B, n, n)`` batch.
 
@@ -232,95 +442,31 @@ def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.n
         idx = np.flatnonzero(big)
         ti = torch.as_tensor(idx, device=dev)
         Ab = A[ti]
-        c = _clog2(np.where(np.isfinite(nb), nb, 1.0))
+        cl = _clog2(np.where(np.isfinite(nb), nb, 1.0))
         over = ~np.isfinite(nb)
         if over.any():  # finite entries whose column sums overflow: measure them scaled down
             mx = _host(Ab.abs().amax((-2, -1)))
             ex = np.frexp(mx)[1].astype(np.int64)
             scl = torch.as_tensor(np.ldexp(1.0, -ex), dtype=dt, device=dev)[:, None, None]
             c2 = _clog2(_host(norm1(Ab * scl))) + ex
-            c = np.where(over, c2, c)
-        s0[idx] = c - _PRESCALE[dt]
+            cl = np.where(over, c2, cl)
+        s0[idx] = cl - _PRESCALE[dt]
         Ab = Ab * torch.as_tensor(np.ldexp(1.0, -s0[idx]), dtype=dt, device=dev)[:, None, None]
         sub = torch.empty((buf.shape[0], idx.size, n, n), dtype=dt, device=dev)
         _fill_powers(Ab, sub)
         buf[:, ti] = sub
         st[:, idx] = _host(norm1(sub))
         nA = st[0]
-    n2, n4, n6 = st[1], st[2], st[3]
     tri = st[4] == 0 if n > 1 else np.ones(Bn, dtype=bool)
 
-    cands = _CANDIDATES[dt]
-    top, theta = _TOP[dt]
-    n8 = np.minimum(n4 * n4, n2 * n6)  # bounds of ‖A⁸‖₁, ‖A¹⁰‖₁
-    n10 = np.minimum(n4 * n6, n2 * (n4 * n4))
-    g = _Guard(nA, dt)
-    passes = []
-    for deg, th in cands:  # η = max(d4, d6) (m ≤ 5) or max(d6, d8) ≤ θ, d_k = ‖A^k‖^{1/k}
-        if deg <= 5:
-            passes.append((n4 <= th**4) & (n6 <= th**6))
-        else:
-            passes.append((n6 <= th**6) & (n8 <= th**8))
-    s6, s8, s10 = _s_of(n6, theta**6, 6), _s_of(n8, theta**8, 8), _s_of(n10, theta**10, 10)
-    s_top = np.minimum(np.maximum(s6, s8), np.maximum(s8, s10))
+    def nu_fn(idx: np.ndarray, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
+        return _abs_power_norms(buf, idx, e, ps)
 
-    # Which matrices need exact ν_p (guard) or exact ‖A⁸‖, ‖A¹⁰‖ (scaling)?
-    t_up = {deg: g.t_up(deg) for deg, _ in cands}
-    open_ = np.ones(Bn, dtype=bool)  # may still fall through to later degrees
-    need_g = np.zeros(Bn, dtype=bool)
-    for (deg, _), ok in zip(cands, passes, strict=True):
-        here = open_ & ok
-        unsure = here & (t_up[deg] > 0)
-        need_g |= unsure
-        open_ &= ~(here & ~unsure)
-    t_up[top] = g.t_up(top)
-    need_g |= open_ & (t_up[top] > s_top)
-    need_e = open_ & (s_top > 0)
+    def e_fn(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _e_norms(buf, idx)
 
-    ps = (*(2 * d + 1 for d, _ in cands), 2 * top + 1)
-    nu = np.zeros((Bn, len(ps)))
-    have = need_g.copy()
-    if need_g.any():
-        idx = np.flatnonzero(need_g)
-        nu[idx] = _abs_power_norms(buf[0, torch.as_tensor(idx, device=dev)], g.e[idx], ps)
-    if need_e.any():
-        idx = np.flatnonzero(need_e)
-        ti = torch.as_tensor(idx, device=dev)
-        A4 = buf[2, ti]
-        E = torch.empty((2, idx.size, n, n), dtype=dt, device=dev)
-        torch.bmm(A4, A4, out=E[0])
-        torch.bmm(A4, buf[3, ti], out=E[1])
-        e8, e10 = _host(norm1(E))
-        s8e, s10e = _s_of(e8, theta**8, 8), _s_of(e10, theta**10, 10)
-        s_top[idx] = np.minimum(np.maximum(s6[idx], s8e), np.maximum(s8e, s10e))
-
-    def ell(deg: int, j: int, s: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        """ℓ for the matrices ``sel`` (bool) at scaling ``s`` (their values)."""
-        out = np.zeros(int(sel.sum()), dtype=np.int64)
-        need = t_up[deg][sel] > s
-        if need.any():
-            idx = np.flatnonzero(sel)[need]
-            t = g.t_exact(deg, nu[idx, j], idx)
-            out[need] = np.maximum(t - s[need], 0)
-        return out
-
-    m = np.zeros(Bn, dtype=np.int64)
-    for j, ((deg, _), ok) in enumerate(zip(cands, passes, strict=True)):
-        sel = (m == 0) & ok
-        if sel.any():
-            zero = np.zeros(int(sel.sum()), dtype=np.int64)
-            idx = np.flatnonzero(sel)
-            m[idx[ell(deg, j, zero, sel) == 0]] = deg
-    s = np.zeros(Bn, dtype=np.int64)
-    rest = m == 0
-    if rest.any():
-        late = rest & ~have & (t_up[top] > s_top)  # refined scaling made the guard necessary
-        if late.any():
-            idx = np.flatnonzero(late)
-            nu[idx] = _abs_power_norms(buf[0, torch.as_tensor(idx, device=dev)], g.e[idx], ps)
-        sr = s_top[rest]
-        m[rest] = top
-        s[rest] = sr + ell(top, len(cands), sr, rest)
+    choose = _choose_one if Bn == 1 else _choose
+    m, s = choose(st[:4], _CONSTS[dt], nu_fn, e_fn)
     return buf, m, s, s0, tri
 
 
