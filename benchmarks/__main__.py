@@ -124,7 +124,8 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         f"steps, float32, rank {meta['rank']}, {meta['optimizer']}; load average "
         f"{meta['load_avg_start'][0]:.1f} → {meta['load_avg_end'][0]:.1f}. "
         "All figures are ratios to full fine-tuning of the same case (median of per-round "
-        "ratios for time; peak RSS in a fresh process for memory).",
+        "ratios for time; peak live malloc bytes, sampled per ATen op in a fresh process, for "
+        "memory).",
         "",
     ]
     fails: list[str] = []
