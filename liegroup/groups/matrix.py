@@ -327,6 +327,23 @@ class MatrixLieGroup(LieGroup):
         """Orthogonal (Frobenius) projection onto the algebra."""
         raise NotImplementedError
 
+    def random_algebra(
+        self,
+        *batch: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``hat`` of a standard-normal vector of ``R^dim`` (subclasses may rescale).
+
+        Example:
+            >>> import liegroup
+            >>> liegroup.SE(3).random_algebra(2).shape
+            torch.Size([2, 4, 4])
+        """
+        v = torch.randn(*batch, self.dim, dtype=dtype, device=device, generator=generator)
+        return self.hat(v)
+
     # ------------------------------------------------------------------ coordinates
     def basis(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None

@@ -318,23 +318,6 @@ class SE(MatrixLieGroup):
         t = torch.randn(*batch, self.k, dtype=R.dtype, device=device, generator=generator)
         return _assemble(R, t)
 
-    def random_algebra(
-        self,
-        *batch: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """``hat`` of a standard-normal vector of ``R^dim``.
-
-        Example:
-            >>> import liegroup
-            >>> liegroup.SE(3).random_algebra(2).shape
-            torch.Size([2, 4, 4])
-        """
-        v = torch.randn(*batch, self.dim, dtype=dtype, device=device, generator=generator)
-        return self.hat(v)
-
     # ------------------------------------------------------------------ Jacobians
     def adjoint_matrix(self, g: torch.Tensor) -> torch.Tensor:
         """``Ad_g`` in ``(ρ, ω)`` coordinates; SE(3): ``[[R, t^ R], [0, R]]``.

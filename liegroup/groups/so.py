@@ -357,23 +357,6 @@ class SO(MatrixLieGroup):
         first = Q[..., :, :1] * d[..., None, None]
         return torch.cat([first, Q[..., :, 1:]], dim=-1)
 
-    def random_algebra(
-        self,
-        *batch: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """``hat`` of a standard-normal vector of ``R^dim``.
-
-        Example:
-            >>> import liegroup
-            >>> liegroup.SO(5).random_algebra(2).shape
-            torch.Size([2, 5, 5])
-        """
-        v = torch.randn(*batch, self.dim, dtype=dtype, device=device, generator=generator)
-        return self.hat(v)
-
     # ------------------------------------------------------------------ Jacobians
     def adjoint_matrix(self, g: torch.Tensor) -> torch.Tensor:
         """``Ad_R`` in vee coordinates: ``R`` for SO(3), ``1`` for SO(2), generic otherwise.
