@@ -27,12 +27,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks._timing import interleaved_ratios, stepper
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
 
@@ -96,54 +95,17 @@ def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     return module, x, gy
 
 
-def _stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[bool], None]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3)
-
-    def step(with_opt: bool) -> None:
-        opt.zero_grad(set_to_none=True)
-        module(x).backward(gy)
-        if with_opt:
-            opt.step()
-
-    return step
-
-
 def bench_time(kind: str, rounds: int, steps: int) -> dict[str, tuple[float, float]]:
     """Per method: ratios to full fine-tuning of the fwd+bwd and the fwd+bwd+sgd times."""
-    runs = {m: _stepper(*_build(kind, m)) for m in METHODS}
-    for step in runs.values():  # warm-up
-        step(True)
-        step(True)
-    t_fb: dict[str, list[float]] = {m: [] for m in METHODS}
-    t_all: dict[str, list[float]] = {m: [] for m in METHODS}
-    for r in range(rounds):
-        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
-        for m in order:
-            fb, al = [], []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                runs[m](False)
-                t1 = time.perf_counter()
-                runs[m](True)
-                t2 = time.perf_counter()
-                fb.append(t1 - t0)
-                al.append(t2 - t1)
-            t_fb[m].append(min(fb))  # noise from other processes only ever adds time
-            t_all[m].append(min(al))
-
-    def paired(t: dict[str, list[float]], m: str) -> float:
-        # median over rounds of the ratio to full fine-tuning measured in the same round
-        return statistics.median(a / b for a, b in zip(t[m], t["full"], strict=True))
-
-    return {m: (paired(t_fb, m), paired(t_all, m)) for m in METHODS}
+    runs = {m: stepper(*_build(kind, m)) for m in METHODS}
+    return interleaved_ratios(runs, "full", rounds, steps)
 
 
 def _peak_one(kind: str, method: str) -> float | None:
     """Peak RSS increase (KiB) of one step, measured in this (fresh) process."""
     _mallopt()
     mod, x, gy = _build(kind, method)
-    step = _stepper(mod, x, gy)
+    step = stepper(mod, x, gy)
     step(True)
     peaks: list[float] = []
     for _ in range(3):

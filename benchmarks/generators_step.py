@@ -12,13 +12,11 @@ named. Printed: fwd+bwd and fwd+bwd+sgd ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks._timing import interleaved_ratios, stepper
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
 
@@ -64,49 +62,12 @@ def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     return module, x, gy
 
 
-def _stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[bool], None]:
-    """As in :mod:`benchmarks.adapter_step`, with a zero learning rate: the SGD update costs
-    the same, and the random output gradient cannot drive the rotations' generators to
-    overflow over the rounds (it is not a loss that training would decrease)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.0)
-
-    def step(with_opt: bool) -> None:
-        opt.zero_grad(set_to_none=True)
-        module(x).backward(gy)
-        if with_opt:
-            opt.step()
-
-    return step
-
-
 def bench(kind: str, methods: list[str], rounds: int, steps: int) -> dict[str, tuple[float, float]]:
-    names = ["full ft", *methods]
-    runs: dict[str, Callable[[bool], None]] = {m: _stepper(*_build(kind, m)) for m in names}
-    for step in runs.values():
-        step(True)
-        step(True)
-    t_fb: dict[str, list[float]] = {m: [] for m in names}
-    t_all: dict[str, list[float]] = {m: [] for m in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for m in order:
-            fb, al = [], []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                runs[m](False)
-                t1 = time.perf_counter()
-                runs[m](True)
-                t2 = time.perf_counter()
-                fb.append(t1 - t0)
-                al.append(t2 - t1)
-            t_fb[m].append(min(fb))
-            t_all[m].append(min(al))
-
-    def paired(t: dict[str, list[float]], m: str) -> float:
-        return statistics.median(a / b for a, b in zip(t[m], t["full ft"], strict=True))
-
-    return {m: (paired(t_fb, m), paired(t_all, m)) for m in methods}
+    # lr = 0: the SGD update costs the same, and the random output gradient (not a loss that
+    # training would decrease) cannot drive the rotations' generators to overflow
+    runs = {m: stepper(*_build(kind, m), lr=0.0) for m in ["full ft", *methods]}
+    res = interleaved_ratios(runs, "full ft", rounds, steps)
+    return {m: res[m] for m in methods}
 
 
 def main() -> None:
