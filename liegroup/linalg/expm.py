@@ -179,14 +179,26 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
+_MASKS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _lower_mask(n: int, dt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """Cached ``n × n`` 0/1 matrix of the strictly lower triangle."""
+    key = (n, dt, dev)
+    M = _MASKS.get(key)
+    if M is None:
+        M = _MASKS[key] = torch.ones(n, n, dtype=dt, device=dev).tril(-1)
+    return M
+
+
 def _fill_powers(A: torch.Tensor, buf: torch.Tensor) -> None:
     """``buf[0:4] = A, A², A⁴, A⁶`` and ``buf[4] = tril(A, −1)`` when there is a slot 4."""
     buf[0].copy_(A)
     torch.bmm(A, A, out=buf[1])
     torch.bmm(buf[1], buf[1], out=buf[2])
     torch.bmm(buf[2], buf[1], out=buf[3])
-    if buf.shape[0] > 4:
-        torch.tril(A, -1, out=buf[4])
+    if buf.shape[0] > 4:  # strictly lower part (a masked product: torch.tril is slow on batches)
+        torch.mul(A, _lower_mask(A.shape[-1], A.dtype, A.device), out=buf[4])
 
 
 def _abs_power_norms(
