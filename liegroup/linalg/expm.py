@@ -14,7 +14,12 @@ evaluated per matrix inside a batch): ``exp(A) ≈ r_m(2^{-s} A)^{2^s}`` with ``
 * the guard ``ℓ(A, m) = max(⌈log₂(α/u) / (2m)⌉, 0)`` with
   ``α = |c_{2m+1}| ‖|A|^{2m+1}‖₁ / ‖A‖₁``, which adds degrees or squarings only when the
   leading term of the backward error is actually large. ``‖|A|^p‖₁`` is computed exactly
-  as the largest entry of ``1ᵀ|A|^p`` (the matrix is non-negative), by binary powering.
+  as the largest entry of ``1ᵀ|A|^p`` (the matrix is non-negative), only for the matrices
+  whose cheap bound ``‖A‖₁^p`` does not settle it.
+
+All decisions use exact arithmetic (comparisons with precomputed ``θ^k``, ``⌈log₂⌉`` from
+``frexp``, integer ceilings) on statistics fetched from the device in one transfer, so a
+matrix's decisions are the same bits whatever else is in the batch (see :func:`_choose`).
 
 For an upper-triangular matrix the diagonal and first superdiagonal of every squared iterate
 are replaced by their exact values ``e^{2^{-j}a_ii}`` and
