@@ -86,6 +86,12 @@ def _rand(*shape: int, scale: float = 1.0, seed: int = 0, dtype: torch.dtype = F
     return scale * torch.randn(*shape, dtype=F64, generator=g).to(dtype)
 
 
+def _so_like(n: int, r: int, s: float, seed: int) -> torch.Tensor:
+    a, b = _rand(n, r, seed=seed), s * _rand(n, r, seed=seed + 1)
+    L, R = torch.cat([b, a], 1) / 2, torch.cat([a, -b], 1)
+    return R.T @ L
+
+
 PHI1_CASES = {
     "zero": torch.zeros(2, 2, dtype=F64),
     "nilpotent": torch.tensor([[0.0, 3.0], [0.0, 0.0]], dtype=F64),
@@ -94,6 +100,10 @@ PHI1_CASES = {
     "moderate": _rand(3, 3, seed=2),
     "rotation_generator": torch.tensor([[0.0, -2.5], [2.5, 0.0]], dtype=F64),
     "larger_norm": 2.0 * _rand(4, 4, seed=3),
+    # RᵀL of an SO mode adapter early in training ([[sbᵀa, aᵀa], [−s²bᵀb, −saᵀb]]/2): ‖·‖₁ ≈ 25,
+    # six doubling steps of phi1's Taylor evaluation
+    "so_adapter_like": _so_like(40, 3, 0.01, seed=4),
+    "larger_nonnormal": 6.0 * _rand(5, 5, seed=5) + torch.diag(torch.arange(5.0, dtype=F64)),
 }
 
 
@@ -156,6 +166,36 @@ def test_expm_lowrank_matches_dense_expm(n, m, scale, seed, dtype):
         )
 
 
+def test_phi1_doubling_steps_per_matrix():
+    """Matrices needing 0, 4 and 5 doubling steps in one batch equal their single calls."""
+    Ms = torch.stack([PHI1_CASES["moderate"] / 8, 2.0 * PHI1_CASES["moderate"],
+                      PHI1_CASES["larger_nonnormal"][:3, :3]])
+    P = phi1(Ms)
+    for i in range(3):
+        assert torch.equal(P[i], phi1(Ms[i]))
+        assert (P[i] - _mp_phi1(Ms[i])).abs().max().item() <= _phi1_tol(Ms[i])
+
+
+def test_phi1_float32_large_norm_vs_mpmath():
+    M = PHI1_CASES["so_adapter_like"]
+    got = phi1(M.float())
+    assert got.dtype == torch.float32
+    assert (got.double() - _mp_phi1(M.float().double())).abs().max().item() <= _phi1_tol(
+        M.float())
+
+
+def test_phi1_gradient_large_norm():
+    """Block-identity backward after several doubling steps (‖M‖₁ ≈ 9) vs finite differences."""
+    M = _so_like(12, 2, 0.05, seed=6).requires_grad_(True)
+    assert M.detach().abs().sum(0).max().item() > 4  # several doubling steps
+    assert torch.autograd.gradcheck(phi1, (M,))
+    assert torch.autograd.gradgradcheck(phi1, (M,))
+    G = _rand(4, 4, scale=1e8, seed=7)  # a huge output gradient is scaled, not overflowed
+    (g,) = torch.autograd.grad(phi1(M), M, G)
+    (g1,) = torch.autograd.grad(phi1(M), M, G / 1e8)
+    assert (g - 1e8 * g1).abs().max().item() <= 1e-13 * g.abs().max().item()
+
+
 def test_factor_and_two_sided_match_sequential():
     W = _rand(9, 7, seed=4)
     L0, R0 = _rand(9, 2, scale=0.5, seed=5), _rand(9, 2, seed=6)
@@ -192,6 +232,12 @@ def test_gradcheck():
     W = _rand(5, 4, seed=15).requires_grad_(True)
     K1, R1 = (_rand(4, 1, seed=s).requires_grad_(True) for s in (16, 17))
     assert torch.autograd.gradcheck(eye_plus_lowrank_two_sided, (W, L, R, K1, R1))
+    assert torch.autograd.gradgradcheck(eye_plus_lowrank_two_sided, (W, L, R, K1, R1))
+    W0 = W.detach()  # frozen weight (the adapters' case): only the factors' gradients
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: eye_plus_lowrank_two_sided(W0, a, b, c, d), (L, R, K1, R1))
+    assert torch.autograd.gradcheck(
+        lambda b, d: eye_plus_lowrank_two_sided(W0, L.detach(), b, K1.detach(), d), (R, R1))
 
 
 def test_errors():

@@ -7,13 +7,14 @@ For ``L, R ∈ R^{n×m}`` every power ``(L Rᵀ)^k = L (Rᵀ L)^{k−1} Rᵀ`` (
 
 an exact identity (no truncation): the ``n × n`` exponential becomes an ``m × m`` function.
 ``φ₁(M)`` is evaluated without the division, which is undefined for singular ``M`` and
-cancels badly for small ``M``, as the top-right block of one exponential of size ``2m``
-(Van Loan 1978; Higham, *Functions of Matrices*, 2008, §10.7.4):
-
-    exp([[M, I], [0, 0]]) = [[e^M, φ₁(M)], [0, I]],
-
-with :func:`liegroup.linalg.expm` (scaling and squaring, accurate to its conditioning,
-differentiable through its Fréchet derivative).
+cancels badly for small ``M``: a Taylor polynomial of ``φ₁`` at ``‖X‖₁ ≤ 1/2`` whose degree
+makes the truncation smaller than the unit roundoff, on ``X = 2^{−s}M``, followed by ``s``
+doubling steps ``φ₁(2X) = φ₁(X) + ½·φ₁(X)·X·φ₁(X)`` (the φ₁ form of squaring,
+from ``e^X = I + Xφ₁(X)``); the backward is the Fréchet derivative at ``Mᵀ`` by the block
+identity ``φ₁([[A, E], [0, A]]) = [[φ₁(A), L_φ₁(A, E)], [0, φ₁(A)]]`` (Higham, *Functions of
+Matrices*, 2008, Thm 3.6), one evaluation of size ``2m``. It replaced the top-right block of
+``expm([[M, I], [0, 0]])`` (Van Loan 1978), which cost ~6× more for the ``2 × 16 × 16``
+batches of the mode-wise adapters (1.1 ms → 0.3 ms forward and backward, 1 thread).
 
 Acting on mode ``k`` of a tensor ``T`` (``unfold(T ×_k g, k) = g · unfold(T, k)``):
 
@@ -42,7 +43,6 @@ import math
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from liegroup._validation import check_finite, check_tensor, normalize_mode
 from liegroup.errors import DTypeError, ShapeError
@@ -61,9 +61,12 @@ __all__ = [
 def phi1(M: torch.Tensor) -> torch.Tensor:
     """``φ₁(M) = Σ_{k≥0} M^k/(k+1)!`` of each matrix of a batch (``(e^M − I)/M`` if defined).
 
-    Computed as the top-right block of ``expm([[M, I], [0, 0]])`` (size ``2m``): no division,
-    so singular ``M`` (``φ₁(0) = I``) and tiny ``M`` are as accurate as large ones.
-    Differentiable (through :func:`liegroup.linalg.expm`'s Fréchet derivative).
+    Taylor polynomial at ``‖2^{−s}M‖₁ ≤ 1/2`` (degree from the unit roundoff: 13 in
+    float64, 7 in float32) and ``s`` doubling steps (see the module docstring); each matrix
+    of a batch takes its own ``s``, so a batch equals its single calls. No division: singular
+    ``M`` (``φ₁(0) = I`` exactly) and tiny ``M`` are as accurate as large ones.
+    Differentiable, also twice (the backward is one evaluation of size ``2m``, the block
+    identity of the Fréchet derivative, itself differentiable).
 
     Args:
         M: real tensor ``(..., m, m)`` (float32/float64; float16/bfloat16 computed in
@@ -168,11 +171,11 @@ class _Phi1(torch.autograd.Function):
         return _phi1_eval(X, norms)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
+        # differentiable (a _Phi1 of differentiable inputs): double backward works
         X, norms = ctx.saved_tensors
         b, m = X.shape[0], X.shape[-1]
-        gn = _norms_checked(G, "the gradient of phi1")
+        gn = _norms_checked(G.detach(), "the gradient of phi1")
         pos = gn > 0
         # power-of-two scale bringing ‖E‖₁ to about max(‖A‖₁, θ): exact, linear in E
         scale = torch.where(
@@ -182,11 +185,9 @@ class _Phi1(torch.autograd.Function):
             torch.ones_like(gn),
         )
         A = X.mT
-        big = torch.zeros(b, 2 * m, 2 * m, dtype=X.dtype, device=X.device)
-        big[:, :m, :m] = A
-        big[:, m:, m:] = A
-        big[:, :m, m:] = G / scale.view(b, 1, 1)
-        out = _phi1_eval(big, _norms_checked(big, "M"))
+        zero = torch.zeros_like(A)
+        big = torch.cat([torch.cat([A, G / scale.view(b, 1, 1)], -1), torch.cat([zero, A], -1)], -2)
+        out: torch.Tensor = _Phi1.apply(big)
         return out[:, :m, m:] * scale.view(b, 1, 1)
 
 
@@ -429,7 +430,65 @@ def eye_plus_lowrank_two_sided(
             f"W must be a ({K0.shape[0]}, {K1.shape[0]}) matrix for factors K0 "
             f"{tuple(K0.shape)} and K1 {tuple(K1.shape)}, got {tuple(W.shape)}"
         )
+    return _TwoSided.apply(W, K0, R0, K1, R1)
+
+
+def _two_sided(
+    W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor, R1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W', right, B)``: ``W' = W + [K0, B]·right``, ``right = [A + C K1ᵀ; K1ᵀ]``."""
     A = R0.mT @ W  # (m0, n1)
     B = W @ R1  # (n0, m1)
     right = torch.cat([torch.addmm(A, A @ R1, K1.mT), K1.mT], 0)  # [A + C K1ᵀ; K1ᵀ]
-    return torch.addmm(W, torch.cat([K0, B], 1), right)
+    return torch.addmm(W, torch.cat([K0, B], 1), right), right, B
+
+
+class _TwoSided(torch.autograd.Function):
+    """``W' = (I + K₀R₀ᵀ) W (I + R₁K₁ᵀ)`` as one node; backward in four passes over ``G``/``W``.
+
+    With ``G = ∂L/∂W'``, ``C = R₀ᵀWR₁`` (``right``'s top rows are ``R₀ᵀW(I + R₁K₁ᵀ)``):
+
+    * ``∂K₀ = G·(A + CK₁ᵀ)ᵀ`` and ``G K₁`` — one product ``G · rightᵀ``;
+    * ``∂K₁ = Gᵀ(B + K₀C)`` and ``GᵀK₀`` — one product ``[K₀, B + K₀C]ᵀ · G``;
+    * ``∂R₀ = W·(GᵀK₀ + R₁(K₁ᵀGᵀK₀))``, ``∂R₁ = Wᵀ·(GK₁ + R₀(K₀ᵀGK₁))`` (taken as
+      ``(Zᵀ W)ᵀ``: a row-major ``W`` read along its rows, measured twice as fast as ``Wᵀ Z``);
+    * ``∂W = (I + R₀K₀ᵀ) G (I + K₁R₁ᵀ)`` only when ``W`` requires it.
+
+    The backward is made of differentiable ops (twice differentiable, as before the node).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor,
+        R1: torch.Tensor,
+    ) -> torch.Tensor:
+        out, right, B = _two_sided(W, K0, R0, K1, R1)
+        ctx.save_for_backward(W, K0, R0, K1, R1, right, B)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        W, K0, R0, K1, R1, right, B = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: right and B as functions of the inputs
+            _, right, B = _two_sided(W, K0, R0, K1, R1)
+        need_w, need_k0, need_r0, need_k1, need_r1 = ctx.needs_input_grad[:5]
+        m0 = K0.shape[1]
+        gW = gK0 = gR0 = gK1 = gR1 = None
+        if need_w:
+            gW = _two_sided(G, R0, K0, R1, K1)[0]
+        if need_k0 or need_r1 or need_k1 or need_r0:
+            GR = G @ right.mT  # (n0, m0 + m1): [∂K₀, G K₁]
+            BK = torch.addmm(B, K0, (R0.mT @ B))  # B + K₀C (C = R₀ᵀ W R₁ = R₀ᵀ B)
+            LG = torch.cat([K0, BK], 1).mT @ G  # (m0 + m1, n1): [K₀ᵀG; ∂K₁ᵀ]
+            if need_k0:
+                gK0 = GR[:, :m0]
+            if need_k1:
+                gK1 = LG[m0:].mT
+            if need_r0:
+                GtK0 = LG[:m0].mT  # (n1, m0)
+                gR0 = W @ torch.addmm(GtK0, R1, K1.mT @ GtK0)
+            if need_r1:
+                GK1 = GR[:, m0:]  # (n0, m1)
+                Z = torch.addmm(GK1, R0, K0.mT @ GK1)
+                gR1 = (Z.mT @ W).mT
+        return gW, gK0, gR0, gK1, gR1
