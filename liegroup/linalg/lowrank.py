@@ -123,20 +123,27 @@ def _phi1_degree(dtype: torch.dtype) -> int:
 _PHI1_DEGREE = {dt: _phi1_degree(dt) for dt in (torch.float32, torch.float64)}
 
 
-def _phi1_eval(X: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """φ₁ of each ``(b, m, m)`` matrix given its 1-norms (finite), no autograd."""
+def _pow2_scale(X: torch.Tensor, exps: list[int]) -> torch.Tensor:
+    """``X[i] · 2^{exps[i]}`` (exact): a Python scalar when all are equal."""
+    if all(e == exps[0] for e in exps):
+        return X if exps[0] == 0 else X * math.ldexp(1.0, exps[0])
+    f = torch.tensor([math.ldexp(1.0, e) for e in exps], dtype=X.dtype, device=X.device)
+    return X * f.view(-1, 1, 1)
+
+
+def _phi1_eval(X: torch.Tensor, norms: list[float]) -> torch.Tensor:
+    """φ₁ of each ``(b, m, m)`` matrix given its (finite) 1-norms."""
     b, m = X.shape[0], X.shape[-1]
-    steps = torch.clamp(torch.ceil(torch.log2(norms / _PHI1_THETA)), min=0)
-    s_host = [int(v) for v in steps.tolist()]
-    smax = max(s_host) if s_host else 0
-    Xs = X * torch.exp2(-steps).view(b, 1, 1) if smax else X
+    steps = [math.ceil(math.log2(v / _PHI1_THETA)) if v > _PHI1_THETA else 0 for v in norms]
+    smax = max(steps)
+    Xs = _pow2_scale(X, [-s for s in steps])
     d = _PHI1_DEGREE[X.dtype]
     eye = torch.eye(m, dtype=X.dtype, device=X.device).expand(b, m, m)
     P = eye / math.factorial(d + 1)
     for k in range(d, 0, -1):  # Horner: P ← I/k! + X·P
         P = torch.baddbmm(eye, Xs, P, alpha=1.0, beta=1.0 / math.factorial(k))
     for j in range(smax):
-        active = [i for i, s in enumerate(s_host) if s > j]
+        active = [i for i, s in enumerate(steps) if s > j]
         if len(active) == b:
             P = torch.baddbmm(P, P, torch.bmm(Xs, P), alpha=0.5)
             Xs = Xs * 2
@@ -148,9 +155,10 @@ def _phi1_eval(X: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return P
 
 
-def _norms_checked(X: torch.Tensor, name: str) -> torch.Tensor:
-    norms = X.abs().sum(-2).amax(-1)
-    if not bool(torch.isfinite(norms).all()):
+def _norms_checked(X: torch.Tensor, name: str) -> list[float]:
+    """The 1-norm of each matrix (one host read); NonFiniteError if any entry is not finite."""
+    norms: list[float] = X.detach().abs().sum(-2).amax(-1).tolist()
+    if not all(math.isfinite(v) for v in norms):
         check_finite(X, name)
     return norms
 
@@ -167,30 +175,24 @@ class _Phi1(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X: torch.Tensor) -> torch.Tensor:
         norms = _norms_checked(X, "M")
-        ctx.save_for_backward(X, norms)
+        ctx.save_for_backward(X)
+        ctx.norms = norms
         return _phi1_eval(X, norms)
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
         # differentiable (a _Phi1 of differentiable inputs): double backward works
-        X, norms = ctx.saved_tensors
-        b, m = X.shape[0], X.shape[-1]
-        gn = _norms_checked(G.detach(), "the gradient of phi1")
-        pos = gn > 0
-        # power-of-two scale bringing ‖E‖₁ to about max(‖A‖₁, θ): exact, linear in E
-        scale = torch.where(
-            pos,
-            torch.exp2(torch.round(torch.log2(torch.where(pos, gn, 1.0)
-                                              / torch.clamp(norms, min=_PHI1_THETA)))),
-            torch.ones_like(gn),
-        )
+        (X,) = ctx.saved_tensors
+        m = X.shape[-1]
+        gn = _norms_checked(G, "the gradient of phi1")
+        # power of two bringing ‖E‖₁ to about max(‖A‖₁, θ): exact, and linear in E
+        exps = [round(math.log2(g / max(a, _PHI1_THETA))) if g > 0 else 0
+                for g, a in zip(gn, ctx.norms, strict=True)]
         A = X.mT
-        zero = torch.zeros_like(A)
-        big = torch.cat([torch.cat([A, G / scale.view(b, 1, 1)], -1), torch.cat([zero, A], -1)], -2)
+        E = _pow2_scale(G, [-e for e in exps])
+        big = torch.cat([torch.cat([A, E], -1), torch.cat([torch.zeros_like(A), A], -1)], -2)
         out: torch.Tensor = _Phi1.apply(big)
-        return out[:, :m, m:] * scale.view(b, 1, 1)
-
-
+        return _pow2_scale(out[:, :m, m:], exps)
 
 
 def _check_factors(L: object, R: object) -> tuple[torch.Tensor, torch.Tensor]:
