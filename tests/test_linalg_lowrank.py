@@ -204,6 +204,11 @@ def test_factor_and_two_sided_match_sequential():
     assert torch.allclose(torch.eye(9, dtype=F64) + K0 @ R0.T, expm(L0 @ R0.T), atol=1e-13)
     seq = eye_plus_lowrank_mode_product(eye_plus_lowrank_mode_product(W, K0, R0, 0), K1, R1, 1)
     two = eye_plus_lowrank_two_sided(W, K0, R0, K1, R1)
+    T = _rand(9, 7, 2, 3, seed=19)  # trailing modes: same as the two mode products
+    seq4 = eye_plus_lowrank_mode_product(eye_plus_lowrank_mode_product(T, K0, R0, 0), K1, R1, 1)
+    two4 = eye_plus_lowrank_two_sided(T, K0, R0, K1, R1)
+    assert two4.shape == T.shape and two4.is_contiguous()
+    assert (two4 - seq4).abs().max().item() <= 1e-13 * (1 + seq4.abs().max().item())
     want = expm(L0 @ R0.T) @ W @ expm(L1 @ R1.T).T
     assert (two - want).abs().max().item() <= 1e-13 * (1 + want.abs().max().item())
     assert (two - seq).abs().max().item() <= 1e-13 * (1 + want.abs().max().item())
@@ -233,6 +238,11 @@ def test_gradcheck():
     K1, R1 = (_rand(4, 1, seed=s).requires_grad_(True) for s in (16, 17))
     assert torch.autograd.gradcheck(eye_plus_lowrank_two_sided, (W, L, R, K1, R1))
     assert torch.autograd.gradgradcheck(eye_plus_lowrank_two_sided, (W, L, R, K1, R1))
+    T4 = _rand(5, 4, 2, 3, seed=18).requires_grad_(True)  # trailing modes (a conv kernel)
+    assert torch.autograd.gradcheck(eye_plus_lowrank_two_sided, (T4, L, R, K1, R1))
+    assert torch.autograd.gradgradcheck(eye_plus_lowrank_two_sided, (T4, L, R, K1, R1))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: eye_plus_lowrank_two_sided(T4.detach(), a, b, c, d), (L, R, K1, R1))
     W0 = W.detach()  # frozen weight (the adapters' case): only the factors' gradients
     assert torch.autograd.gradcheck(
         lambda a, b, c, d: eye_plus_lowrank_two_sided(W0, a, b, c, d), (L, R, K1, R1))
@@ -274,3 +284,5 @@ def test_errors():
         eye_plus_lowrank_two_sided(torch.zeros(4, 5), L, L, L, L)  # n1 = 5 != 4
     with pytest.raises(DTypeError):
         eye_plus_lowrank_two_sided(torch.zeros(4, 4), L, L, L.double(), L.double())
+    with pytest.raises(ShapeError):
+        eye_plus_lowrank_two_sided(torch.zeros(4), L, L, L, L)  # order 1

@@ -395,23 +395,25 @@ def eye_plus_lowrank_mode_product(
 def eye_plus_lowrank_two_sided(
     W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor, R1: torch.Tensor
 ) -> torch.Tensor:
-    """``(I + K₀R₀ᵀ) · W · (I + K₁R₁ᵀ)ᵀ`` for a matrix ``W`` as one rank-``(m₀+m₁)`` update.
+    """``W ×₀ (I + K₀R₀ᵀ) ×₁ (I + K₁R₁ᵀ)`` (a matrix: ``(I + K₀R₀ᵀ) W (I + K₁R₁ᵀ)ᵀ``) in one node.
 
-    ``= W + [K₀, B] · [A + C K₁ᵀ; K₁ᵀ]`` with ``A = R₀ᵀW``, ``B = W R₁``, ``C = A R₁``: three
-    passes over ``W`` forward (``A``, ``B`` and one ``addmm``) and four backward, about half
-    of applying the two sides one after the other.
+    ``= W + K₀ ×₀ (A + C K₁ᵀ) + B K₁ᵀ`` with ``A = R₀ᵀ ×₀ W``, ``B = W ×₁ R₁ᵀ``,
+    ``C = A ×₁ R₁ᵀ``; for a matrix the last two terms are one ``addmm`` of rank ``m₀ + m₁``:
+    three passes over ``W`` forward and four backward (two over ``∂L/∂W'``, two over ``W``),
+    one autograd node. Trailing modes (a conv kernel's ``kh, kw``) are carried along: ``W``
+    is laid out ``(n₀, ·, n₁)`` inside by one transposing copy each way.
 
     Args:
-        W: real matrix ``(n₀, n₁)``.
+        W: real tensor ``(n₀, n₁, *rest)``.
         K0, R0: real matrices ``(n₀, m₀)``.
         K1, R1: real matrices ``(n₁, m₁)``; all of ``W``'s dtype and device.
 
     Returns:
-        The product, ``(n₀, n₁)``, contiguous.
+        The product, ``W``'s shape, contiguous.
 
     Raises:
-        DTypeError, ShapeError: as :func:`eye_plus_lowrank_mode_product`, or ``W`` not a
-            matrix of matching sizes.
+        DTypeError, ShapeError: as :func:`eye_plus_lowrank_mode_product`, or ``W`` of order
+            < 2 or of sizes not matching the factors.
 
     Example:
         >>> import torch
@@ -424,39 +426,62 @@ def eye_plus_lowrank_two_sided(
         ...     eye_plus_lowrank_mode_product(W, K0, R0, 0), K1, R1, 1)
         >>> torch.allclose(eye_plus_lowrank_two_sided(W, K0, R0, K1, R1), seq)
         True
+        >>> T = torch.randn(4, 5, 3, 3, dtype=torch.float64, generator=g)   # a conv kernel
+        >>> seq = eye_plus_lowrank_mode_product(
+        ...     eye_plus_lowrank_mode_product(T, K0, R0, 0), K1, R1, 1)
+        >>> torch.allclose(eye_plus_lowrank_two_sided(T, K0, R0, K1, R1), seq)
+        True
     """
     W, K0, R0 = _check_eye_plus(W, K0, R0)
     W, K1, R1 = _check_eye_plus(W, K1, R1)
-    if W.dim() != 2 or W.shape[0] != K0.shape[0] or W.shape[1] != K1.shape[0]:
+    if W.dim() < 2 or W.shape[0] != K0.shape[0] or W.shape[1] != K1.shape[0]:
         raise ShapeError(
-            f"W must be a ({K0.shape[0]}, {K1.shape[0]}) matrix for factors K0 "
+            f"W must be ({K0.shape[0]}, {K1.shape[0]}, ...) for factors K0 "
             f"{tuple(K0.shape)} and K1 {tuple(K1.shape)}, got {tuple(W.shape)}"
         )
-    return _TwoSided.apply(W, K0, R0, K1, R1)
+    W3 = W.reshape(W.shape[0], W.shape[1], -1)
+    out: torch.Tensor = _TwoSided.apply(W3, K0, R0, K1, R1)
+    return out.view(W.shape)
 
 
 def _two_sided(
     W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor, R1: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W', right, B)``: ``W' = W + [K0, B]·right``, ``right = [A + C K1ᵀ; K1ᵀ]``."""
-    A = R0.mT @ W  # (m0, n1)
-    B = W @ R1  # (n0, m1)
-    right = torch.cat([torch.addmm(A, A @ R1, K1.mT), K1.mT], 0)  # [A + C K1ᵀ; K1ᵀ]
-    return torch.addmm(W, torch.cat([K0, B], 1), right), right, B
+    """``(W', right, B)`` for ``W`` laid out ``(n₀, c, n₁)`` (mode 1 last; ``c = 1``: a matrix).
+
+    ``W' = W ×₀ (I + K₀R₀ᵀ) ×₁ (I + K₁R₁ᵀ) = W + K₀ ×₀ (A + C K₁ᵀ) + B K₁ᵀ`` with
+    ``A = R₀ᵀ ×₀ W`` ``(m₀, c, n₁)``, ``B = W R₁`` ``(n₀, c, m₁)``, ``C = A R₁``;
+    ``right = A + C K₁ᵀ``. For ``c = 1`` one ``addmm`` of rank ``m₀ + m₁``.
+    """
+    n0, c, n1 = W.shape
+    m0 = K0.shape[1]
+    A = R0.mT @ W.view(n0, c * n1)  # (m0, c·n1)
+    B = W.view(n0 * c, n1) @ R1  # (n0·c, m1)
+    right = torch.addmm(A.view(m0 * c, n1), A.view(m0 * c, n1) @ R1, K1.mT)  # (m0·c, n1)
+    if c == 1:
+        out = torch.addmm(W.view(n0, n1), torch.cat([K0, B], 1), torch.cat([right, K1.mT], 0))
+    else:
+        out = torch.addmm(W.view(n0, c * n1), K0, right.view(m0, c * n1))
+        out.view(n0 * c, n1).addmm_(B, K1.mT)
+    return out.view(n0, c, n1), right, B
 
 
 class _TwoSided(torch.autograd.Function):
-    """``W' = (I + K₀R₀ᵀ) W (I + R₁K₁ᵀ)`` as one node; backward in four passes over ``G``/``W``.
+    """``W' = W ×₀ (I + K₀R₀ᵀ) ×₁ (I + K₁R₁ᵀ)`` as one node, ``W`` of shape ``(n₀, n₁, c)``.
 
-    With ``G = ∂L/∂W'``, ``C = R₀ᵀWR₁`` (``right``'s top rows are ``R₀ᵀW(I + R₁K₁ᵀ)``):
+    Inside, ``W`` is laid out ``(n₀, c, n₁)`` (one transposing copy each way when ``c > 1``)
+    so that both modes are plain matrix products. With ``G = ∂L/∂W'`` in that layout,
+    ``V = B + K₀ ×₀ C`` and ``P_k = I + K_kR_kᵀ``:
 
-    * ``∂K₀ = G·(A + CK₁ᵀ)ᵀ`` and ``G K₁`` — one product ``G · rightᵀ``;
-    * ``∂K₁ = Gᵀ(B + K₀C)`` and ``GᵀK₀`` — one product ``[K₀, B + K₀C]ᵀ · G``;
-    * ``∂R₀ = W·(GᵀK₀ + R₁(K₁ᵀGᵀK₀))``, ``∂R₁ = Wᵀ·(GK₁ + R₀(K₀ᵀGK₁))`` (taken as
-      ``(Zᵀ W)ᵀ``: a row-major ``W`` read along its rows, measured twice as fast as ``Wᵀ Z``);
-    * ``∂W = (I + R₀K₀ᵀ) G (I + K₁R₁ᵀ)`` only when ``W`` requires it.
+    * ``∂K₀ = G₍₀₎·right₍₀₎ᵀ``, ``∂K₁ = G₍₁₎ᵀ·V₍₁₎`` (``₍₀₎``: ``(n₀, c·n₁)`` views,
+      ``₍₁₎``: ``(n₀·c, n₁)`` views);
+    * ``∂R₀ = W₍₀₎·X̃₍₀₎ᵀ`` with ``X = K₀ᵀG₍₀₎``, ``X̃ = X P₁``-side: ``X + (X K₁) R₁ᵀ``;
+    * ``∂R₁ = W₍₁₎ᵀ·Z̃`` with ``Z = G₍₁₎K₁``, ``Z̃ = Z + R₀ ×₀ (K₀ᵀ ×₀ Z)``, taken as
+      ``(Z̃ᵀ W₍₁₎)ᵀ`` (a row-major ``W`` read along its rows, measured twice as fast);
+    * ``∂W = G ×₀ (I + R₀K₀ᵀ) ×₁ (I + R₁K₁ᵀ)`` only when ``W`` requires it.
 
-    The backward is made of differentiable ops (twice differentiable, as before the node).
+    For ``c = 1`` (a matrix) the products over ``G`` pair up: ``G·[right, K₁]`` and
+    ``[K₀, V]ᵀ·G``. The backward is made of differentiable ops (twice differentiable).
     """
 
     @staticmethod
@@ -464,33 +489,46 @@ class _TwoSided(torch.autograd.Function):
         ctx: Any, W: torch.Tensor, K0: torch.Tensor, R0: torch.Tensor, K1: torch.Tensor,
         R1: torch.Tensor,
     ) -> torch.Tensor:
-        out, right, B = _two_sided(W, K0, R0, K1, R1)
-        ctx.save_for_backward(W, K0, R0, K1, R1, right, B)
-        return out
+        Wt = W.transpose(1, 2).contiguous()  # (n0, c, n1); a view when c = 1
+        out, right, B = _two_sided(Wt, K0, R0, K1, R1)
+        ctx.save_for_backward(W, Wt, K0, R0, K1, R1, right, B)
+        return out.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        W, K0, R0, K1, R1, right, B = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: right and B as functions of the inputs
-            _, right, B = _two_sided(W, K0, R0, K1, R1)
+        W, Wt, K0, R0, K1, R1, right, B = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: all as functions of the inputs
+            Wt = W.transpose(1, 2).contiguous()
+            _, right, B = _two_sided(Wt, K0, R0, K1, R1)
         need_w, need_k0, need_r0, need_k1, need_r1 = ctx.needs_input_grad[:5]
-        m0 = K0.shape[1]
+        n0, c, n1 = Wt.shape
+        m0, m1 = K0.shape[1], K1.shape[1]
+        Gt = G.transpose(1, 2).contiguous()
+        G0, G1 = Gt.view(n0, c * n1), Gt.view(n0 * c, n1)
         gW = gK0 = gR0 = gK1 = gR1 = None
         if need_w:
-            gW = _two_sided(G, R0, K0, R1, K1)[0]
-        if need_k0 or need_r1 or need_k1 or need_r0:
-            GR = G @ right.mT  # (n0, m0 + m1): [∂K₀, G K₁]
-            BK = torch.addmm(B, K0, (R0.mT @ B))  # B + K₀C (C = R₀ᵀ W R₁ = R₀ᵀ B)
-            LG = torch.cat([K0, BK], 1).mT @ G  # (m0 + m1, n1): [K₀ᵀG; ∂K₁ᵀ]
-            if need_k0:
-                gK0 = GR[:, :m0]
-            if need_k1:
-                gK1 = LG[m0:].mT
-            if need_r0:
-                GtK0 = LG[:m0].mT  # (n1, m0)
-                gR0 = W @ torch.addmm(GtK0, R1, K1.mT @ GtK0)
-            if need_r1:
-                GK1 = GR[:, m0:]  # (n0, m1)
-                Z = torch.addmm(GK1, R0, K0.mT @ GK1)
-                gR1 = (Z.mT @ W).mT
-        return gW, gK0, gR0, gK1, gR1
+            gW = _two_sided(Gt, R0, K0, R1, K1)[0].transpose(1, 2).contiguous()
+        if not (need_k0 or need_r1 or need_k1 or need_r0):
+            return gW, None, None, None, None
+        # V = B + K₀ ×₀ C, C = R₀ᵀ ×₀ B
+        V = torch.addmm(B.view(n0, c * m1), K0, R0.mT @ B.view(n0, c * m1))
+        if c == 1:
+            GR = G0 @ torch.cat([right, K1.mT], 0).mT  # (n0, m0 + m1): [∂K₀, G K₁]
+            LG = torch.cat([K0, V], 1).mT @ G0  # (m0 + m1, n1): [K₀ᵀG; ∂K₁ᵀ]
+            gK0, Z, X, gK1t = GR[:, :m0], GR[:, m0:], LG[:m0], LG[m0:]
+        else:
+            gK0 = G0 @ right.view(m0, c * n1).mT
+            Z = G1 @ K1  # (n0·c, m1)
+            X = K0.mT @ G0  # (m0, c·n1)
+            gK1t = V.view(n0 * c, m1).mT @ G1  # (m1, n1)
+        if need_k1:
+            gK1 = gK1t.mT
+        if need_r0:
+            Xv = X.reshape(m0 * c, n1)
+            Xt = torch.addmm(Xv, Xv @ K1, R1.mT)  # X P₁ on the n₁ side
+            gR0 = Wt.view(n0, c * n1) @ Xt.view(m0, c * n1).mT
+        if need_r1:
+            Zv = Z.reshape(n0, c * m1)
+            Zt = torch.addmm(Zv, R0, K0.mT @ Zv)  # Z ×₀ (I + R₀K₀ᵀ)
+            gR1 = (Zt.view(n0 * c, m1).mT @ Wt.view(n0 * c, n1)).mT
+        return gW, gK0 if need_k0 else None, gR0, gK1, gR1

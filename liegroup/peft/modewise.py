@@ -358,7 +358,7 @@ class ModeWiseUpdate(Update):
     def _run(self, W: torch.Tensor, delta: dict[int, Any], sign: int) -> torch.Tensor:
         fac, log_scale = self._lowrank_factors(delta, sign)
         out, done = W, set()
-        if W.dim() == 2 and set(fac) == {0, 1}:  # a Linear's two modes: one rank-(m₀+m₁) GEMM
+        if 0 in fac and 1 in fac:  # channel modes: one autograd node (a Linear: one GEMM)
             out, done = eye_plus_lowrank_two_sided(W, *fac[0], *fac[1]), {0, 1}
         for k in sorted(delta):
             if k in done:
