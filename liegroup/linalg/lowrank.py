@@ -23,8 +23,10 @@ Acting on mode ``k`` of a tensor ``T`` (``unfold(T ×_k g, k) = g · unfold(T, k
 ``O(n·m·|T|/n + n·m²)`` work and no ``n × n`` matrix, instead of the ``O(n³)`` exponential
 and the ``O(n·|T|)`` dense mode product. The inverse is the same map with ``−L``
 (``exp(−L Rᵀ)``). Accuracy: the error of the product is about
-``u·(m + n)·‖L‖‖φ₁(RᵀL)‖‖R‖`` on top of ``expm``'s ``κ·u`` for the ``2m × 2m`` block, the
-same order as the dense exponential's ``κ_exp(LRᵀ)·u`` for moderate ``‖L Rᵀ‖``.
+``u·(m + n)·‖L‖‖φ₁(RᵀL)‖‖R‖`` on top of φ₁'s own error (condition number times ``u``, as
+scaling and squaring; tested against mpmath with the bound of the ``2m × 2m`` exponential
+``exp([[M, I], [0, 0]])``), the same order as the dense exponential's ``κ_exp(LRᵀ)·u`` for
+moderate ``‖L Rᵀ‖``.
 
 Example:
     >>> import torch

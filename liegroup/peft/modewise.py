@@ -15,9 +15,11 @@ an ``n_k × n_k`` matrix when that is cheaper:
 * low rank (:class:`ModeFactors`, ``M_k = L Rᵀ``): the projection stays factored
   (``so``: ``(LRᵀ − RLᵀ)/2 = [L, R]/2·[R, −L]ᵀ``, width ``m = 2r``; ``sl``: ``LRᵀ − cI`` with
   ``exp = e^{−c}·exp(LRᵀ)``), and ``W ×_k exp(LRᵀ) = W + fold(L φ₁(RᵀL) Rᵀ W_(k))``
-  (:func:`liegroup.linalg.lowrank.expm_lowrank_apply`: one ``2m × 2m`` exponential and
-  ``O(m·|W|)`` products) whenever ``2m < n_k`` — measured faster than the dense path from
-  ``n_k = 16`` on; otherwise the dense ``G.exp`` and mode product;
+  (:func:`liegroup.linalg.lowrank.phi1` of the ``m × m`` matrices, all modes in one batch,
+  and ``O(m·|W|)`` products; modes 0 and 1 together in one autograd node,
+  :func:`liegroup.linalg.lowrank.eye_plus_lowrank_two_sided`) whenever ``2m < n_k`` —
+  measured faster than the dense path from ``n_k = 16`` on; otherwise the dense ``G.exp``
+  and mode product;
 * block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
   reshaped mode product (``O(b·|W|)``).
 
@@ -332,7 +334,7 @@ class ModeWiseUpdate(Update):
 
         Only the modes on the low-rank path (``2m < n``); the scalar factor is ``sl``'s.
 
-        The ``φ₁`` of all modes with the same width ``m`` are one batched exponential.
+        The ``φ₁`` of all modes with the same width ``m`` are one batched call.
         """
         todo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         log_scale: torch.Tensor | None = None
