@@ -269,6 +269,11 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
       ``G ⊙ W ⊙ T_{k−1}(ΔW)`` (order k, per block) or ``G`` (additive), and returns
       ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ``.
 
+    For an additive Linear whose ``L @ R`` is ``W``'s ``(out, in)`` matrix, the factor
+    gradients are taken through the activations when that is cheaper
+    (:func:`_factor_route`): ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, and ``G`` is
+    never formed (the mode-wise Linear comes here through :meth:`Update.additive_factors`).
+
     Extra work against full fine-tuning: the rank-r products and the element-wise map (twice
     when ``∂L/∂x`` is needed and ``W'`` was not kept) — a few passes over the weight, small
     next to the op when the activations are large; the exact map adds one ``exp`` per entry
@@ -331,18 +336,20 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         gx = gb = None
         G: torch.Tensor | None = None  # ∂L/∂W'
         Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
+        by_products = False  # additive Linear: factor gradients without G (see below)
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
             x2 = x.reshape(-1, W.shape[1])
+            by_products = update == "additive" and need_f and _factor_route(W, L, R, x2)
             if need_b:
                 gb = gy2.sum(0)
             if need_x:
                 Wq = _lowrank_apply(W, L, R, update, order) if Wp is None else Wp
                 gx = gy.matmul(Wq)
-                if need_f and Wp is None:
+                if need_f and Wp is None and not by_products:
                     G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
                 del Wq
-            if need_f and G is None:
+            if need_f and G is None and not by_products:
                 G = gy2.T.mm(x2)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
             gx, G, gb = _conv_backward(gy, x, Wp, op, need_x, True, need_b)
@@ -358,7 +365,10 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             elif need_b:
                 gb = gy.sum([0, *range(2, gy.dim())])
         g_l = g_r = None
-        if G is not None:
+        if by_products:  # G Rᵀ = gyᵀ(x Rᵀ), Lᵀ G = (gy L)ᵀ x: G = gyᵀx never formed
+            g_l = gy2.T.mm(x2.mm(R.T)) if need_l else None
+            g_r = gy2.mm(L).T.mm(x2) if need_r else None
+        elif G is not None:
             g_l, g_r = _factor_grads(G, W, L, R, update, order, Wp, x, gy, need_l, need_r)
         if gb is not None and ctx.bias_shape is not None:
             gb = gb.view(ctx.bias_shape)
@@ -372,6 +382,20 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
 # are that size), so peak memory stays within 1.05× of full fine-tuning, for one layer and,
 # summed, for a network. Otherwise W' is recomputed in the backward (row blocks for exp).
 _KEEP_RATIO = 32
+
+
+def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether an additive Linear's factor gradients are cheaper through the activations.
+
+    ``∂L/∂L = G Rᵀ = gyᵀ(x Rᵀ)`` and ``∂L/∂R = Lᵀ G = (gy L)ᵀ x`` cost ``2Nm(n₀ + n₁)``
+    multiply-adds for ``N`` rows of ``x`` and rank ``m``; through ``G = gyᵀx`` they cost
+    ``N n₀ n₁ + 2 n₀ n₁ m``. Only when ``L @ R`` is ``W``'s own ``(out, in)`` matrix.
+    """
+    n0, n1 = W.shape[0], W.shape[-1]
+    if W.dim() != 2 or L.shape[0] != n0 or R.shape[1] != n1:
+        return False
+    N, m = x2.shape[0], L.shape[1]
+    return 2 * N * m * (n0 + n1) < N * n0 * n1 + 2 * n0 * n1 * m
 
 
 def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -536,6 +560,19 @@ class Update(ABC):
     def apply_lowrank(self, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``apply(W, (L @ R).view(W.shape))``; subclasses may fuse it to save memory."""
         return self.apply(W, (L @ R).view(W.shape))
+
+    def additive_factors(
+        self, W: torch.Tensor, delta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, R)`` with ``apply(W, ΔW) == torch.addmm(W, L, R)`` bit for bit, or ``None``.
+
+        A hook for updates that, on a matrix ``W`` ``(out, in)``, are a low-rank additive
+        correction ``W + L R`` (``L`` ``(out, m)``, ``R`` ``(m, in)``) whose factors cost far
+        less than ``W'``: a Linear layer then runs them through
+        :class:`LowRankAdaptedOpFunction` (``"additive"``), whose backward never forms
+        ``∂L/∂W'``. ``L, R`` are differentiable functions of ``ΔW``. Default: ``None``.
+        """
+        return None
 
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Recover ``W`` from ``W'`` by the group inverse; only when :attr:`invertible`."""

@@ -261,7 +261,14 @@ class LieRALayer(nn.Module):
                     xin, self.weight, self.bias, *factors, self.updates[name], geometry
                 )
             return self._op(x, adapted_weight_lowrank(self.weight, *factors, self.updates[name]))
-        return self._op(x, adapted_weight(self.weight, gen(), self.updates[name]))
+        delta, update = gen(), self.updates[name]
+        if isinstance(self.base_layer, nn.Linear):  # W' = W + L R (mode-wise, both modes)
+            fused = self._fused_input(x)
+            lr = None if fused is None else update.additive_factors(self.weight, delta)
+            if fused is not None and lr is not None:
+                return adapted_op_lowrank(fused[0], self.weight, self.bias, *lr, "additive",
+                                          fused[1])
+        return self._op(x, adapted_weight(self.weight, delta, update))
 
     def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
         """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.

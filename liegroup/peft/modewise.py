@@ -19,7 +19,10 @@ an ``n_k × n_k`` matrix when that is cheaper:
   and ``O(m·|W|)`` products; modes 0 and 1 together in one autograd node,
   :func:`liegroup.linalg.lowrank.eye_plus_lowrank_two_sided`) whenever ``2m < n_k`` —
   measured faster than the dense path from ``n_k = 16`` on; otherwise the dense ``G.exp``
-  and mode product;
+  and mode product. On a Linear (``so``, ``gl``) the two sides are ``W + L R`` of rank
+  ``m₀ + m₁`` (:meth:`ModeWiseUpdate.additive_factors`) and the layer runs the op as one
+  fused node whose backward never forms ``∂L/∂W'``
+  (:class:`liegroup.peft.functional.LowRankAdaptedOpFunction`);
 * block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
   reshaped mode product (``O(b·|W|)``).
 
@@ -373,6 +376,48 @@ class ModeWiseUpdate(Update):
             out = out * torch.exp(log_scale)
         # contiguous like W: the layer's op then takes the same kernel path as on W
         return out.contiguous()
+
+    def additive_factors(
+        self, W: torch.Tensor, delta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``W' = W + L R`` for a matrix ``W`` with both modes on the low-rank path.
+
+        ``(I + K₀R₀ᵀ) W (I + K₁R₁ᵀ)ᵀ = W + [K₀, B]·[A + C K₁ᵀ; K₁ᵀ]`` with ``A = R₀ᵀW``,
+        ``B = W R₁``, ``C = A R₁`` (rank ``m₀ + m₁``; the same operations as
+        :func:`~liegroup.linalg.lowrank.eye_plus_lowrank_two_sided`, so ``addmm(W, L, R)`` is
+        :meth:`apply` bit for bit). ``None`` unless ``W`` is a matrix, ``delta`` holds modes 0
+        and 1 as :class:`ModeFactors` on the low-rank path, and the group is not ``sl`` (its
+        scalar factor).
+
+        Example:
+            >>> import torch
+            >>> g = torch.Generator().manual_seed(0)
+            >>> W = torch.randn(9, 8, dtype=torch.float64, generator=g)
+            >>> F = {k: ModeFactors(*(torch.randn(n, 1, dtype=torch.float64, generator=g)
+            ...                       for _ in range(2))) for k, n in ((0, 9), (1, 8))}
+            >>> u = ModeWiseUpdate("so")
+            >>> L, R = u.additive_factors(W, F)
+            >>> L.shape, R.shape
+            (torch.Size([9, 4]), torch.Size([4, 8]))
+            >>> torch.equal(torch.addmm(W, L, R), u.apply(W, F))
+            True
+        """
+        self.check_delta(W, delta)
+        if self.group == "sl" or W.dim() != 2 or set(delta) != {0, 1}:
+            return None
+        for k in (0, 1):
+            M = delta[k]
+            width = M.L.shape[1] * (2 if self.group == "so" else 1) if isinstance(
+                M, ModeFactors
+            ) else W.shape[k]
+            if 2 * width >= W.shape[k]:
+                return None
+        fac, _ = self._lowrank_factors(delta, 1)
+        (K0, R0), (K1, R1) = fac[0], fac[1]
+        A = R0.mT @ W
+        B = W @ R1
+        right = torch.addmm(A, A @ R1, K1.mT)
+        return torch.cat([K0, B], 1), torch.cat([right, K1.mT], 0)
 
     def apply(self, W: torch.Tensor, delta: Any) -> torch.Tensor:
         """``W ×_{k₁} g_{k₁} ×_{k₂} g_{k₂} ⋯`` (mode products over distinct modes commute)."""

@@ -244,3 +244,99 @@ def test_update_checks_structured_elements():
         u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 2), torch.zeros(2, 3))})
     with pytest.raises(DTypeError):
         u.apply(W, {0: ModeBlocks(torch.zeros(2, 2, 2), torch.zeros(2, 2, dtype=torch.float64))})
+
+
+def _fused_setup(group, bias=True, seed=0):
+    """Linear(20, 18), rank 2: both modes on the low-rank path (2·width < n for so and gl)."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(20, 18, bias=bias).to(DT)
+    layer = LieRALayer(base, "lin")
+    layer.add_adapter("default", LieRAConfig(rank=2, alpha=2.0, target_modules=["x"],
+                                             group=group, generator="modewise"))
+    return base, layer, torch.randn(3, 5, 20, dtype=DT)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("group", ["so", "gl"])
+def test_fused_linear_equals_unfused(group, bias):
+    """Linear, modes 0 and 1 low-rank: one node W + L R whose backward never forms ∂L/∂W'."""
+    from liegroup.peft.functional import adapted_weight
+
+    base, layer, x = _fused_setup(group, bias)
+    assert torch.equal(layer(x), base(x))  # identity at init, bit for bit
+    _randomise(layer)
+    if bias:
+        base.bias.requires_grad_(True)
+    x.requires_grad_(True)
+    gen, update = layer.generators["default"], layer.updates["default"]
+    with _CountOps() as c:
+        y = layer(x)
+    assert c.n == 1  # single-op forward
+    assert type(y.grad_fn).__name__ == "LowRankAdaptedOpFunctionBackward"  # the fused node
+    y_ref = layer._op(x, adapted_weight(layer.weight, gen(), update))  # autograd on W'
+    assert torch.equal(y, y_ref)  # forward bit for bit
+    gy = torch.randn_like(y)
+    wrt = [x, *gen.parameters()] + ([base.bias] if bias else [])
+    got = torch.autograd.grad(y, wrt, gy)
+    want = torch.autograd.grad(y_ref, wrt, gy)
+    # both sum the same O(N + n) products in another order: u · (terms) · magnitudes
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max().item() <= 1e3 * eps(DT) * (1 + w.abs().max().item())
+    assert base.weight.grad is None
+    layer.eval()
+    with torch.no_grad():
+        y_un = layer(x)
+        layer.merge()
+        assert (layer(x) - y_un).abs().max().item() <= 200 * eps(DT) * (1 + y_un.abs().max())
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("group", ["so", "gl"])
+def test_fused_linear_gradcheck(group):
+    """The fused node chained to the generator's parameters, float64 gradcheck."""
+    from liegroup.peft.functional import OpGeometry, adapted_op_lowrank
+
+    base, layer, _ = _fused_setup(group)
+    _randomise(layer)
+    gen, update = layer.generators["default"], layer.updates["default"]
+    W = layer.weight
+    names = [n for n, _ in gen.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in gen.parameters()]
+    x = torch.randn(4, 20, dtype=DT, requires_grad=True)
+    b = base.bias.detach().clone().requires_grad_(True)
+
+    def f(xx, bb, *ps):
+        delta = torch.func.functional_call(gen, dict(zip(names, ps, strict=True)), ())
+        lr = update.additive_factors(W, delta)
+        assert lr is not None
+        return adapted_op_lowrank(xx, W, bb, *lr, "additive", OpGeometry("linear"))
+
+    assert torch.autograd.gradcheck(f, (x, b, *params))
+
+
+def test_additive_factors_only_where_exact():
+    """sl (scalar factor), a conv kernel, a dense or too-wide mode: no additive form."""
+    from liegroup.peft.modewise import ModeFactors
+
+    g = torch.Generator().manual_seed(0)
+
+    def fac(n, m):
+        return ModeFactors(*(torch.randn(n, m, dtype=DT, generator=g) for _ in range(2)))
+
+    W = torch.randn(18, 20, dtype=DT)
+    both = {0: fac(18, 2), 1: fac(20, 2)}
+    assert ModeWiseUpdate("so").additive_factors(W, both) is not None
+    assert ModeWiseUpdate("sl").additive_factors(W, both) is None
+    assert ModeWiseUpdate("so").additive_factors(W, {0: both[0]}) is None
+    assert ModeWiseUpdate("so").additive_factors(W, {0: both[0], 1: fac(20, 5)}) is None
+    dense = {0: both[0], 1: torch.randn(20, 20, dtype=DT)}
+    assert ModeWiseUpdate("gl").additive_factors(W, dense) is None
+    T = torch.randn(18, 20, 3, dtype=DT)
+    assert ModeWiseUpdate("so").additive_factors(T, both) is None
+    with pytest.raises(ShapeError):  # the element is checked like apply's
+        ModeWiseUpdate("so").additive_factors(W, {0: fac(20, 2)})
+    _, layer, x = _fused_setup("sl")  # sl Linear: the unfused path, still one op
+    _randomise(layer)
+    with _CountOps() as c:
+        y = layer(x)
+    assert c.n == 1 and type(y.grad_fn).__name__ != "LowRankAdaptedOpFunctionBackward"

@@ -218,3 +218,40 @@ def test_keeps_w_prime_only_for_small_weights():
         # no gradient for x and first order: nothing needs W' in the backward
         layer.updates["default"] = fn.HadamardExp(1)
         assert _saved_weight_sized(layer, x.detach()) == []
+
+
+@pytest.mark.parametrize("keep", [1 << 30, 0])
+@pytest.mark.parametrize("case", ["linear", "linear_nobias"])
+def test_additive_linear_factor_route(case, keep, monkeypatch):
+    """Additive Linear: ∂L/∂L = gyᵀ(x Rᵀ), ∂L/∂R = (gy L)ᵀ x, no ∂L/∂W' formed; same grads."""
+    monkeypatch.setattr(fn, "_KEEP_RATIO", keep)
+    layer, x = _layer(case, "additive", "exact")
+    if layer.bias is not None:
+        layer.bias.requires_grad_(True)
+    x.requires_grad_(True)
+    y_ref = _reference(layer, x)
+    gy = torch.randn_like(y_ref)
+    want = _grads(layer, x, y_ref, gy)
+    real = fn._factor_grads
+    for route in (True, False):
+        monkeypatch.setattr(fn, "_factor_route", lambda *a, r=route: r)
+        calls = []
+        monkeypatch.setattr(fn, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
+        y = layer(x)
+        assert torch.equal(y, y_ref)
+        got = _grads(layer, x, y, gy)
+        assert calls == ([] if route else [1])  # the product route never takes G
+        u = torch.finfo(DT).eps
+        for g, w in zip(got, want, strict=True):
+            assert (g - w).abs().max().item() <= 1e3 * u * (1 + w.abs().max().item())
+
+
+def test_factor_route_rule():
+    """Through the activations when 2Nm(n₀ + n₁) < N n₀ n₁ + 2 n₀ n₁ m, and W's own shape."""
+    W = torch.zeros(1024, 1024)
+    L, R = torch.zeros(1024, 32), torch.zeros(32, 1024)
+    assert fn._factor_route(W, L, R, torch.zeros(2048, 1024))
+    assert not fn._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
+                                torch.zeros(2048, 1024))
+    assert not fn._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
+                                torch.zeros(8, 1024))  # another layout of L @ R
