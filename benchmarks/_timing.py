@@ -18,6 +18,17 @@ from torch import nn
 Step = Callable[[bool], None]
 
 
+def target_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """The issue's CPU benchmark layers, seeded: ``"conv"`` Conv2d(64,64,3) on (16,64,32,32),
+    ``"linear"`` Linear(1024,1024) on (16,128,1024)."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        return nn.Conv2d(64, 64, 3, padding=1), torch.randn(16, 64, 32, 32)
+    if kind == "linear":
+        return nn.Linear(1024, 1024), torch.randn(16, 128, 1024)
+    raise ValueError(f"unknown layer kind {kind!r}; use 'conv' or 'linear'")
+
+
 def stepper(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, lr: float = 1e-3) -> Step:
     """A training step on ``module``: forward, backward of ``gy``, and (if asked) an SGD step."""
     params = [p for p in module.parameters() if p.requires_grad]

@@ -9,9 +9,10 @@ fine-tuning's time in the same round. Printed are those ratios (never bare times
 
 * ``fwd+bwd`` — forward and backward;
 * ``+sgd`` — forward, backward and an SGD step on the trainable parameters;
-* ``step peak mem`` — the step's peak resident-memory increase (``VmHWM`` after resetting it
-  via ``/proc/self/clear_refs``, glibc told to return every freed block above 64 KiB to the
-  OS), relative to full fine-tuning; ``n/a`` where the kernel does not support that reset;
+* ``step peak mem`` — the step's peak resident-memory increase over the state right after
+  ``zero_grad`` (``VmHWM`` after resetting it via ``/proc/self/clear_refs``, glibc told to
+  return every freed block above 64 KiB to the OS), relative to full fine-tuning; ``n/a``
+  where the kernel does not support that reset;
 * ``peak incl. params+data`` — the same plus the bytes of all parameters (frozen ones too),
   the input and the output gradient, i.e. the whole footprint of the step.
 
@@ -31,7 +32,7 @@ import sys
 import torch
 from torch import nn
 
-from benchmarks._timing import interleaved_ratios, stepper
+from benchmarks._timing import interleaved_ratios, stepper, target_layer
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
 
@@ -67,13 +68,7 @@ def _reset_peak() -> bool:
 
 
 def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "conv":
-        base: nn.Module = nn.Conv2d(64, 64, 3, padding=1)
-        x = torch.randn(16, 64, 32, 32)
-    else:
-        base = nn.Linear(1024, 1024)
-        x = torch.randn(16, 128, 1024)
+    base, x = target_layer(kind)
     if method == "full":
         module = base
     else:
@@ -109,6 +104,10 @@ def _peak_one(kind: str, method: str) -> float | None:
     step(True)
     peaks: list[float] = []
     for _ in range(3):
+        # the baseline is the state right after zero_grad (no gradient exists): full
+        # fine-tuning's ∂L/∂W is part of its step, not of the state before it
+        for p in mod.parameters():
+            p.grad = None
         before = _rss_kib("VmRSS")
         if not _reset_peak():
             return None

@@ -16,7 +16,7 @@ import argparse
 import torch
 from torch import nn
 
-from benchmarks._timing import interleaved_ratios, stepper
+from benchmarks._timing import interleaved_ratios, stepper, target_layer
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
 
@@ -39,13 +39,7 @@ METHODS: dict[str, tuple[str, str, object, dict]] = {
 
 
 def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "conv":
-        base: nn.Module = nn.Conv2d(64, 64, 3, padding=1)
-        x = torch.randn(16, 64, 32, 32)
-    else:
-        base = nn.Linear(1024, 1024)
-        x = torch.randn(16, 128, 1024)
+    base, x = target_layer(kind)
     if method == "full ft":
         module = base
     else:
