@@ -33,13 +33,12 @@ from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
 from liegroup.peft.config import LieRAConfig
 from liegroup.peft.functional import (
-    OpGeometry,
     Update,
-    adapted_op_lowrank,
     adapted_weight,
     adapted_weight_lowrank,
     get_update,
 )
+from liegroup.peft.fused_op import OpGeometry, adapted_op_lowrank
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]

@@ -22,7 +22,7 @@ an ``n_k × n_k`` matrix when that is cheaper:
   and mode product. On a Linear (``so``, ``gl``) the two sides are ``W + L R`` of rank
   ``m₀ + m₁`` (:meth:`ModeWiseUpdate.additive_factors`) and the layer runs the op as one
   fused node whose backward never forms ``∂L/∂W'``
-  (:class:`liegroup.peft.functional.LowRankAdaptedOpFunction`);
+  (:class:`liegroup.peft.fused_op.LowRankAdaptedOpFunction`);
 * block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
   reshaped mode product (``O(b·|W|)``).
 

@@ -294,7 +294,7 @@ def test_fused_linear_equals_unfused(group, bias):
 @pytest.mark.parametrize("group", ["so", "gl"])
 def test_fused_linear_gradcheck(group):
     """The fused node chained to the generator's parameters, float64 gradcheck."""
-    from liegroup.peft.functional import OpGeometry, adapted_op_lowrank
+    from liegroup.peft.fused_op import OpGeometry, adapted_op_lowrank
 
     base, layer, _ = _fused_setup(group)
     _randomise(layer)

@@ -14,12 +14,9 @@ from torch import nn
 
 from liegroup.peft import LieRAConfig
 from liegroup.peft import functional as fn
-from liegroup.peft.functional import (
-    LowRankAdaptedOpFunction,
-    OpGeometry,
-    adapted_op_lowrank,
-    adapted_weight_lowrank,
-)
+from liegroup.peft import fused_op as fo
+from liegroup.peft.functional import adapted_weight_lowrank
+from liegroup.peft.fused_op import LowRankAdaptedOpFunction, OpGeometry, adapted_op_lowrank
 from liegroup.peft.layer import LieRALayer
 
 DT = torch.float64
@@ -74,9 +71,9 @@ def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor
 @pytest.mark.parametrize(("group", "exp_map"), MAPS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_matches_reference(case, group, exp_map, chunk, keep, monkeypatch):
-    monkeypatch.setattr(fn, "_CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
+    monkeypatch.setattr(fo, "_CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
     # 1 << 30: W' always recomputed in backward; 0: W' always kept next to ∂L/∂W' (exact map)
-    monkeypatch.setattr(fn, "_KEEP_RATIO", keep)
+    monkeypatch.setattr(fo, "_KEEP_RATIO", keep)
     layer, x = _layer(case, group, exp_map)
     if layer.bias is not None:
         layer.bias.requires_grad_(True)  # the fused node also returns a bias gradient
@@ -212,7 +209,7 @@ def test_keeps_w_prime_only_for_small_weights():
         layer = LieRALayer(base, "c")
         layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"]))
         x = torch.randn(1, 3, hw, hw, dtype=DT, requires_grad=True)
-        assert (7 * hw * hw >= 108 * fn._KEEP_RATIO) is kept
+        assert (7 * hw * hw >= 108 * fo._KEEP_RATIO) is kept
         big = _saved_weight_sized(layer, x)
         assert len(big) == int(kept) and all(t.shape == layer.weight.shape for t in big)
         # no gradient for x and first order: nothing needs W' in the backward
@@ -224,7 +221,7 @@ def test_keeps_w_prime_only_for_small_weights():
 @pytest.mark.parametrize("case", ["linear", "linear_nobias"])
 def test_additive_linear_factor_route(case, keep, monkeypatch):
     """Additive Linear: ∂L/∂L = gyᵀ(x Rᵀ), ∂L/∂R = (gy L)ᵀ x, no ∂L/∂W' formed; same grads."""
-    monkeypatch.setattr(fn, "_KEEP_RATIO", keep)
+    monkeypatch.setattr(fo, "_KEEP_RATIO", keep)
     layer, x = _layer(case, "additive", "exact")
     if layer.bias is not None:
         layer.bias.requires_grad_(True)
@@ -232,11 +229,11 @@ def test_additive_linear_factor_route(case, keep, monkeypatch):
     y_ref = _reference(layer, x)
     gy = torch.randn_like(y_ref)
     want = _grads(layer, x, y_ref, gy)
-    real = fn._factor_grads
+    real = fo._factor_grads
     for route in (True, False):
-        monkeypatch.setattr(fn, "_factor_route", lambda *a, r=route: r)
+        monkeypatch.setattr(fo, "_factor_route", lambda *a, r=route: r)
         calls = []
-        monkeypatch.setattr(fn, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
+        monkeypatch.setattr(fo, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
         y = layer(x)
         assert torch.equal(y, y_ref)
         got = _grads(layer, x, y, gy)
@@ -250,8 +247,8 @@ def test_factor_route_rule():
     """Through the activations when 2Nm(n₀ + n₁) < N n₀ n₁ + 2 n₀ n₁ m, and W's own shape."""
     W = torch.zeros(1024, 1024)
     L, R = torch.zeros(1024, 32), torch.zeros(32, 1024)
-    assert fn._factor_route(W, L, R, torch.zeros(2048, 1024))
-    assert not fn._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
+    assert fo._factor_route(W, L, R, torch.zeros(2048, 1024))
+    assert not fo._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
                                 torch.zeros(2048, 1024))
-    assert not fn._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
+    assert not fo._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
                                 torch.zeros(8, 1024))  # another layout of L @ R

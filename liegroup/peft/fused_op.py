@@ -1,0 +1,358 @@
+"""The fused adapter layer: one autograd node for ``op(x, W')`` with a low-rank ``ΔW = L·R``.
+
+:func:`adapted_op_lowrank` runs the base module's op (``F.linear`` / ``F.convNd``, described by
+an :class:`OpGeometry`) on ``W' = W ⊙ exp(L·R)`` (exact), ``W + W ⊙ L·R`` (first order),
+``W ⊙ T_k(L·R)`` or ``W + L·R`` (additive) without keeping weight-sized tensors between
+forward and backward beyond what full fine-tuning keeps: ``W'`` is formed in one buffer and
+freed (or kept under the keep rule), ``∂L/∂W'`` is written into that buffer and turned into
+``∂L/∂ΔW`` in place, per cache-sized row block for the exact map; a Linear with an additive
+low-rank update takes its factor gradients from ``gyᵀ(x Rᵀ)`` and ``(gy L)ᵀ x`` when that is
+cheaper than forming ``∂L/∂W'``. See ``docs/performance.md`` for the design and measurements.
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from liegroup.errors import ShapeError
+from liegroup.peft.functional import (
+    Additive,
+    HadamardExp,
+    Update,
+    _exp_inplace,
+    _lowrank_hadamard,
+    adapted_weight_lowrank,
+    get_update,
+)
+
+__all__ = ["LowRankAdaptedOpFunction", "OpGeometry", "adapted_op_lowrank"]
+
+
+# Row blocks of the chunked backward hold about this many entries (256 KiB in float32), so the
+# recomputed exp(ΔW) of a block stays in cache and never takes a weight-sized buffer.
+_CHUNK_ENTRIES = 1 << 16
+
+
+@dataclass(frozen=True)
+class OpGeometry:
+    """The base module's op for :func:`adapted_op_lowrank`: ``F.linear`` or an N-d conv.
+
+    Attributes:
+        kind: ``"linear"`` or ``"conv"``.
+        stride, padding, dilation: per spatial dimension (convs; explicit symmetric padding —
+            a ``padding_mode`` other than zeros is applied to the input before the op).
+        groups: the conv's groups.
+
+    Example:
+        >>> OpGeometry("conv", (1, 1), (1, 1), (1, 1), 1).ndim
+        2
+    """
+
+    kind: str
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "conv"):
+            raise ValueError(f"kind must be 'linear' or 'conv', got {self.kind!r}")
+        n = len(self.stride)
+        if self.kind == "conv" and (
+            n not in (1, 2, 3) or len(self.padding) != n or len(self.dilation) != n
+        ):
+            raise ShapeError(
+                f"a conv needs stride, padding and dilation of one length 1-3, got {self}"
+            )
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions (0 for linear)."""
+        return len(self.stride)
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+         3: torch.nn.functional.conv3d}
+
+
+def _op_forward(
+    x: torch.Tensor, Wp: torch.Tensor, bias: torch.Tensor | None, op: OpGeometry
+) -> torch.Tensor:
+    if op.kind == "linear":
+        return torch.nn.functional.linear(x, Wp, bias)
+    out: torch.Tensor = _CONV[op.ndim](
+        x, Wp, bias, op.stride, op.padding, op.dilation, op.groups
+    )
+    return out
+
+
+def _conv_backward(
+    gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: OpGeometry,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gy, x, weight, [weight.shape[0]] if need_b else None, list(op.stride),
+        list(op.padding), list(op.dilation), False, [0] * op.ndim, op.groups,
+        [need_x, need_w, need_b],
+    )
+    return gx, gw, gb
+
+
+class LowRankAdaptedOpFunction(torch.autograd.Function):
+    """``op(x, W', b)`` with ``W' = update(W, (L @ R).view(W.shape))`` as one autograd node.
+
+    The whole adapted layer in one node, so that no more weight-sized memory exists at any time
+    than full fine-tuning of the layer needs (``∂L/∂W``):
+
+    * forward forms ``W'`` in one buffer, runs the op and frees ``W'``; it keeps ``x`` (as the
+      op would), ``W`` and the small factors — and ``W'`` itself only when the weight has at
+      most 1/32 of the entries of ``x`` and ``y`` together (then it costs ≤ 3 % of the
+      activations, and the backward neither recomputes ``W'`` nor a second ``exp``);
+    * backward recomputes ``W'`` (if not kept) only if ``∂L/∂x`` is needed, forms ``∂L/∂x``
+      and, for Linear, writes ``G = ∂L/∂W'`` into the same buffer (convs: frees ``W'`` before
+      ``G`` exists, or with a kept ``W'`` forms ``∂L/∂x``, ``G``, ``∂L/∂b`` in one call); then
+      turns ``G`` *in place* into ``G_Δ = G ⊙ W'`` (exact; without a kept ``W'``,
+      ``W ⊙ exp(L_i R)`` is recomputed per cache-sized row block ``i`` in one reused block
+      buffer, the factor products taken per block), ``G ⊙ W`` (first order),
+      ``G ⊙ W ⊙ T_{k−1}(ΔW)`` (order k, per block) or ``G`` (additive), and returns
+      ``∂L/∂L = G_Δ Rᵀ``, ``∂L/∂R = Lᵀ G_Δ``.
+
+    For an additive Linear whose ``L @ R`` is ``W``'s ``(out, in)`` matrix, the factor
+    gradients are taken through the activations when that is cheaper
+    (:func:`_factor_route`): ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, and ``G`` is
+    never formed (the mode-wise Linear comes here through :meth:`Update.additive_factors`).
+
+    Extra work against full fine-tuning: the rank-r products and the element-wise map (twice
+    when ``∂L/∂x`` is needed and ``W'`` was not kept) — a few passes over the weight, small
+    next to the op when the activations are large; the exact map adds one ``exp`` per entry
+    in the backward's blocks.
+    ``update`` is ``"additive"`` or ``"hadamard"`` (with ``order``); ``W`` must be frozen.
+    The forward is bit-identical to ``op(x, adapted_weight_lowrank(W, L, R))``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+        >>> W = torch.randn(4, 6, dtype=torch.float64)
+        >>> L = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+        >>> R = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+        >>> f = LowRankAdaptedOpFunction.apply
+        >>> torch.autograd.gradcheck(
+        ...     lambda a, lf, rf: f(a, W, None, lf, rf, "hadamard", None, OpGeometry("linear")),
+        ...     (x, L, R))
+        True
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        W: torch.Tensor,
+        bias: torch.Tensor | None,
+        L: torch.Tensor,
+        R: torch.Tensor,
+        update: str,
+        order: int | None,
+        op: OpGeometry,
+    ) -> torch.Tensor:
+        """``op(x, W', bias)``; ``W'`` lives only during the op."""
+        if ctx.needs_input_grad[1]:
+            raise TypeError("LowRankAdaptedOpFunction does not differentiate W; freeze it")
+        if update not in ("hadamard", "additive"):
+            raise ValueError(f"update must be 'hadamard' or 'additive', got {update!r}")
+        Wp = _lowrank_apply(W, L, R, update, order)
+        out = _op_forward(x, Wp, bias, op)
+        need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        # keep W' for the backward (no recompute there) only where it is small next to the
+        # activations; it is then needed by ∂L/∂x or by the exact map's G ⊙ W'
+        keep = need_f and (need_x or (update == "hadamard" and order is None)) and (
+            _keep_second_buffer(W, x, out)
+        )
+        ctx.update, ctx.order, ctx.op, ctx.keep = update, order, op, keep
+        ctx.save_for_backward(x, W, L, R, Wp if keep else None)
+        del Wp
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``∂L/∂x``, ``∂L/∂b`` and the factor gradients with one weight-sized buffer at a time."""
+        x, W, L, R, kept = ctx.saved_tensors
+        update, order, op = ctx.update, ctx.order, ctx.op
+        need_x, _, need_b, need_l, need_r = ctx.needs_input_grad[:5]
+        need_f = need_l or need_r
+        gx = gb = None
+        G: torch.Tensor | None = None  # ∂L/∂W'
+        Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
+        by_products = False  # additive Linear: factor gradients without G (see below)
+        if op.kind == "linear":
+            gy2 = gy.reshape(-1, W.shape[0])
+            x2 = x.reshape(-1, W.shape[1])
+            by_products = update == "additive" and need_f and _factor_route(W, L, R, x2)
+            if need_b:
+                gb = gy2.sum(0)
+            if need_x:
+                Wq = _lowrank_apply(W, L, R, update, order) if Wp is None else Wp
+                gx = gy.matmul(Wq)
+                if need_f and Wp is None and not by_products:
+                    G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
+                del Wq
+            if need_f and G is None and not by_products:
+                G = gy2.T.mm(x2)
+        elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
+            gx, G, gb = _conv_backward(gy, x, Wp, op, need_x, True, need_b)
+        else:
+            if need_x:
+                Wq = _lowrank_apply(W, L, R, update, order)
+                gx, _, _ = _conv_backward(gy, x, Wq, op, True, False, False)
+                del Wq  # freed before ∂L/∂W' exists: one weight-sized buffer at a time
+            if need_f:
+                # ∂L/∂b with ∂L/∂W': asked for with ∂L/∂x alone, oneDNN's backward takes a
+                # path that costs as much as ∂L/∂x again (measured: Conv2d(64,64,3), 4×32²)
+                _, G, gb = _conv_backward(gy, x, W, op, False, True, need_b)
+            elif need_b:
+                gb = gy.sum([0, *range(2, gy.dim())])
+        g_l = g_r = None
+        if by_products:  # G Rᵀ = gyᵀ(x Rᵀ), Lᵀ G = (gy L)ᵀ x: G = gyᵀx never formed
+            g_l = gy2.T.mm(x2.mm(R.T)) if need_l else None
+            g_r = gy2.mm(L).T.mm(x2) if need_r else None
+        elif G is not None:
+            g_l, g_r = _factor_grads(G, W, L, R, update, order, Wp, x, gy, need_l, need_r)
+        if gb is not None and ctx.bias_shape is not None:
+            gb = gb.view(ctx.bias_shape)
+        return gx, None, gb, g_l, g_r, None, None, None
+
+
+# The memory rule for keeping W' from the forward to the backward (a second weight-sized
+# buffer next to ∂L/∂W'; no recompute of W' and, for the exact map, no second exp): allowed
+# when the weight has at most 1/32 of the entries of the layer's input plus output, i.e.
+# ≤ ~3 % of activations that a training step holds anyway (full fine-tuning's ∂L/∂x and ∂L/∂y
+# are that size), so peak memory stays within 1.05× of full fine-tuning, for one layer and,
+# summed, for a network. Otherwise W' is recomputed in the backward (row blocks for exp).
+_KEEP_RATIO = 32
+
+
+def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether an additive Linear's factor gradients are cheaper through the activations.
+
+    ``∂L/∂L = G Rᵀ = gyᵀ(x Rᵀ)`` and ``∂L/∂R = Lᵀ G = (gy L)ᵀ x`` cost ``2Nm(n₀ + n₁)``
+    multiply-adds for ``N`` rows of ``x`` and rank ``m``; through ``G = gyᵀx`` they cost
+    ``N n₀ n₁ + 2 n₀ n₁ m``. Only when ``L @ R`` is ``W``'s own ``(out, in)`` matrix.
+    """
+    n0, n1 = W.shape[0], W.shape[-1]
+    if W.dim() != 2 or L.shape[0] != n0 or R.shape[1] != n1:
+        return False
+    N, m = x2.shape[0], L.shape[1]
+    return 2 * N * m * (n0 + n1) < N * n0 * n1 + 2 * n0 * n1 * m
+
+
+def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+    return W.numel() * _KEEP_RATIO <= x.numel() + y.numel()
+
+
+def _block_rows(W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor) -> int:
+    """Rows per block of the blocked backward.
+
+    A block holds at most ``_CHUNK_ENTRIES`` entries (it stays in cache through its
+    ``L_i R → exp → ⊙ W_i → ⊙ G_i → factor products`` chain) and at most the larger of 1/16
+    of the weight and 1/32 of the activations (its buffer is the only memory the block adds).
+    Small blocks cost a few kernel launches each, so blocks are as large as these allow.
+    """
+    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, (x.numel() + gy.numel()) // 32))
+    return max(1, entries // max(cols, 1))
+
+
+def _factor_grads(
+    G: torch.Tensor, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str,
+    order: int | None, Wp: torch.Tensor | None, x: torch.Tensor, gy: torch.Tensor,
+    need_l: bool, need_r: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``G_Δ`` from ``G = ∂L/∂W'`` (in place in ``G``), then ``G_Δ Rᵀ`` and ``Lᵀ G_Δ``.
+
+    ``G_Δ = G`` (additive), ``G ⊙ W`` (first order), ``G ⊙ W'`` (exact; from ``Wp`` when it
+    was kept, else ``W ⊙ exp(L_i R)`` recomputed per row block in one reused block buffer,
+    the factor products taken per block while it is in cache), ``G ⊙ W ⊙ T_{k−1}(ΔW)``
+    (order ``k ≥ 2``, per block).
+    """
+    rows, cols = L.shape[0], R.shape[1]
+    Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
+    # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
+    blocked = update == "hadamard" and order != 1 and (Wp is None or order is not None)
+    if not blocked:
+        if update == "hadamard":
+            Gm.mul_((W if order == 1 else Wp).reshape(rows, cols))  # type: ignore[union-attr]
+        return (Gm.mm(R.T) if need_l else None), (L.T.mm(Gm) if need_r else None)
+    Wm = W.reshape(rows, cols)
+    step = min(rows, _block_rows(W, cols, x, gy))
+    buf = torch.empty((step, cols), dtype=G.dtype, device=G.device)
+    RT = R.T
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        Li, Gi = L[i:j], Gm[i:j]
+        if order is None:
+            t = torch.mm(Li, R, out=buf[: j - i]).exp_()
+        else:
+            t = _exp_inplace(Li @ R, order - 1)
+        Gi.mul_(t.mul_(Wm[i:j]))
+    return (Gm.mm(RT) if need_l else None), (L.T.mm(Gm) if need_r else None)
+
+
+def _lowrank_apply(
+    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str, order: int | None
+) -> torch.Tensor:
+    if update == "additive":
+        return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
+    return _lowrank_hadamard(W, L, R, order)
+
+
+def adapted_op_lowrank(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    update: Update | str,
+    op: OpGeometry,
+    order: int | None = None,
+) -> torch.Tensor:
+    """``op(x, update(W, (L @ R).view(W.shape)), bias)`` at the memory of full fine-tuning.
+
+    Uses :class:`LowRankAdaptedOpFunction` for the shipped updates (:class:`HadamardExp`,
+    :class:`Additive`) when ``W`` is frozen; otherwise (another update, a
+    trainable ``W``) it runs ``op(x, adapted_weight_lowrank(W, L, R, update), bias)``.
+    Same forward values bit for bit either way.
+
+    Args:
+        x: the op's input (batched for convs, any padding already applied).
+        W: frozen weight ``(out, in)`` or ``(C_out, C_in/g, *k)``.
+        bias: the op's bias or ``None``.
+        L, R: factors with ``L.shape[0] * R.shape[1] == W.numel()``.
+        update: an :class:`Update` or a registered name.
+        op: the op and its geometry.
+        order: Taylor order when ``update`` is a name.
+
+    Example:
+        >>> import torch
+        >>> x, W = torch.randn(3, 4), torch.randn(2, 4)
+        >>> L, R = torch.randn(2, 1), torch.randn(1, 4)
+        >>> y = adapted_op_lowrank(x, W, None, L, R, "hadamard", OpGeometry("linear"))
+        >>> torch.equal(y, x @ adapted_weight_lowrank(W, L, R).T)
+        True
+    """
+    if isinstance(update, str):
+        update = get_update(update, order)
+    if type(update) is HadamardExp:
+        name, order = "hadamard", update.order
+    elif type(update) is Additive:
+        name, order = "additive", None
+    else:
+        name = ""
+    if not name or W.requires_grad:
+        return _op_forward(x, adapted_weight_lowrank(W, L, R, update), bias, op)
+    out: torch.Tensor = LowRankAdaptedOpFunction.apply(x, W, bias, L, R, name, order, op)
+    return out
