@@ -21,14 +21,24 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
+def offending(bad: torch.Tensor, limit: int = 5) -> tuple[int, list[list[int]]] | None:
+    """``None`` if no entry of the boolean mask ``bad`` is set, else (count, first indices).
+
+    The one place that turns a failed check into what an error message names.
+    """
+    if not bool(bad.any()):
+        return None
+    return int(bad.sum()), bad.nonzero()[:limit].tolist()
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise :class:`NonFiniteError` naming the first offending entries of ``x``."""
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        idx = bad.nonzero()[:5].tolist()
+    hit = offending(~torch.isfinite(x))
+    if hit is not None:
+        count, idx = hit
         vals = [x[tuple(i)].item() for i in idx]
         raise NonFiniteError(
-            f"{name} has {int(bad.sum())} non-finite entries, e.g. at {idx} (values {vals}); "
+            f"{name} has {count} non-finite entries, e.g. at {idx} (values {vals}); "
             "find where they came from (learning rate too high? division by zero?)"
         )
 

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from liegroup._validation import offending
 from liegroup.errors import DomainError
 from liegroup.groups.matrix import _HALF, MatrixLieGroup, default_atol
 
@@ -82,10 +83,11 @@ class GL(MatrixLieGroup):
         """
         self.check_point(g, "g")
         ok = self.contains(g)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero()[:5].tolist()
+        hit = offending(~ok)
+        if hit is not None:
+            count, bad = hit
             raise DomainError(
-                f"{int((~ok).sum())} matrices are numerically singular (no nearest invertible "
+                f"{count} matrices are numerically singular (no nearest invertible "
                 f"matrix exists), e.g. at batch index {bad}"
             )
         return g
@@ -220,10 +222,11 @@ class SL(GL):
         bad = (sign == 0) | ~torch.isfinite(logabs)
         if n % 2 == 0:
             bad = bad | (sign < 0)
-        if bool(bad.any()):
-            idx = bad.nonzero()[:5].tolist()
+        hit = offending(bad)
+        if hit is not None:
+            count, idx = hit
             raise DomainError(
-                f"{int(bad.sum())} matrices cannot be scaled onto SL({n}) (singular, or a "
+                f"{count} matrices cannot be scaled onto SL({n}) (singular, or a "
                 f"negative determinant with n even), e.g. at batch index {idx}"
             )
         scale = sign * torch.exp(-logabs / n) if n % 2 else torch.exp(-logabs / n)

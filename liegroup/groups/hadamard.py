@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from liegroup._validation import check_finite, check_tensor, check_trailing_shape
+from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
 from liegroup.errors import DomainError, DTypeError, ShapeError
 from liegroup.groups.base import LieGroup
 
@@ -224,13 +224,13 @@ class Hadamard(LieGroup):
             tensor([0., 0.])
         """
         self.check_point(g, "g")
-        bad = ~(torch.isfinite(g) & (g > 0))
-        if bool(bad.any()):
-            idx = bad.nonzero()[:5].tolist()
+        hit = offending(~(torch.isfinite(g) & (g > 0)))
+        if hit is not None:
+            count, idx = hit
             vals = [g[tuple(i)].item() for i in idx]
             raise DomainError(
                 f"log is defined only on the identity component (all entries finite and > 0); "
-                f"{int(bad.sum())} entries are not, e.g. at {idx} (values {vals}). A group "
+                f"{count} entries are not, e.g. at {idx} (values {vals}). A group "
                 "element with negative entries has no real logarithm; take log(g / sign(g)) "
                 "if you mean its magnitude."
             )

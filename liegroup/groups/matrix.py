@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from liegroup import tensor as _tensor
-from liegroup._validation import check_finite, check_tensor, normalize_mode
+from liegroup._validation import check_finite, check_tensor, normalize_mode, offending
 from liegroup.errors import DomainError, ShapeError
 from liegroup.groups.base import LieGroup
 
@@ -170,10 +170,11 @@ class MatrixLieGroup(LieGroup):
         self.check_point(g, "g")
         check_finite(g, "g")
         ok = self.contains(g)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero()[:5].tolist()
+        hit = offending(~ok)
+        if hit is not None:
+            count, bad = hit
             raise DomainError(
-                f"log: {int((~ok).sum())} points are not on {self!r} to atol="
+                f"log: {count} points are not on {self!r} to atol="
                 f"{default_atol(g.dtype):.1e}, e.g. batch index {bad}; project them with "
                 "G.project(g) first if the departure is rounding"
             )
@@ -295,10 +296,11 @@ class MatrixLieGroup(LieGroup):
 
     def _check_in_algebra(self, X: torch.Tensor) -> None:
         ok = self.contains_algebra(X)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero()[:5].tolist()
+        hit = offending(~ok)
+        if hit is not None:
+            count, bad = hit
             raise DomainError(
-                f"{int((~ok).sum())} matrices are not in the Lie algebra of {self!r}, e.g. at "
+                f"{count} matrices are not in the Lie algebra of {self!r}, e.g. at "
                 f"batch index {bad}; map them with G.project_algebra(X) if that is intended"
             )
 

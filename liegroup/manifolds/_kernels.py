@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from liegroup._validation import check_tensor
+from liegroup._validation import check_tensor, offending
 from liegroup.errors import DomainError, DTypeError
 from liegroup.groups.base import LieGroup
 
@@ -215,8 +215,9 @@ class _SLOps(_Ops):
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         sign, logabs = torch.linalg.slogdet(x)  # no overflow for large n
         ok = (sign > 0) & torch.isfinite(logabs)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero()[:5].tolist()
+        hit = offending(~ok)
+        if hit is not None:
+            bad = hit[1]
             raise DomainError(
                 f"cannot project onto SL({self.n}): det <= 0 (or NaN) at batch indices {bad}; "
                 "rescaling by a positive number cannot make the determinant 1 there"
