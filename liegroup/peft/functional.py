@@ -162,13 +162,16 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
 
 
 def _lowrank_hadamard(
-    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None
+    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W ⊙ exp((L @ R).view(W.shape))`` (or ``T_k``) with one weight-sized buffer for k ≤ 1.
 
     Bit-identical to ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
+    ``out``: a contiguous ``(L.shape[0], R.shape[1])`` buffer to hold ``L @ R`` (and, for
+    k ≤ 1, the result) instead of a fresh one.
     """
-    delta = (L @ R).view(W.shape)
+    delta = (L @ R if out is None else torch.mm(L, R, out=out)).view(W.shape)
     if order is None:
         return delta.exp_().mul_(W)
     if order == 1:

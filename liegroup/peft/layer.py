@@ -38,7 +38,7 @@ from liegroup.peft.functional import (
     adapted_weight_lowrank,
     get_update,
 )
-from liegroup.peft.fused_op import OpGeometry, adapted_op_lowrank
+from liegroup.peft.fused_op import OpGeometry, StepLedger, adapted_op_lowrank
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
@@ -115,6 +115,9 @@ class LieRALayer(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self._merge_backup: torch.Tensor | None = None
+        # shared by the layers of one LieRAModel (set there); None: the layer's backward
+        # holds one weight-sized buffer at a time
+        self.ledger: StepLedger | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -257,7 +260,8 @@ class LieRALayer(nn.Module):
             if fused is not None:
                 xin, geometry = fused
                 return adapted_op_lowrank(
-                    xin, self.weight, self.bias, *factors, self.updates[name], geometry
+                    xin, self.weight, self.bias, *factors, self.updates[name], geometry,
+                    ledger=self.ledger,
                 )
             return self._op(x, adapted_weight_lowrank(self.weight, *factors, self.updates[name]))
         delta, update = gen(), self.updates[name]
@@ -266,7 +270,7 @@ class LieRALayer(nn.Module):
             lr = None if fused is None else update.additive_factors(self.weight, delta)
             if fused is not None and lr is not None:
                 return adapted_op_lowrank(fused[0], self.weight, self.bias, *lr, "additive",
-                                          fused[1])
+                                          fused[1], ledger=self.ledger)
         return self._op(x, adapted_weight(self.weight, delta, update))
 
     def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
