@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["step_mem"] = mm[0] / full_mem[0]
                 row["total_mem"] = mm[1] / full_mem[1]
             rows[m] = row
-        results[case.name] = {"label": case.label, "rows": rows}
+        results[case.name] = {"label": case.label, "rows": rows, "stress": case.stress}
         print(render(meta | {"load_avg_end": os.getloadavg()}, {case.name: results[case.name]}),
               file=sys.stderr, flush=True)
     meta["load_avg_end"] = os.getloadavg()
@@ -129,6 +129,7 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         "",
     ]
     fails: list[str] = []
+    stressed: list[str] = []  # stress inputs: step time reported, not held to the target
     for name, res in results.items():
         rows = res["rows"]
         lines += [f"### {res['label']}", "",
@@ -142,7 +143,9 @@ def render(meta: dict, results: dict[str, dict]) -> str:
             )
             if m.startswith("LieRA") and r.get("time") is not None:
                 if r["time"] > TIME_LIMIT:
-                    fails.append(f"{name}: {m} time {r['time']:.2f} > {TIME_LIMIT}")
+                    (stressed if res.get("stress") else fails).append(
+                        f"{name}: {m} time {r['time']:.2f} > {TIME_LIMIT}"
+                    )
                 for k in ("step_mem", "total_mem"):
                     if r.get(k) is not None and r[k] > MEM_LIMIT:
                         fails.append(f"{name}: {m} {k} {r[k]:.2f} > {MEM_LIMIT}")
@@ -162,6 +165,9 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         + ("all met." if not fails else f"{len(fails)} missed:")
     )
     lines += [f"- {f}" for f in fails]
+    if stressed:
+        lines += ["", "Above the time target on stress inputs (weight-bound; not target cases):"]
+        lines += [f"- {f}" for f in stressed]
     return "\n".join(lines) + "\n"
 
 
