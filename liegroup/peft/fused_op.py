@@ -145,6 +145,14 @@ class StepLedger:
         self.in_backward = True
         self.credit += entries
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickling / deepcopy of a model: the counters travel, the scratch buffers do not
+        return {"credit": self.credit, "in_backward": self.in_backward}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.credit, self.in_backward = state["credit"], state["in_backward"]
+        self._buffers = {}
+
     def __repr__(self) -> str:
         return f"StepLedger(credit={self.credit}, in_backward={self.in_backward})"
 

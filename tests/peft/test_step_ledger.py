@@ -12,6 +12,8 @@ follow, and both must leave every value and gradient as the reference path gives
 
 from __future__ import annotations
 
+import copy
+import io
 import threading
 
 import pytest
@@ -146,6 +148,23 @@ def test_workspace_is_reused_per_thread_device_dtype():
     assert other[0] != c.data_ptr()  # another thread never shares a buffer
     ledger.release()
     assert ledger.workspace(1, 1, W).numel() == 1
+
+
+def test_pickled_and_copied_models_carry_no_workspace():
+    model, x = _net("conv", "hadamard", "exact")
+    model(x).sum().backward()
+    assert model._ledger._buffers  # the step left its workspace
+    clone = copy.deepcopy(model)
+    assert clone._ledger._buffers == {} and clone._ledger is not model._ledger
+    assert {id(layer.ledger) for _, layer in clone.lie_layers()} == {id(clone._ledger)}
+    blob = io.BytesIO()
+    torch.save(model, blob)
+    size = blob.tell()
+    model._ledger.release()
+    blob2 = io.BytesIO()
+    torch.save(model, blob2)
+    assert size == blob2.tell()  # the workspace is not in the pickle
+    assert torch.equal(clone(x), model(x))
 
 
 def test_model_layers_share_one_ledger():
