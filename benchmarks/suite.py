@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks import peers
 from benchmarks.models import convnext_tiny_like, resnet50_like
 from liegroup.peft import LieRAConfig, available_generators, get_peft_model
+from liegroup.peft.generators import resolve_generator
 
 RANK = 8
 FULL = "full fine-tuning"
@@ -129,9 +130,18 @@ def cases(quick: bool, layer_batch: int | None = None) -> list[Case]:
 
 
 def liera_methods() -> dict[str, dict[str, Any]]:
-    """Our rows: LieRA for every registered generator and both maps, and additive LoRA."""
+    """Our rows: every registered generator in its groups, and additive LoRA.
+
+    A generator of weight-shaped algebra elements runs in the Hadamard group with both maps
+    (rows ``LieRA <gen> exact`` / ``first order``); a mode-wise generator (one matrix per mode)
+    runs in the mode-wise groups SO and GL (rows ``LieRA <gen> so`` / ``gl``).
+    """
     out: dict[str, dict[str, Any]] = {}
     for gen in available_generators():
+        if resolve_generator(gen).algebra_kind == "modes":
+            for group in ("so", "gl"):
+                out[f"LieRA {gen} {group}"] = {"generator": gen, "group": group}
+            continue
         for exp_map, tag in (("exact", "exact"), ("first_order", "first order")):
             out[f"LieRA {gen} {tag}"] = {"generator": gen, "exp_map": exp_map}
     out["LoRA W+ΔW (ours)"] = {"generator": "lora", "group": "additive"}
