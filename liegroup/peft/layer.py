@@ -40,6 +40,7 @@ from liegroup.peft.functional import (
 )
 from liegroup.peft.fused_op import OpGeometry, StepLedger, adapted_op_lowrank
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
+from liegroup.peft.recompute_op import adapted_op_recompute
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
 
@@ -265,13 +266,16 @@ class LieRALayer(nn.Module):
                 )
             return self._op(x, adapted_weight_lowrank(self.weight, *factors, self.updates[name]))
         delta, update = gen(), self.updates[name]
+        fused = self._fused_input(x)
+        if fused is None or self.weight.requires_grad:
+            return self._op(x, adapted_weight(self.weight, delta, update))
         if isinstance(self.base_layer, nn.Linear):  # W' = W + L R (mode-wise, both modes)
-            fused = self._fused_input(x)
-            lr = None if fused is None else update.additive_factors(self.weight, delta)
-            if fused is not None and lr is not None:
+            lr = update.additive_factors(self.weight, delta)
+            if lr is not None:
                 return adapted_op_lowrank(fused[0], self.weight, self.bias, *lr, "additive",
                                           fused[1], ledger=self.ledger)
-        return self._op(x, adapted_weight(self.weight, delta, update))
+        # any other update: W' recomputed in the backward, nothing weight-sized kept
+        return adapted_op_recompute(fused[0], self.weight, self.bias, delta, update, fused[1])
 
     def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
         """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.
