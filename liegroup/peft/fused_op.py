@@ -76,6 +76,25 @@ class OpGeometry:
         """Spatial dimensions (0 for linear)."""
         return len(self.stride)
 
+    def output_numel(self, x: torch.Tensor, W: torch.Tensor) -> int:
+        """Entries of ``op(x, W)`` (``x`` batched, padding already applied), without running it.
+
+        Example:
+            >>> import torch
+            >>> op = OpGeometry("conv", (2, 1), (1, 0), (1, 2), 1)
+            >>> x, W = torch.zeros(2, 3, 9, 8), torch.zeros(5, 3, 3, 3)
+            >>> op.output_numel(x, W) == torch.nn.functional.conv2d(
+            ...     x, W, None, (2, 1), (1, 0), (1, 2)).numel()
+            True
+        """
+        if self.kind == "linear":
+            return x.numel() // W.shape[1] * W.shape[0]
+        n = x.shape[0] * W.shape[0]
+        for size, k, s, p, d in zip(x.shape[2:], W.shape[2:], self.stride, self.padding,
+                                    self.dilation, strict=True):
+            n *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return n
+
 
 class StepLedger:
     """The weight-gradient memory full fine-tuning would hold at this point of a step.

@@ -79,6 +79,12 @@ def check_supported(module: nn.Module, name: str = "") -> None:
         )
 
 
+# The plain autograd path for updates without a fused node keeps W' and the update's own
+# intermediates (a mode-wise conv: a transposed copy of W) — about two weight-sized tensors —
+# from the forward to the backward; allowed when that is ≤ ~3 % of the layer's input + output.
+_KEEP_PLAIN = 64
+
+
 class LieRALayer(nn.Module):
     """A supported base module plus named adapters; forward is one op on ``W'``.
 
@@ -274,8 +280,14 @@ class LieRALayer(nn.Module):
             if lr is not None:
                 return adapted_op_lowrank(fused[0], self.weight, self.bias, *lr, "additive",
                                           fused[1], ledger=self.ledger)
-        # any other update: W' recomputed in the backward, nothing weight-sized kept
-        return adapted_op_recompute(fused[0], self.weight, self.bias, delta, update, fused[1])
+        # any other update: W' recomputed in the backward, nothing weight-sized kept — unless
+        # the weight is small next to the activations (then keeping W' and the update's own
+        # intermediates costs ≤ ~3 % of them, and the recompute would only cost time)
+        xin, geometry = fused
+        acts = xin.numel() + geometry.output_numel(xin, self.weight)
+        if _KEEP_PLAIN * self.weight.numel() <= acts:
+            return self._op(x, adapted_weight(self.weight, delta, update))
+        return adapted_op_recompute(xin, self.weight, self.bias, delta, update, geometry)
 
     def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
         """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.

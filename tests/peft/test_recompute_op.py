@@ -161,3 +161,22 @@ def test_flatten_round_trip():
     assert isinstance(back[0], Pair) and back[0].b is None and back[0].scale == 2.0
     assert torch.equal(back[1][1][0], t[2] + 1) and isinstance(back[1][1], tuple)
     assert torch.equal(back[2], t[3] + 1)
+
+
+def test_small_weights_next_to_large_activations_keep_the_plain_path():
+    """64·|W| ≤ |x| + |y|: the plain path's kept W' is ≤ ~3 % of the activations; no recompute."""
+    layer, _ = _layer("conv2d", "so_lowrank")
+    n = layer.weight.numel()  # 8·6·3·3 = 432
+    for hw, plain in ((5, False), (40, True)):  # |x| + |y| = 2·(6 + 8)·hw²
+        x = torch.randn(2, 6, hw, hw, dtype=DT, requires_grad=True)
+        assert (64 * n <= 28 * hw * hw) is plain
+        assert _takes_recompute_path(layer, x) is not plain
+        y = layer(x)
+        assert torch.allclose(y, _reference(layer, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["conv1d_strided", "conv2d", "conv3d_reflect", "linear_3d_input"])
+def test_output_numel(case):
+    layer, x = _layer(case, "dense_hadamard")
+    xin, op = layer._fused_input(x)
+    assert op.output_numel(xin, layer.weight) == layer.base_layer(x).numel()
