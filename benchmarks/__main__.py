@@ -31,6 +31,7 @@ from benchmarks.suite import (
 
 TIME_LIMIT, MEM_LIMIT, MAP_LIMIT = 1.10, 1.05, 1.05
 DENSE_FRAC = 0.5  # LieRA rows training at least this fraction of the weights are baselines
+MODEWISE_GROUPS = ("so", "gl", "sl")
 
 
 def _cpu_model() -> str:
@@ -141,7 +142,14 @@ def render(meta: dict, results: dict[str, dict]) -> str:
             # the targets are for parameter-efficient rows: a dense generator (as many
             # trainable entries as the weight) is full fine-tuning through the group, a baseline
             dense = m.startswith("LieRA") and (tf or 0.0) >= DENSE_FRAC
-            note = (r["note"] + " dense baseline, not a target row").strip() if dense else r["note"]
+            # mode-wise matrix groups (SO, GL) are not LieRA's Hadamard maps: reported only
+            modewise = m.startswith("LieRA") and m.split()[-1] in MODEWISE_GROUPS
+            note = r["note"]
+            if dense:
+                note = (note + " dense baseline, not a target row").strip()
+            elif modewise:
+                note = (note + " mode-wise group, not a Hadamard map: reported only").strip()
+            dense = dense or modewise
             lines.append(
                 f"| {m} | {'—' if tf is None else f'{100 * tf:.2f} %'} | {_fmt(r.get('time'))} "
                 f"| {_fmt(r.get('step_mem'))} | {_fmt(r.get('total_mem'))} | {note} |"
