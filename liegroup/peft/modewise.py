@@ -26,6 +26,12 @@ an ``n_k × n_k`` matrix when that is cheaper:
 * block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
   reshaped mode product (``O(b·|W|)``).
 
+On a conv (and a Linear off the low-rank path) the layer runs the op through
+:func:`liegroup.peft.recompute_op.adapted_op_recompute` when the weight is large next to the
+activations: ``W'`` is recomputed in the backward instead of being kept, with the update's
+intermediates, from forward to backward (memory at full fine-tuning's level, one more
+formation of ``W'`` in time; ``docs/performance.md``).
+
 * Identity at init (``M_k = 0`` → ``exp(0) = I``); the layer's forward stays one op on ``W'``.
 * ``SO``: every mode-``j`` unfolding of ``W'`` is an orthogonal transformation of ``W``'s
   (rows for ``j = k``, columns otherwise), so **all** mode-wise singular values are preserved
