@@ -101,6 +101,7 @@ class _Consts:
         # top-degree scaling from n6, n8, n10: s_k = max(0, ⌈log₂(n_k/θ^k)/k⌉)
         self.th_k = np.array([[th**6], [th**8], [th**10]])
         self.ks = np.array([[6], [8], [10]], dtype=np.int64)
+        self.degs_a = np.array([d for d, _ in self.cands], dtype=np.int64)
         # the same values as Python scalars for _choose_one
         self.th_k_f = tuple(float(v) for v in self.th_k[:, 0])
         self.K_f = tuple(float(v) for v in self.K[:, 0])
@@ -117,6 +118,12 @@ _CONSTS = {dt: _Consts(dt) for dt in (torch.float64, torch.float32)}
 def _s_top(nk: np.ndarray, c: _Consts) -> np.ndarray:
     """Scaling of the top degree from (bounds of) ``‖A⁶‖, ‖A⁸‖, ‖A¹⁰‖`` (rows of ``nk``)."""
     s6, s8, s10 = np.maximum(_cdiv(_clog2(nk / c.th_k), c.ks), 0)
+    return np.minimum(np.maximum(s6, s8), np.maximum(s8, s10))
+
+
+def _s_top_L(L: np.ndarray, c: _Consts) -> np.ndarray:
+    """:func:`_s_top` from ``L = ⌈log₂(n_k/θ^k)⌉`` (rows ``k = 6, 8, 10``)."""
+    s6, s8, s10 = np.maximum(_cdiv(L, c.ks), 0)
     return np.minimum(np.maximum(s6, s8), np.maximum(s8, s10))
 
 
@@ -246,62 +253,54 @@ _EFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 def _choose(st: np.ndarray, c: _Consts, nu_fn: _NuFn, e_fn: _EFn) -> tuple[np.ndarray, np.ndarray]:
     """Degree ``m`` and scaling ``s`` of each matrix from ``st = (‖A‖₁, ‖A²‖₁, ‖A⁴‖₁, ‖A⁶‖₁)``.
 
-    ``nu_fn(idx, e, ps)`` returns the ``ν_p`` of the matrices ``idx`` and ``e_fn(idx)`` their
-    exact ``‖A⁸‖₁, ‖A¹⁰‖₁``; they are called only for the matrices that need them.
-    :func:`_choose_one` is the same computation for one matrix in Python scalars (IEEE
-    operations in the same order, so the same result; tested).
+    ``e_fn(idx)`` returns the exact ``‖A⁸‖₁, ‖A¹⁰‖₁`` of the matrices ``idx`` and
+    ``nu_fn(idx, e, ps)`` their ``ν_p``; each is called at most once, for the matrices whose
+    decision depends on it (the scaling is refined first, so the guard norms are formed only
+    where the refined scaling does not already cover them). :func:`_choose_one` is the same
+    computation for one matrix in Python scalars (IEEE operations in the same order, so the
+    same result; tested).
     """
     nA, n2, n4, n6 = st
-    Bn = nA.shape[0]
+    nc = len(c.cands)
     n44 = n4 * n4
     N = np.stack([n4, n6, np.minimum(n44, n2 * n6), np.minimum(n4 * n6, n2 * n44)])
     passes = (N[c.qa] <= c.ta) & (N[c.qb] <= c.tb)  # (candidates, B)
-    s_top = _s_top(N[1:], c)
     # Guard: with ‖A‖₁ = μ·2^e (frexp) and ν_p = ‖(|A|·2^{-e})^p‖₁ (1-norm of |A|·2^{-e} is
     # μ ∈ [½, 1): no overflow), K‖|A|^p‖₁/‖A‖₁ = (Kν_p/μ)·2^{2me}. The bound ν_p ≤ μ^p gives
     # t_up ≥ t: where t_up ≤ s, ℓ = 0 without forming |A|^p.
     mu, e = np.frexp(nA)
     e = e.astype(np.int64)
-    t_up = _cdiv(_clog2(_mu_pow(mu, c.degs) * c.K) + c.two_m * e, c.two_m)
-    nc = len(c.cands)
-
-    # Which matrices need exact ν_p (guard) or exact ‖A⁸‖, ‖A¹⁰‖ (scaling)?
-    open_ = np.ones(Bn, dtype=bool)  # may still fall through to later degrees
-    need_g = np.zeros(Bn, dtype=bool)
-    for j in range(nc):
-        here = open_ & passes[j]
-        unsure = here & (t_up[j] > 0)
-        need_g |= unsure
-        open_ &= ~here | unsure
-    need_g |= open_ & (t_up[nc] > s_top)
+    # one exact ⌈log₂⌉ pass over the guard bounds and the scaling ratios n_k/θ^k
+    L = _clog2(np.concatenate([_mu_pow(mu, c.degs) * c.K, N[1:] / c.th_k]))
+    nd = len(c.degs)
+    t_up = _cdiv(L[:nd] + c.two_m * e, c.two_m)
+    s_top = _s_top_L(L[nd:], c)
+    # A candidate settles a matrix when it passes and its guard bound is ≤ 0; a matrix is
+    # still open at candidate j when no earlier candidate settled it.
+    settle = passes & (t_up[:nc] <= 0)
+    closed = np.logical_or.accumulate(settle, axis=0)
+    open_before = np.ones_like(closed)
+    open_before[1:] = ~closed[:-1]
+    need_g = (open_before & passes & (t_up[:nc] > 0)).any(axis=0)
+    open_ = ~closed[-1]
     need_e = open_ & (s_top > 0)
-
-    t = t_up.copy()  # exact t where ν_p is known
-    have = need_g
-    if need_g.any():
-        idx = np.flatnonzero(need_g)
-        nu = nu_fn(idx, e[idx], c.ps)
-        t_ex = _cdiv(_clog2((nu.T / mu[idx]) * c.K) + c.two_m * e[idx], c.two_m)
-        t[:, idx] = np.minimum(t_ex, t_up[:, idx])  # t ≤ t_up in exact arithmetic
     if need_e.any():
         idx = np.flatnonzero(need_e)
         e8, e10 = e_fn(idx)
         s_top[idx] = _s_top(np.stack([n6[idx], e8, e10]), c)
-
-    m = np.zeros(Bn, dtype=np.int64)
-    for j, (deg, _) in enumerate(c.cands):  # first candidate with η ≤ θ and ℓ = 0
-        m[(m == 0) & passes[j] & (t[j] <= 0)] = deg
-    s = np.zeros(Bn, dtype=np.int64)
-    rest = m == 0
-    if rest.any():
-        late = rest & ~have & (t_up[nc] > s_top)  # refined scaling made the guard necessary
-        if late.any():
-            idx = np.flatnonzero(late)
-            nu = nu_fn(idx, e[idx], c.ps[-1:])
-            t_ex = _cdiv(_clog2((nu.T / mu[idx]) * c.K[nc:]) + c.two_m[nc:] * e[idx], 2 * c.top)
-            t[nc, idx] = np.minimum(t_ex[0], t_up[nc, idx])
-        m[rest] = c.top
-        s[rest] = s_top[rest] + np.maximum(t[nc, rest] - s_top[rest], 0)
+    need_g |= open_ & (t_up[nd - 1] > s_top)
+    t = t_up
+    if need_g.any():
+        idx = np.flatnonzero(need_g)
+        nu = nu_fn(idx, e[idx], c.ps)
+        t_ex = _cdiv(_clog2((nu.T / mu[idx]) * c.K) + c.two_m * e[idx], c.two_m)
+        t = t_up.copy()
+        t[:, idx] = np.minimum(t_ex, t_up[:, idx])  # t ≤ t_up in exact arithmetic
+    ok = passes & (t[:nc] <= 0)  # first candidate with η ≤ θ and ℓ = 0, else the top degree
+    first = ok.argmax(axis=0)
+    low = ok[first, np.arange(first.size)]
+    m = np.where(low, c.degs_a[first], c.top)
+    s = np.where(low, 0, s_top + np.maximum(t[nd - 1] - s_top, 0))
     return m, s
 
 
@@ -357,29 +356,24 @@ def _choose_one(
         unsure = here and t_up[j] > 0
         need_g = need_g or unsure
         open_ = open_ and (not here or unsure)
-    need_g = need_g or (open_ and t_up[nc] > s_top)
-    need_e = open_ and s_top > 0
     one = np.zeros(1, dtype=np.int64)
-    ev = np.array([e], dtype=np.int64)
-    t = list(t_up)
-    if need_g:
-        nu = nu_fn(one, ev, c.ps)[0]
-        for j, (k, tm) in enumerate(zip(c.K_f, c.two_m_f, strict=True)):
-            t[j] = min(_cdiv_1(_clog2_1((float(nu[j]) / mu) * k) + tm * e, tm), t_up[j])
-    if need_e:
+    if open_ and s_top > 0:
         e8, e10 = e_fn(one)
         s_top = _s_top_1(n6, float(e8[0]), float(e10[0]), c)
-    m = 0
+    need_g = need_g or (open_ and t_up[nc] > s_top)
+    t = t_up
+    if need_g:
+        nu = nu_fn(one, np.array([e], dtype=np.int64), c.ps)[0]
+        t = [
+            min(_cdiv_1(_clog2_1((float(nu[j]) / mu) * k) + tm * e, tm), t_up[j])
+            for j, (k, tm) in enumerate(zip(c.K_f, c.two_m_f, strict=True))
+        ]
+    m, s = c.top, 0
     for j, (deg, _) in enumerate(c.cands):
-        if m == 0 and passes[j] and t[j] <= 0:
+        if passes[j] and t[j] <= 0:
             m = deg
-    s = 0
-    if m == 0:
-        if not need_g and t_up[nc] > s_top:
-            nu = nu_fn(one, ev, c.ps[-1:])[0]
-            k, tm = c.K_f[nc], c.two_m_f[nc]
-            t[nc] = min(_cdiv_1(_clog2_1((float(nu[0]) / mu) * k) + tm * e, tm), t_up[nc])
-        m = c.top
+            break
+    else:
         s = s_top + max(t[nc] - s_top, 0)
     return np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
 
