@@ -146,9 +146,21 @@ class StepLedger:
             buf = self._buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(rows, cols)
 
-    def release(self) -> None:
-        """Free the workspaces (they come back, as large as needed, at the next step)."""
-        self._buffers.clear()
+    def held(self, like: torch.Tensor) -> int:
+        """Entries of this thread's workspace for ``like``'s device and dtype (0: none)."""
+        buf = self._buffers.get((threading.get_ident(), like.device, like.dtype))
+        return 0 if buf is None else buf.numel()
+
+    def release(self, like: torch.Tensor | None = None) -> None:
+        """Free this thread's workspace for ``like``'s device and dtype (``None``: all).
+
+        A layer whose backward is not covered by the credit releases it before ``∂L/∂W'`` is
+        allocated, so that a model holds one weight-sized buffer at a time there.
+        """
+        if like is None:
+            self._buffers.clear()
+        else:
+            self._buffers.pop((threading.get_ident(), like.device, like.dtype), None)
 
     def forward_seen(self) -> None:
         """A layer's forward ran: after a backward it is a new step (credit back to 0)."""
@@ -303,11 +315,11 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
         exact = update == "hadamard" and order is None
         ledger: StepLedger | None = ctx.ledger
-        # full fine-tuning holds grads this size by now: W' next to ∂L/∂W', computed once —
-        # for the exact map's G ⊙ W' and for a conv's ∂L/∂x (then one backward call for all)
-        if Wp is None and need_f and (exact or (need_x and op.kind == "conv")) and (
-            ledger is not None and ledger.allows(W.numel())
-        ):
+        # full fine-tuning holds grads this size by now, so the workspace may live next to
+        # ∂L/∂W': W' computed once there — for the exact map's G ⊙ W' and for a conv's ∂L/∂x
+        # (then one backward call for all); otherwise it is released before ∂L/∂W' exists
+        covered = ledger is not None and ledger.allows(max(W.numel(), ledger.held(W)))
+        if Wp is None and need_f and (exact or (need_x and op.kind == "conv")) and covered:
             Wp = _lowrank_apply(W, L, R, update, order, ledger)
         by_products = False  # additive Linear: factor gradients without G (see below)
         if op.kind == "linear":
@@ -323,7 +335,10 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                     G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
                 del Wq
             if need_f and G is None and not by_products:
-                G = gy2.T.mm(x2)
+                if Wp is None and ledger is not None:  # into the workspace: one buffer
+                    G = torch.mm(gy2.T, x2, out=ledger.workspace(*W.shape, W))
+                else:
+                    G = gy2.T.mm(x2)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
             gx, G, gb = _conv_backward(gy, x, Wp, op, need_x, True, need_b)
         else:
@@ -331,6 +346,8 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                 Wq = _lowrank_apply(W, L, R, update, order, ledger)
                 gx, _, _ = _conv_backward(gy, x, Wq, op, True, False, False)
                 del Wq  # freed before ∂L/∂W' exists: one weight-sized buffer at a time
+            if ledger is not None and not covered:
+                ledger.release(W)
             if need_f:
                 # ∂L/∂b with ∂L/∂W': asked for with ∂L/∂x alone, oneDNN's backward takes a
                 # path that costs as much as ∂L/∂x again (measured: Conv2d(64,64,3), 4×32²)

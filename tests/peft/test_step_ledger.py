@@ -202,3 +202,31 @@ def test_linear_on_permuted_activations(exp_map):
     u = torch.finfo(DT).eps
     for g, w in zip(run(True), run(False), strict=True):
         assert (g - w).abs().max().item() <= 1e3 * u * (1 + w.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_uncovered_backward_holds_one_weight_buffer(kind, monkeypatch):
+    """Without credit (a one-layer model) the workspace never lives next to ∂L/∂W'."""
+    monkeypatch.setattr(fo, "_KEEP_RATIO", 1 << 30)
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 6, 3, padding=1) if kind == "conv" else nn.Linear(5, 7)
+    model = get_peft_model(nn.Sequential(base.to(DT)), LieRAConfig(rank=2, target_modules=["0"]))
+    x = torch.randn(*((2, 4, 5, 5) if kind == "conv" else (3, 5)), dtype=DT, requires_grad=True)
+    W = model.lie_layers()[0][1].weight
+    y = model(x)
+    assert model._ledger.held(W) == W.numel()  # the forward's W' lives in the workspace
+    live: list[int] = []
+    real = fo._factor_grads
+
+    def spy(G, *args):
+        live.append(model._ledger.held(W))  # while ∂L/∂W' exists
+        same = model._ledger.held(W) and G.data_ptr() == model._ledger.workspace(
+            *G.reshape(G.shape[0], -1).shape, W).data_ptr()
+        live.append(int(bool(same)))
+        return real(G, *args)
+
+    monkeypatch.setattr(fo, "_factor_grads", spy)
+    y.sum().backward()
+    held, g_in_workspace = live
+    # a conv frees the workspace before ∂L/∂W'; a Linear writes ∂L/∂W' into it: one buffer
+    assert (held == 0) if kind == "conv" else (held == W.numel() and g_in_workspace == 1)
