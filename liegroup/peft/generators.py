@@ -349,7 +349,11 @@ class TuckerGenerator(Generator):
         from liegroup.tensor import multi_mode_product
 
         us = list(self.factors_list)
-        rest = multi_mode_product(self.core, us[1:], list(range(1, len(us))))
+        # the modes that expand least first (a conv's full-rank kernel modes before C_in):
+        # autograd saves each product's input, and these stay core-sized instead of
+        # growing to |W|·r₀/C_out each (measured: Conv3d step memory 1.08× → see tests)
+        modes = sorted(range(1, len(us)), key=lambda k: us[k].shape[0] / us[k].shape[1])
+        rest = multi_mode_product(self.core, [us[k] for k in modes], modes)
         return us[0] * self.scaling, rest.reshape(self.ranks[0], -1)
 
 

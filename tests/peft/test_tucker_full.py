@@ -113,3 +113,21 @@ def test_full_generator_is_full_rank():
         layer.generators["a"].D.normal_()
     d = layer.adapted_weight() - layer.weight
     assert int(torch.linalg.matrix_rank(d.reshape(4, -1))) == 4
+
+
+def test_tucker_factors_save_little_for_backward():
+    """The kernel modes (full rank) are applied before C_in, so saved inputs stay core-sized."""
+    spec = GeneratorSpec(weight_shape=(32, 32, 3, 3, 3), rank=8, scaling=1.0)
+    g = TuckerGenerator(spec)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        L, R = g.factors()
+    W_numel = 32 * 32 * 27
+    assert R.numel() == W_numel // 4
+    # every saved tensor is a factor, the core or a product that has not met U₁ yet
+    assert max(saved) <= 8 * 8 * 27 and sum(saved) < W_numel // 3  # before: 3 of W_numel/4
