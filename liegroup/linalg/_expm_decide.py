@@ -175,7 +175,7 @@ def _abs_power_norms(
     its own matrix only, computed by the same calls whatever the batch.
     """
     if buf.device.type == "cpu":
-        return _abs_power_norms_np(buf[0].detach().numpy()[idx], e, ps)
+        return _abs_power_norms_np(_rows(buf[0], idx), e, ps)
     return _abs_power_norms_torch(_take(buf[0], idx), e, ps)
 
 
@@ -191,7 +191,10 @@ def _abs_power_norms_np(A: np.ndarray, e: np.ndarray, ps: tuple[int, ...]) -> np
     B1 *= np.ldexp(1.0, -e).astype(A.dtype)[:, None, None]
     B2 = B1 @ B1
     B4 = B2 @ B2
-    v = (np.ones((1, 1, A.shape[-1]), dtype=A.dtype) @ B1) @ B2  # (numpy's sum(-2) is slow)
+    n = A.shape[-1]
+    if n <= _TINY_N:
+        return _abs_power_norms_tiny(B1, B2, B4, ps)
+    v = (np.ones((1, 1, n), dtype=A.dtype) @ B1) @ B2  # (numpy's sum(-2) is slow)
     vs = {3: v}
     for p in range(7, max(ps) + 1, 4):
         v = v @ B4
@@ -200,13 +203,70 @@ def _abs_power_norms_np(A: np.ndarray, e: np.ndarray, ps: tuple[int, ...]) -> np
     return out.astype(np.float64)
 
 
+def _abs_power_norms_tiny(
+    B1: np.ndarray, B2: np.ndarray, B4: np.ndarray, ps: tuple[int, ...]
+) -> np.ndarray:
+    """The row-vector walk of :func:`_abs_power_norms_np` for ``n ≤ _TINY_N``.
+
+    In a batch-last layout (``(n, n, B)``), every step is ``n`` elementwise products and sums
+    of contiguous ``(n, B)`` slices in a fixed order, instead of one BLAS call per matrix.
+    """
+    B2t = np.ascontiguousarray(B2.transpose(1, 2, 0))
+    B4t = np.ascontiguousarray(B4.transpose(1, 2, 0))
+    n = B1.shape[-1]
+    v = B1[:, 0, :].T.copy()  # 1ᵀB₁ as (n, B), rows added in order
+    for i in range(1, n):
+        v += B1[:, i, :].T
+    v = _vecmat_t(v, B2t)
+    vs = {3: v}
+    for p in range(7, max(ps) + 1, 4):
+        v = _vecmat_t(v, B4t)
+        vs[p] = v
+    return np.stack([_colmax(vs[p]) for p in ps], axis=1).astype(np.float64)
+
+
+def _vecmat_t(v: np.ndarray, Mt: np.ndarray) -> np.ndarray:
+    """``vᵀM`` per matrix in the batch-last layout: ``v: (n, B)``, ``Mt: (n, n, B)``."""
+    out = v[0] * Mt[0]
+    for k in range(1, Mt.shape[0]):
+        out += v[k] * Mt[k]
+    return out
+
+
+def _colmax(v: np.ndarray) -> np.ndarray:
+    """Largest entry of each column of ``(n, B)`` (elementwise maxima in order)."""
+    m = v[0].copy()
+    for k in range(1, v.shape[0]):
+        np.maximum(m, v[k], out=m)
+    return m
+
+
+# Up to this size, the row-vector products and column sums of the exact norms are formed by
+# n elementwise steps in a fixed order instead of per-matrix BLAS calls.
+_TINY_N = 4
+
+
+def _rows(X: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    """``X[idx]`` of a CPU tensor as a numpy array (no copy when ``idx`` is the whole batch)."""
+    Xn = X.detach().numpy()
+    return Xn if idx.size == Xn.shape[0] else Xn[idx]
+
+
 def _e_norms(buf: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``‖A⁸‖₁, ‖A¹⁰‖₁`` (as ``A⁴·A⁴``, ``A⁴·A⁶``) of the matrices ``idx``."""
     if buf.device.type == "cpu":
-        A4 = buf[2].detach().numpy()[idx]
-        P = np.stack([A4 @ A4, A4 @ buf[3].detach().numpy()[idx]])
-        ones = np.ones((1, 1, 1, P.shape[-1]), dtype=P.dtype)
-        e8, e10 = (ones @ np.abs(P))[..., 0, :].max(axis=-1).astype(np.float64)
+        A4n = _rows(buf[2], idx)
+        P = np.stack([A4n @ A4n, A4n @ _rows(buf[3], idx)])
+        n = P.shape[-1]
+        if n <= _TINY_N:  # column sums and maxima in the batch-last layout, in order
+            Pt = np.abs(P.transpose(2, 3, 0, 1))  # (n, n, 2, B)
+            cs = Pt[0].copy()
+            for i in range(1, n):
+                cs += Pt[i]
+            e8, e10 = _colmax(cs.reshape(n, -1)).reshape(2, -1).astype(np.float64)
+            return e8, e10
+        cs = (np.ones((1, 1, 1, n), dtype=P.dtype) @ np.abs(P))[..., 0, :]
+        e8, e10 = cs.max(axis=-1).astype(np.float64)
         return e8, e10
     A4 = _take(buf[2], idx)
     E = torch.empty((2, *A4.shape), dtype=A4.dtype, device=A4.device)

@@ -257,6 +257,27 @@ def _small_coeffs(m: int, dt: torch.dtype, dev: torch.device) -> tuple[torch.Ten
     return hit
 
 
+_TableT = tuple[np.ndarray, torch.Tensor, torch.Tensor]
+_SMALL_TABLE_T: dict[tuple[torch.dtype, torch.device], _TableT] = {}
+
+
+def _small_coeff_table(
+    dt: torch.dtype, dev: torch.device
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """:func:`_small_table` on ``dev``: degrees, ``(degrees, 3, rows)``, ``(degrees, rows)``."""
+    key = (dt, dev)
+    hit = _SMALL_TABLE_T.get(key)
+    if hit is None:
+        degs, C, bias = _small_table(dt)
+        hit = (
+            degs,
+            torch.as_tensor(C.transpose(0, 2, 1).copy(), dtype=dt, device=dev),
+            torch.as_tensor(bias, dtype=dt, device=dev),
+        )
+        _SMALL_TABLE_T[key] = hit
+    return hit
+
+
 def _pade_small(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
     """``r_{m_i}(2^{-s_i}A_i)`` for every matrix in one pass, each with its own degree.
 
@@ -265,19 +286,25 @@ def _pade_small(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
     per-matrix coefficient columns, two or three batched products and one solve, instead of
     one Padé evaluation per degree present. Elementwise IEEE products and sums, and batched
     products and LU computed matrix by matrix, give the same bits alone or in a batch.
-    ``G``: ``(≥4, B, n, n)`` holding ``A, A², A⁴, A⁶``.
+    ``G``: ``(≥4, B, n, n)`` holding ``A, A², A⁴, A⁶``; the members with ``s > 0`` are
+    scaled in place to ``2^{-s}A, …`` (so ``G[0]`` is the Padé argument afterwards).
     """
     dt, dev = G.dtype, G.device
     if m.size == 1 or (m == m[0]).all():
         # one degree: the same coefficients, broadcast (same values, so the same bits)
         cb, bb = _small_coeffs(int(m[0]), dt, dev)
     else:
-        degs, C, bias = _small_table(dt)
-        di = np.searchsorted(degs, m)
-        cb = torch.as_tensor(np.ascontiguousarray(C[di].transpose(2, 1, 0)), dtype=dt, device=dev)
-        bb = torch.as_tensor(np.ascontiguousarray(bias[di].T), dtype=dt, device=dev)
+        degs, Ct, bt = _small_coeff_table(dt, dev)
+        di = torch.as_tensor(np.searchsorted(degs, m), device=dev)
+        cb = Ct.index_select(0, di).permute(1, 2, 0)  # (3, rows, B)
+        bb = bt.index_select(0, di).T  # (rows, B)
     if s.max() > 0:
-        G = G[:4] * _scales(s, (1, 2, 4, 6), dt, dev)
+        # scale the scaled members in place (G is expm's own scratch buffer); the others
+        # would be multiplied by 1
+        sel = np.flatnonzero(s > 0)
+        ti = torch.as_tensor(sel, device=dev)
+        G4 = G[:4]
+        G4.index_copy_(1, ti, G4.index_select(1, ti) * _scales(s[sel], (1, 2, 4, 6), dt, dev))
     A, A2, A4, A6 = G[0], G[1], G[2], G[3]
     cb = cb[..., None, None]  # (3, rows, B, 1, 1)
     T = cb[0] * A6 + cb[1] * A4 + cb[2] * A2  # (rows, B, n, n)
@@ -330,7 +357,7 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         t_idx = np.flatnonzero(tri)
         tt = _index(t_idx, dev)
         As = buf[0].index_select(0, tt)
-        if s[t_idx].max() > 0:
+        if s[t_idx].max() > 0 and A.shape[-1] > _SMALL_N:  # (_pade_small scaled buf itself)
             As = As * _scales(s[t_idx], (1,), A.dtype, dev)[0]
         X.index_copy_(0, tt, _fix_triangular(X.index_select(0, tt), As, 1.0))
     top = int(s_tot.max()) if s_tot.size else 0
