@@ -1,0 +1,102 @@
+"""The speed paths of linalg.expm keep its guarantees.
+
+* n ≤ 8: every matrix is evaluated in the top degree's form with its own coefficients (zeros
+  for the terms its degree lacks) — the same approximant r_m as the per-degree evaluation,
+  and bit-identical alone or in any batch;
+* the exact guard norms for n ≤ 4 (elementwise row-vector walk) agree with the BLAS walk;
+* triangular inputs: the exact superdiagonal uses sinh(x)/x by expm1, because torch.sinh
+  rounds differently in its vectorised loop and its scalar tail (a matrix's result would
+  depend on its place in the batch).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from liegroup.linalg import _expm_decide as EX  # noqa: N812
+from liegroup.linalg import expm
+
+EXPM = importlib.import_module("liegroup.linalg.expm")
+DTYPES = [torch.float64, torch.float32]
+
+
+def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-6, 1.3, count, dtype=torch.float64)
+    A = torch.randn(count, n, n, generator=gen, dtype=torch.float64) * scales[:, None, None]
+    A[::4] = torch.triu(A[::4])
+    return A[torch.randperm(count, generator=gen)].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_small_path_equals_per_degree_pade(dtype: torch.dtype, n: int) -> None:
+    A = _mixed(n, 200, seed=n, dtype=dtype)
+    A = A[~(A.tril(-1) == 0).all((-2, -1))]  # no triangular fix in this comparison
+    buf, m, s, s0, _ = EX._decide(A)
+    assert (s0 == 0).all() and len(set(m.tolist())) >= 2
+    ref = torch.empty_like(A)
+    for d in sorted(set(m.tolist())):
+        idx = np.flatnonzero(m == d)
+        ti = torch.as_tensor(idx)
+        ref[ti] = EXPM._pade(d, s[idx], buf.index_select(1, ti))
+    got = EXPM._pade_small(m, s, buf.clone())
+    # same r_m, different rounding: agree to a few ulp of the (well-conditioned) quotient
+    u = torch.finfo(dtype).eps
+    err = ((got - ref).abs().amax((-2, -1)) / ref.abs().amax((-2, -1))).max()
+    assert float(err) <= 64 * u
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 4, 6, 8, 9])
+def test_small_and_grouped_paths_bitwise_batch_invariant(dtype: torch.dtype, n: int) -> None:
+    A = _mixed(n, 90, seed=10 + n, dtype=dtype)
+    _, m, s, _, _ = EX._decide(A)
+    assert len(set(m.tolist())) >= 2 and s.max() > 0
+    full = expm(A)
+    for i in range(A.shape[0]):
+        torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0, equal_nan=True)
+    # and in a reversed batch of a different size
+    part = expm(A[5:].flip(0)).flip(0)
+    torch.testing.assert_close(part, full[5:], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triangular_superdiagonal_bitwise_batch_invariant(dtype: torch.dtype) -> None:
+    # diagonals close together (|μ − λ|/2 in [1e-2, 1)): the sinh(x)/x branch of the exact
+    # superdiagonal, for members at every position of the vector loop and its tail
+    gen = torch.Generator().manual_seed(2)
+    A = torch.triu(torch.randn(67, 4, 4, generator=gen, dtype=torch.float64))
+    d = torch.randn(67, 1, generator=gen, dtype=torch.float64)
+    A.diagonal(dim1=-2, dim2=-1).copy_(d + 0.3 * torch.rand(67, 4, generator=gen))
+    A = A.to(dtype)
+    full = expm(A)
+    for i in range(A.shape[0]):
+        torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0)
+
+
+def test_sinhc_accurate() -> None:
+    x = torch.linspace(-3, 3, 2001, dtype=torch.float64)
+    x = x[x != 0]
+    ref = torch.sinh(x) / x
+    got = EXPM._sinhc(x)
+    assert float(((got - ref) / ref).abs().max()) <= 8 * torch.finfo(torch.float64).eps
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tiny_guard_norms_match_blas_walk(dtype: torch.dtype, n: int) -> None:
+    A = _mixed(n, 120, seed=20 + n, dtype=dtype).numpy()
+    e = np.frexp(np.abs(A).sum(-2).max(-1))[1].astype(np.int64)
+    ps = EX._CONSTS[dtype].ps
+    got = EX._abs_power_norms_np(A, e, ps)
+    B = np.abs(A.astype(np.float64)) * np.ldexp(1.0, -e)[:, None, None]
+    want = np.stack(
+        [np.abs(np.linalg.matrix_power(B, p)).sum(-2).max(-1) for p in ps], axis=1
+    )
+    u = float(torch.finfo(dtype).eps)
+    np.testing.assert_allclose(got, want, rtol=60 * u, atol=0)
