@@ -95,8 +95,6 @@ def test_tiny_guard_norms_match_blas_walk(dtype: torch.dtype, n: int) -> None:
     ps = EX._CONSTS[dtype].ps
     got = EX._abs_power_norms_np(A, e, ps)
     B = np.abs(A.astype(np.float64)) * np.ldexp(1.0, -e)[:, None, None]
-    want = np.stack(
-        [np.abs(np.linalg.matrix_power(B, p)).sum(-2).max(-1) for p in ps], axis=1
-    )
+    want = np.stack([np.abs(np.linalg.matrix_power(B, p)).sum(-2).max(-1) for p in ps], axis=1)
     u = float(torch.finfo(dtype).eps)
     np.testing.assert_allclose(got, want, rtol=60 * u, atol=0)
