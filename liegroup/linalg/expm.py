@@ -27,10 +27,14 @@ are replaced by their exact values ``e^{2^{-j}a_ii}`` and
 ``2^{-j}a_{i,i+1}·e^{(λ+μ)/2}·sinh((μ−λ)/2)/((μ−λ)/2)`` (Al-Mohy & Higham 2009 §5), which
 removes the cancellation that ruins ``[[1, b], [0, −1]]``-type inputs.
 
-Batch invariance: every decision depends on one matrix only, the matrices that share a degree
-are evaluated by the same sequence of batched BLAS/LAPACK calls, and CPU batched ``matmul``
-and LU are computed matrix by matrix (measured bit-identical for any batch size; LU above
-``n = 128`` is looped explicitly). So a matrix gives the same bits alone or in any batch.
+Batch invariance: every decision depends on one matrix only and every matrix goes through the
+same calls alone or in a batch: for ``n ≤ 8`` one pass in the top degree's form with
+per-matrix coefficients (elementwise IEEE products and sums), above that one evaluation per
+degree on its gathered members; squaring ``k`` on the members with ``s > k``; no sort. CPU
+batched ``matmul`` and LU are computed matrix by matrix (measured bit-identical for any batch
+size; LU above ``n = 128`` is looped explicitly), and the elementwise functions used are
+position-independent (``torch.sinh`` is not, so ``sinh(x)/x`` goes through ``expm1``). So a
+matrix gives the same bits alone or in any batch.
 
 The Fréchet derivative ``L(A, E) = ∫₀¹ e^{(1−t)A} E e^{tA} dt`` is computed alongside
 (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4), with the same
