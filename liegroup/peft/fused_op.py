@@ -336,7 +336,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                 del Wq
             if need_f and G is None and not by_products:
                 if Wp is None and ledger is not None:  # into the workspace: one buffer
-                    G = torch.mm(gy2.T, x2, out=ledger.workspace(*W.shape, W))
+                    G = torch.mm(gy2.T, x2, out=ledger.workspace(W.shape[0], W.shape[1], W))
                 else:
                     G = gy2.T.mm(x2)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b

@@ -126,7 +126,7 @@ def test_tucker_factors_save_little_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        L, R = g.factors()
+        _, R = g.factors()
     W_numel = 32 * 32 * 27
     assert R.numel() == W_numel // 4
     # every saved tensor is a factor, the core or a product that has not met U₁ yet
