@@ -156,13 +156,63 @@ def _lower_mask(n: int, dt: torch.dtype, dev: torch.device) -> torch.Tensor:
 
 
 def _fill_powers(A: torch.Tensor, buf: torch.Tensor) -> None:
-    """``buf[0:4] = A, A², A⁴, A⁶`` and ``buf[4] = tril(A, −1)`` when there is a slot 4."""
-    buf[0].copy_(A)
-    torch.bmm(A, A, out=buf[1])
-    torch.bmm(buf[1], buf[1], out=buf[2])
-    torch.bmm(buf[2], buf[1], out=buf[3])
-    if buf.shape[0] > 4:  # strictly lower part (a masked product: torch.tril is slow on batches)
+    """``buf[0:4] = A, A², A⁴, A⁶``; off the CPU also ``buf[4] = tril(A, −1)`` (slot 4 exists)."""
+    b = buf.unbind(0)
+    b[0].copy_(A)
+    torch.bmm(A, A, out=b[1])
+    torch.bmm(b[1], b[1], out=b[2])
+    torch.bmm(b[2], b[1], out=b[3])
+    if len(b) > 4 and buf.device.type != "cpu":
+        # strictly lower part (a masked product: torch.tril is slow on batches); on the CPU
+        # triangularity is read from the host view instead (see _stats)
         torch.mul(A, _lower_mask(A.shape[-1], A.dtype, A.device), out=buf[4])
+
+
+_LOWER_IDX: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+# norm1 adds the rows in order up to this size (above, torch's own reduction order)
+_TINY_SUM_N = 8
+
+
+# Up to this batch size the elementwise steps on the host arrays run in numpy (about a third
+# of torch's per-call cost); above, in torch (numpy's loops over tiny inner dimensions are
+# slower). Both do the same IEEE operations in the same order, so the bits do not depend on
+# which one ran (tested).
+_NP_BATCH = 32
+
+
+def _stats(buf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """1-norms of ``buf[0:4]`` as ``(4, B)`` float64 and upper-triangularity of ``buf[0]``.
+
+    On the CPU: for ``n ≤ 8`` the column sums are added row by row in order — by
+    :func:`norm1` in torch, or for small batches by numpy's ``sum(-2)``, which adds the rows
+    of a non-last axis in the same order (tested) at a fraction of the call cost; for
+    ``n > 8`` by :func:`norm1`. Triangularity is read from a zero-copy numpy view: the
+    bottom-left entry first, the whole strictly lower part only where that is zero.
+    Elsewhere: :func:`norm1` of the five slots (slot 4 the masked strictly lower part) and
+    one transfer. Every value depends on its own matrix only.
+    """
+    n, Bn = buf.shape[-1], buf.shape[1]
+    if buf.device.type != "cpu":
+        st = _host(norm1(buf))
+        return st[:4], (st[4] == 0 if n > 1 else np.ones(Bn, dtype=bool))
+    bn = buf.detach().numpy()
+    if n <= _TINY_SUM_N and Bn <= _NP_BATCH:
+        with np.errstate(over="ignore"):  # overflowing column sums are prescaled by _decide
+            st = np.abs(bn[:4]).sum(-2).max(-1).astype(np.float64)
+    else:
+        st = _host(norm1(buf[:4]))
+    A = bn[0]
+    if n == 1:
+        return st, np.ones(Bn, dtype=bool)
+    tri = A[:, -1, 0] == 0
+    if tri.any():
+        lo = _LOWER_IDX.get(n)
+        if lo is None:
+            lo = _LOWER_IDX[n] = np.tril_indices(n, -1)
+        idx = np.flatnonzero(tri)
+        tri[idx] = ~(A[idx][:, lo[0], lo[1]] != 0).any(-1)
+    return st, tri
 
 
 def _abs_power_norms(
@@ -392,50 +442,67 @@ def _choose_one(
 
     The same IEEE operations in the same order as the vectorised version (Python floats are
     float64, ``math.frexp`` is exact), so the decisions are identical; it only avoids ~100
-    numpy calls of per-call overhead.
+    numpy calls of per-call overhead. See :func:`_choose_scalar`.
     """
     nA, n2, n4, n6 = (float(v) for v in st[:, 0])
+    m, s = _choose_scalar(nA, n2, n4, n6, c, nu_fn, e_fn)
+    return np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
+
+
+_ONE = np.zeros(1, dtype=np.int64)
+
+
+def _choose_scalar(
+    nA: float, n2: float, n4: float, n6: float, c: _Consts, nu_fn: _NuFn, e_fn: _EFn
+) -> tuple[int, int]:
+    """Degree and scaling of one matrix from its four norms, as Python ints.
+
+    Evaluated lazily — candidates in order, each quantity only when the decision needs it —
+    but every quantity is the same expression as in :func:`_choose`, so the outcome is the
+    same: a candidate whose bound ``t_up`` settles it returns at once; the first unsure
+    candidate fetches ``ν`` (which :func:`_choose` would then also fetch, and use for every
+    candidate); the top degree's scaling and the norms of ``A⁸, A¹⁰`` only when no candidate
+    settles the matrix.
+    """
     n44 = n4 * n4
     N = (n4, n6, min(n44, n2 * n6), min(n4 * n6, n2 * n44))
-    passes = [N[qa] <= ta and N[qb] <= tb for qa, ta, qb, tb in c.pass_f]
-    s_top = _s_top_1(N[1], N[2], N[3], c)
     mu, e = math.frexp(nA)
     q2 = mu * mu
     q4 = q2 * q2
     q8 = q4 * q4
     q16 = q8 * q8
-    rest = {3: q4, 5: q8, 7: q8 * q4, 9: q16, 13: q16 * q8}
-    t_up = [
-        _cdiv_1(_clog2_1((rest[d] * q2) * k) + tm * e, tm)
-        for d, k, tm in zip(c.degs, c.K_f, c.two_m_f, strict=True)
-    ]
+    rest = {3: q4, 5: q8, 7: q8 * q4, 9: q16, 13: q16 * q8}  # as _mu_pow
+    nu: list[float] | None = None  # the exact ν_p, once fetched
+
+    def t_up(j: int) -> int:
+        tm = c.two_m_f[j]
+        return _cdiv_1(_clog2_1((rest[c.degs[j]] * q2) * c.K_f[j]) + tm * e, tm)
+
+    def t_at(j: int) -> int:
+        """The guard exponent of degree j: exact (capped by t_up) once ν is fetched."""
+        if nu is None:
+            return t_up(j)
+        tm = c.two_m_f[j]
+        return min(_cdiv_1(_clog2_1((nu[j] / mu) * c.K_f[j]) + tm * e, tm), t_up(j))
+
+    def fetch() -> list[float]:
+        return [float(v) for v in nu_fn(_ONE, np.array([e], dtype=np.int64), c.ps)[0]]
+
+    for j, (qa, ta, qb, tb) in enumerate(c.pass_f):
+        if not (N[qa] <= ta and N[qb] <= tb):
+            continue
+        if nu is None and t_up(j) > 0:
+            nu = fetch()  # unsure: _choose fetches ν too, and uses it for every degree
+        if t_at(j) <= 0:
+            return c.degs[j], 0
     nc = len(c.cands)
-    open_, need_g = True, False
-    for j in range(nc):
-        here = open_ and passes[j]
-        unsure = here and t_up[j] > 0
-        need_g = need_g or unsure
-        open_ = open_ and (not here or unsure)
-    one = np.zeros(1, dtype=np.int64)
-    if open_ and s_top > 0:
-        e8, e10 = e_fn(one)
+    s_top = _s_top_1(N[1], N[2], N[3], c)
+    if s_top > 0:
+        e8, e10 = e_fn(_ONE)
         s_top = _s_top_1(n6, float(e8[0]), float(e10[0]), c)
-    need_g = need_g or (open_ and t_up[nc] > s_top)
-    t = t_up
-    if need_g:
-        nu = nu_fn(one, np.array([e], dtype=np.int64), c.ps)[0]
-        t = [
-            min(_cdiv_1(_clog2_1((float(nu[j]) / mu) * k) + tm * e, tm), t_up[j])
-            for j, (k, tm) in enumerate(zip(c.K_f, c.two_m_f, strict=True))
-        ]
-    m, s = c.top, 0
-    for j, (deg, _) in enumerate(c.cands):
-        if passes[j] and t[j] <= 0:
-            m = deg
-            break
-    else:
-        s = s_top + max(t[nc] - s_top, 0)
-    return np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
+    if nu is None and t_up(nc) > s_top:
+        nu = fetch()
+    return c.top, s_top + max(t_at(nc) - s_top, 0)
 
 
 def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -459,8 +526,22 @@ def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.n
     dt, dev = A.dtype, A.device
     buf = torch.empty((5 if n > 1 else 4, Bn, n, n), dtype=dt, device=dev)
     _fill_powers(A, buf)
-    st = _host(norm1(buf))
+    st, tri = _stats(buf)
     nA = st[0]
+    if Bn == 1 and nA[0] <= 2.0 ** _PRESCALE[dt]:
+        # one matrix, no prescaling: the scalar decisions directly (what follows would do
+        # the same with more calls)
+        nA1, n2, n4, n6 = st[:, 0].tolist()
+        m1, s1 = _choose_scalar(
+            nA1,
+            n2,
+            n4,
+            n6,
+            _CONSTS[dt],
+            lambda idx, e, ps: _abs_power_norms(buf, idx, e, ps),
+            lambda idx: _e_norms(buf, idx),
+        )
+        return buf, np.array([m1]), np.array([s1]), np.zeros(1, dtype=np.int64), tri
     s0 = np.zeros(Bn, dtype=np.int64)
     big = ~(nA <= 2.0 ** _PRESCALE[dt])  # also NaN/inf
     if big.any():
@@ -483,9 +564,8 @@ def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.n
         sub = torch.empty((buf.shape[0], idx.size, n, n), dtype=dt, device=dev)
         _fill_powers(Ab, sub)
         buf[:, ti] = sub
-        st[:, idx] = _host(norm1(sub))
+        st[:, idx], tri[idx] = _stats(sub)
         nA = st[0]
-    tri = st[4] == 0 if n > 1 else np.ones(Bn, dtype=bool)
 
     def nu_fn(idx: np.ndarray, e: np.ndarray, ps: tuple[int, ...]) -> np.ndarray:
         return _abs_power_norms(buf, idx, e, ps)
@@ -494,7 +574,7 @@ def _decide(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.n
         return _e_norms(buf, idx)
 
     choose = _choose_one if Bn == 1 else _choose
-    m, s = choose(st[:4], _CONSTS[dt], nu_fn, e_fn)
+    m, s = choose(st, _CONSTS[dt], nu_fn, e_fn)
     return buf, m, s, s0, tri
 
 

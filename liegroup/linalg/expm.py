@@ -73,6 +73,7 @@ from liegroup.linalg._common import (
 from liegroup.linalg._expm_decide import (
     _B,
     _CONSTS,
+    _NP_BATCH,
     _decide,
 )
 
@@ -171,12 +172,10 @@ def _right_solve(Q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     denominator is nonsingular within ``θ_m``. Per matrix identical whatever the batch (LU
     looped explicitly above ``n = 128``, as :func:`liegroup.linalg._common.lu_factor`).
     """
-    n = Q.shape[-1]
-    if n <= _SMALL_N:  # one call (its LU and solve are the same LAPACK calls per matrix)
+    if Q.shape[-1] <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
+        # one call: the same LAPACK LU and triangular solves per matrix as lu_factor_ex +
+        # lu_solve (bit-identical, tested), without lu_solve's host-synchronising checks
         return torch.linalg.solve_ex(Q.mT, P.mT, check_errors=False)[0].mT
-    if n <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
-        LU, piv, _ = torch.linalg.lu_factor_ex(Q.mT, check_errors=False)
-        return torch.linalg.lu_solve(LU, piv, P.mT).mT
     return torch.stack([_right_solve(Q[i : i + 1], P[i : i + 1])[0] for i in range(Q.shape[0])])
 
 
@@ -294,6 +293,8 @@ def _pade_small(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
     scaled in place to ``2^{-s}A, …`` (so ``G[0]`` is the Padé argument afterwards).
     """
     dt, dev = G.dtype, G.device
+    if dev.type == "cpu" and G.shape[1] <= _NP_BATCH:
+        return _pade_small_cpu(m, s, G)
     if m.size == 1 or (m == m[0]).all():
         # one degree: the same coefficients, broadcast (same values, so the same bits)
         cb, bb = _small_coeffs(int(m[0]), dt, dev)
@@ -313,6 +314,64 @@ def _pade_small(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
     cb = cb[..., None, None]  # (3, rows, B, 1, 1)
     T = cb[0] * A6 + cb[1] * A4 + cb[2] * A2  # (rows, B, n, n)
     T.diagonal(dim1=-2, dim2=-1).add_(bb[..., None])
+    if T.shape[0] == 4:
+        W1, Z1, W2, Z2 = T
+        W = torch.baddbmm(W2, A6, W1)
+        V = torch.baddbmm(Z2, A6, Z1)
+    else:
+        W, V = T
+    U = torch.bmm(A, W)
+    return _right_solve(V - U, V + U)
+
+
+_NpTable = tuple[np.ndarray, np.ndarray, np.ndarray]
+_SMALL_TABLE_NP: dict[torch.dtype, _NpTable] = {}
+
+
+def _small_table_np(dt: torch.dtype) -> _NpTable:
+    """:func:`_small_table` in the working dtype, laid out ``(3, rows, degrees)``."""
+    hit = _SMALL_TABLE_NP.get(dt)
+    if hit is None:
+        degs, C, bias = _small_table(dt)
+        npdt = np.float64 if dt == torch.float64 else np.float32
+        hit = (
+            degs,
+            np.ascontiguousarray(C.transpose(2, 1, 0)).astype(npdt),
+            np.ascontiguousarray(bias.T).astype(npdt),
+        )
+        _SMALL_TABLE_NP[dt] = hit
+    return hit
+
+
+def _pade_small_cpu(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
+    """:func:`_pade_small` for small CPU batches: the elementwise steps in numpy on views.
+
+    The same IEEE products and sums in the same order as the torch version (so the same
+    bits, tested), at a third of the per-call cost; the products and the solve stay in torch.
+    """
+    n = G.shape[-1]
+    degs, Ct, bt = _small_table_np(G.dtype)
+    if m.size == 1 or (m == m[0]).all():  # one degree: its coefficients, broadcast
+        i = int(np.searchsorted(degs, m[0]))
+        cb, bb = Ct[:, :, i : i + 1], bt[:, i : i + 1]  # (3, rows, 1), (rows, 1)
+    else:
+        di = np.searchsorted(degs, m)
+        cb, bb = Ct[:, :, di], bt[:, di]  # (3, rows, B), (rows, B)
+    Gn = G.detach().numpy()
+    if (s[0] if s.size == 1 else s.max()) > 0:
+        # scale the scaled members in place (G is expm's own scratch buffer) by exact powers
+        # of two; the others would be multiplied by 1
+        sel = np.flatnonzero(s > 0)
+        sc = np.ldexp(1.0, -np.outer((1, 2, 4, 6), s[sel])).astype(Gn.dtype)
+        Gn[:4, sel] *= sc[:, :, None, None]
+    cb = cb[..., None, None]  # (3, rows, B|1, 1, 1)
+    T = torch.empty((cb.shape[1], *G.shape[1:]), dtype=G.dtype)
+    Tn = T.numpy()
+    np.multiply(cb[0], Gn[3], out=Tn)
+    Tn += cb[1] * Gn[2]
+    Tn += cb[2] * Gn[1]
+    Tn.reshape(*Tn.shape[:2], n * n)[..., :: n + 1] += bb[..., None]
+    A, A6 = G[0], G[3]
     if T.shape[0] == 4:
         W1, Z1, W2, Z2 = T
         W = torch.baddbmm(W2, A6, W1)
@@ -354,7 +413,7 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
             ti = _index(idx, dev)
             G = (buf if d == 9 else buf[:4]).index_select(1, ti)
             X.index_copy_(0, ti, _pade(d, s[idx], G))
-    tri_any = bool(tri.any())
+    tri_any = bool(tri[0]) if tri.size == 1 else bool(tri.any())
     if tri_any:
         # triangular members: exact diagonal and superdiagonal of r_m(A_s) → exp(A_s), with
         # A_s = 2^{-s}A the Padé argument (the same exact product as in _pade)
@@ -364,10 +423,13 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         if s[t_idx].max() > 0 and A.shape[-1] > _SMALL_N:  # (_pade_small scaled buf itself)
             As = As * _scales(s[t_idx], (1,), A.dtype, dev)[0]
         X.index_copy_(0, tt, _fix_triangular(X.index_select(0, tt), As, 1.0))
-    top = int(s_tot.max()) if s_tot.size else 0
+    if s_tot.size == 1:  # one matrix: every squaring applies to it
+        top, every = int(s_tot[0]), True
+    else:
+        top, every = (int(s_tot.max()) if s_tot.size else 0), False
     for k in range(top):
         sel = s_tot > k
-        if sel.all():
+        if every or sel.all():
             X = torch.bmm(X, X)
         else:
             ti = _index(np.flatnonzero(sel), dev)
