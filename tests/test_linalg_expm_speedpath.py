@@ -98,3 +98,67 @@ def test_tiny_guard_norms_match_blas_walk(dtype: torch.dtype, n: int) -> None:
     want = np.stack([np.abs(np.linalg.matrix_power(B, p)).sum(-2).max(-1) for p in ps], axis=1)
     u = float(torch.finfo(dtype).eps)
     np.testing.assert_allclose(got, want, rtol=60 * u, atol=0)
+
+
+# --------------------------------------------------------------------------- small batches
+# Batches up to EX._NP_BATCH run the elementwise steps (norms, Padé combinations) in numpy,
+# larger ones in torch: the same IEEE operations in the same order, so the same bits.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 16])
+def test_stats_numpy_and_torch_paths_bitwise_equal(dtype: torch.dtype, n: int) -> None:
+    A = _mixed(n, 100, seed=30 + n, dtype=dtype)
+    A[3] = torch.triu(A[3]) if n > 1 else A[3]
+    buf = torch.empty((5, A.shape[0], n, n), dtype=dtype)
+    EX._fill_powers(A, buf)
+    st, tri = EX._stats(buf)  # the torch path (batch > _NP_BATCH)
+    assert A.shape[0] > EX._NP_BATCH
+    # independent reference: column sums of |X| added row by row, in float64 only at the end
+    Y = buf[:4].abs().numpy()
+    ref = Y[..., 0, :].copy()
+    for i in range(1, n):
+        ref += Y[..., i, :]
+    if n <= EX._TINY_SUM_N:
+        np.testing.assert_array_equal(st, ref.max(-1).astype(np.float64))
+    want_tri = (A.tril(-1) == 0).all((-2, -1)).numpy()
+    np.testing.assert_array_equal(tri, want_tri)
+    for lo, hi in [(0, 1), (3, 4), (10, 17), (40, 40 + EX._NP_BATCH)]:
+        st1, tri1 = EX._stats(buf[:, lo:hi].clone())  # the numpy path for small batches
+        np.testing.assert_array_equal(st1, st[:, lo:hi])
+        np.testing.assert_array_equal(tri1, tri[lo:hi])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 6, 8])
+def test_pade_small_numpy_and_torch_paths_bitwise_equal(
+    dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    A = _mixed(n, 30, seed=40 + n, dtype=dtype)
+    buf, m, s, _, _ = EX._decide(A)
+    assert len(set(m.tolist())) >= 2 and s.max() > 0 and A.shape[0] <= EX._NP_BATCH
+    got = EXPM._pade_small(m, s, buf.clone())  # numpy elementwise steps
+    monkeypatch.setattr(EXPM, "_NP_BATCH", 0)
+    want = EXPM._pade_small(m, s, buf.clone())  # torch elementwise steps
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    one = EXPM._pade_small(m[:1], s[:1], buf[:, :1].clone())
+    torch.testing.assert_close(one[0], want[0], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [3, 5, 16, 33])
+def test_small_batches_bitwise_equal_to_large(dtype: torch.dtype, n: int) -> None:
+    # batch sizes on both sides of _NP_BATCH (and a single matrix), mixed degrees, scalings
+    # and triangular members; n = 16, 33 also check the one-call solve above n = 8
+    A = _mixed(n, 70, seed=50 + n, dtype=dtype)
+    full = expm(A)
+    for lo, hi in [(0, 1), (5, 6), (2, 9), (20, 20 + EX._NP_BATCH), (1, 70)]:
+        torch.testing.assert_close(expm(A[lo:hi]), full[lo:hi], rtol=0, atol=0, equal_nan=True)
+
+
+def test_cdiv_exact_against_integer_division() -> None:
+    a = np.concatenate(
+        [np.arange(-3000, 3001), EX._NEG + np.arange(-30000, 30001, 7), [2**41, -(2**41)]]
+    ).astype(np.int64)
+    for k in (1, 2, 6, 8, 10, 14, 18, 26):
+        np.testing.assert_array_equal(EX._cdiv(a, k), -((-a) // k))
+    k_col = np.array([[6], [10], [26]], dtype=np.int64)
+    np.testing.assert_array_equal(EX._cdiv(a[None], k_col), -((-a[None]) // k_col))

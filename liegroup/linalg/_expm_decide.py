@@ -74,8 +74,14 @@ def _clog2(x: np.ndarray) -> np.ndarray:
 
 
 def _cdiv(a: np.ndarray, k: np.ndarray | int) -> np.ndarray:
-    """``⌈a / k⌉`` for int64 arrays (``⌈L/k⌉ = ⌈⌈L⌉/k⌉`` for integer ``k``)."""
-    return -((-a) // k)
+    """``⌈a / k⌉`` for int64 arrays (``⌈L/k⌉ = ⌈⌈L⌉/k⌉`` for integer ``k``).
+
+    Computed as ``ceil(float(a) / k)``, exact here: ``|a| < 2⁴²`` and ``1 ≤ k ≤ 26``, so
+    ``a`` converts exactly, a non-integer quotient lies at least ``1/k`` from an integer and
+    its rounding error is below ``2⁻¹¹`` — and about three times cheaper than numpy's
+    integer floor division (tested against it).
+    """
+    return np.ceil(a / np.asarray(k, dtype=np.float64)).astype(np.int64)
 
 
 class _Consts:
