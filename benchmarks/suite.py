@@ -196,7 +196,11 @@ class Stepper:
         else:
             self.x.requires_grad_(True)  # a layer inside a network: ∂L/∂x is needed
             with torch.no_grad():
-                self.gy = torch.randn_like(module(self.x))
+                out = module(self.x)
+            # ∂L/∂y of unit norm, the scale of a mean-reduced loss: an unscaled random ∂L/∂y
+            # is a linear loss whose SGD steps grow without bound over a timing run (mode-wise
+            # GL's exp overflowed within it)
+            self.gy = torch.randn_like(out) / out.numel() ** 0.5
         params = [p for p in module.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.SGD(params, lr=1e-4)
