@@ -322,6 +322,11 @@ def _pade_small(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tensor:
     cb = cb[..., None, None]  # (3, rows, B, 1, 1)
     T = cb[0] * A6 + cb[1] * A4 + cb[2] * A2  # (rows, B, n, n)
     T.diagonal(dim1=-2, dim2=-1).add_(bb[..., None])
+    return _pade_quotient(A, A6, T)
+
+
+def _pade_quotient(A: torch.Tensor, A6: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``(V − U)⁻¹(V + U)`` from the combinations ``T`` of the even powers (2 or 4 rows)."""
     if T.shape[0] == 4:
         W1, Z1, W2, Z2 = T
         W = torch.baddbmm(W2, A6, W1)
@@ -379,15 +384,7 @@ def _pade_small_cpu(m: np.ndarray, s: np.ndarray, G: torch.Tensor) -> torch.Tens
     Tn += cb[1] * Gn[2]
     Tn += cb[2] * Gn[1]
     Tn.reshape(*Tn.shape[:2], n * n)[..., :: n + 1] += bb[..., None]
-    A, A6 = G[0], G[3]
-    if T.shape[0] == 4:
-        W1, Z1, W2, Z2 = T
-        W = torch.baddbmm(W2, A6, W1)
-        V = torch.baddbmm(Z2, A6, Z1)
-    else:
-        W, V = T
-    U = torch.bmm(A, W)
-    return _right_solve(V - U, V + U)
+    return _pade_quotient(G[0], G[3], T)
 
 
 def _index(idx: np.ndarray, dev: torch.device) -> torch.Tensor:
