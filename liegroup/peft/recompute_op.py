@@ -136,7 +136,10 @@ class RecomputedWeightOpFunction(torch.autograd.Function):
             gb = gy2.sum(0) if need_b else None
         else:
             gx, G, gb = _conv_backward(gy, x, Wp.detach(), op, need_x, need_w, need_b)
-        grads = iter(torch.autograd.grad(Wp, wrt, G) if need_w and G is not None else ())
+        grads = iter(
+            torch.autograd.grad(Wp, wrt, G, allow_unused=True)  # unused: no gradient (zero)
+            if need_w and G is not None else ()
+        )
         del Wp, G
         out_t = [next(grads, None) if n else None for n in need_t]
         if gb is not None and ctx.bias_shape is not None:

@@ -180,3 +180,25 @@ def test_output_numel(case):
     layer, x = _layer(case, "dense_hadamard")
     xin, op = layer._fused_input(x)
     assert op.output_numel(xin, layer.weight) == layer.base_layer(x).numel()
+
+
+def test_tensors_the_update_ignores_get_no_gradient():
+    """An algebra element may carry tensors the update does not use (zero gradient, no error)."""
+    torch.manual_seed(1)
+    W = torch.randn(3, 4, dtype=DT)
+    used = torch.full((3, 4), 0.1, dtype=DT, requires_grad=True)
+    unused = torch.zeros(2, dtype=DT, requires_grad=True)
+
+    class FirstOnly(type(get_update("hadamard", None))):
+        def check_delta(self, W, delta):
+            pass
+
+        def apply(self, W, delta):
+            return super().apply(W, delta[0])
+
+    x = torch.randn(5, 4, dtype=DT, requires_grad=True)
+    y = adapted_op_recompute(x, W, None, [used, unused], FirstOnly(), OpGeometry("linear"))
+    _, gu, gn = torch.autograd.grad(y.sum(), [x, used, unused], allow_unused=True)
+    assert gn is None or torch.count_nonzero(gn) == 0
+    ref = torch.autograd.grad(torch.nn.functional.linear(x, W * torch.exp(used)).sum(), used)[0]
+    assert torch.allclose(gu, ref, rtol=1e-12, atol=0)
