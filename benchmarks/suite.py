@@ -65,9 +65,11 @@ class Case:
 
 
 def _layer_case(
-    name: str, label: str, make: Callable[[], nn.Module], shape: tuple[int, ...]
+    name: str, label: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
+    stress: bool = False,
 ) -> Case:
-    return Case(name, label, lambda: nn.Sequential(OrderedDict(layer=make())), shape, ["layer"])
+    return Case(name, label, lambda: nn.Sequential(OrderedDict(layer=make())), shape, ["layer"],
+                stress=stress)
 
 
 def _model_targets(model: nn.Module, head: str) -> list[str]:
@@ -100,19 +102,22 @@ def cases(quick: bool, layer_batch: int | None = None) -> list[Case]:
     """
     b = layer_batch or (2 if quick else 16)
     b3 = max(1, b // 2)
+    # layers below the target's batch 16 (--quick, --layer-batch 4): reported as stress inputs
+    small = b < 16
+    tag = f" — batch {b} < 16, time not a target" if small else ""
     out = [
-        _layer_case("linear", f"Linear(1024,1024), x ({b},128,1024)",
-                    lambda: nn.Linear(1024, 1024), (b, 128, 1024)),
-        _layer_case("conv1d", f"Conv1d(256,256,3,p=1), x ({b},256,256)",
-                    lambda: nn.Conv1d(256, 256, 3, padding=1), (b, 256, 256)),
-        _layer_case("conv2d", f"Conv2d(64,64,3,p=1), x ({b},64,32,32)",
-                    lambda: nn.Conv2d(64, 64, 3, padding=1), (b, 64, 32, 32)),
-        _layer_case("conv3d", f"Conv3d(32,32,3,p=1), x ({b3},32,12,12,12)",
-                    lambda: nn.Conv3d(32, 32, 3, padding=1), (b3, 32, 12, 12, 12)),
-        _layer_case("depthwise", f"Conv2d(256,256,7,p=3,groups=256), x ({b},256,28,28)",
-                    lambda: nn.Conv2d(256, 256, 7, padding=3, groups=256), (b, 256, 28, 28)),
-        _layer_case("dilated", f"Conv2d(64,64,3,p=2,dilation=2), x ({b},64,32,32)",
-                    lambda: nn.Conv2d(64, 64, 3, padding=2, dilation=2), (b, 64, 32, 32)),
+        _layer_case("linear", f"Linear(1024,1024), x ({b},128,1024)" + tag,
+                    lambda: nn.Linear(1024, 1024), (b, 128, 1024), small),
+        _layer_case("conv1d", f"Conv1d(256,256,3,p=1), x ({b},256,256)" + tag,
+                    lambda: nn.Conv1d(256, 256, 3, padding=1), (b, 256, 256), small),
+        _layer_case("conv2d", f"Conv2d(64,64,3,p=1), x ({b},64,32,32)" + tag,
+                    lambda: nn.Conv2d(64, 64, 3, padding=1), (b, 64, 32, 32), small),
+        _layer_case("conv3d", f"Conv3d(32,32,3,p=1), x ({b3},32,12,12,12)" + tag,
+                    lambda: nn.Conv3d(32, 32, 3, padding=1), (b3, 32, 12, 12, 12), small),
+        _layer_case("depthwise", f"Conv2d(256,256,7,p=3,groups=256), x ({b},256,28,28)" + tag,
+                    lambda: nn.Conv2d(256, 256, 7, padding=3, groups=256), (b, 256, 28, 28), small),
+        _layer_case("dilated", f"Conv2d(64,64,3,p=2,dilation=2), x ({b},64,32,32)" + tag,
+                    lambda: nn.Conv2d(64, 64, 3, padding=2, dilation=2), (b, 64, 32, 32), small),
     ]
     for suffix, mb, img, stress in MODEL_CONFIGS[:1] if quick else MODEL_CONFIGS:
         for name, make, head in (
