@@ -282,14 +282,7 @@ def expm_lowrank_apply(
         >>> torch.allclose(expm_lowrank_apply(-L, R, Y, 1), T, rtol=1e-12, atol=1e-12)
         True
     """
-    L, R = _check_factors(L, R)
-    T = check_tensor(T, "T")
-    if L.dim() != 2:
-        raise ShapeError(f"L and R must be matrices (n, m), got {tuple(L.shape)}")
-    if T.dtype != L.dtype or T.device != L.device:
-        raise DTypeError(
-            f"T ({T.dtype}, {T.device}) must match L and R ({L.dtype}, {L.device})"
-        )
+    T, L, R = _check_eye_plus(T, L, R)
     if T.dim() == 0:
         raise ShapeError("T must have at least one mode")
     k = normalize_mode(mode, T.dim())

@@ -286,16 +286,15 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             raise ValueError(f"update must be 'hadamard' or 'additive', got {update!r}")
         if ledger is not None:
             ledger.forward_seen()
-        Wp = _lowrank_apply(W, L, R, update, order, ledger)
-        out = _op_forward(x, Wp, bias, op)
         need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # keep W' for the backward (no recompute there) only where it is small next to the
         # activations; it is then needed by ∂L/∂x or by the exact map's G ⊙ W'
         keep = need_f and (need_x or (update == "hadamard" and order is None)) and (
-            _keep_second_buffer(W, x, out)
+            _keep_second_buffer(W, x, op.output_numel(x, W))
         )
-        if keep and ledger is not None:
-            Wp = Wp.clone()  # out of the shared workspace: it lives until the backward
+        # a kept W' gets its own buffer; a transient one the shared workspace
+        Wp = _lowrank_apply(W, L, R, update, order, None if keep else ledger)
+        out = _op_forward(x, Wp, bias, op)
         ctx.update, ctx.order, ctx.op, ctx.keep, ctx.ledger = update, order, op, keep, ledger
         ctx.save_for_backward(x, W, L, R, Wp if keep else None)
         del Wp
@@ -391,8 +390,8 @@ def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.T
     return 2 * N * m * (n0 + n1) < N * n0 * n1 + 2 * n0 * n1 * m
 
 
-def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
-    return W.numel() * _KEEP_RATIO <= x.numel() + y.numel()
+def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y_numel: int) -> bool:
+    return W.numel() * _KEEP_RATIO <= x.numel() + y_numel
 
 
 def _block_rows(W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.peft.functional import Update, adapted_weight
+from liegroup.peft.functional import Update
 from liegroup.peft.fused_op import OpGeometry, _conv_backward, _op_forward
 
 __all__ = ["RecomputedWeightOpFunction", "adapted_op_recompute"]
@@ -175,7 +175,7 @@ def adapted_op_recompute(
 
     Example:
         >>> import torch
-        >>> from liegroup.peft.functional import get_update
+        >>> from liegroup.peft.functional import adapted_weight, get_update
         >>> x, W = torch.randn(3, 4), torch.randn(2, 4)
         >>> D = torch.full((2, 4), 0.1, requires_grad=True)
         >>> u = get_update("hadamard", None)
@@ -190,8 +190,8 @@ def adapted_op_recompute(
     update.check_delta(W, delta)
     tensors, rebuild = _flatten(delta)
 
-    def form(*ts: torch.Tensor) -> torch.Tensor:
-        return adapted_weight(W, rebuild(list(ts)), update)
+    def form(*ts: torch.Tensor) -> torch.Tensor:  # delta was checked once, above
+        return update.apply(W, rebuild(list(ts)))
 
     out: torch.Tensor = RecomputedWeightOpFunction.apply(x, bias, op, form, *tensors)
     return out

@@ -116,27 +116,12 @@ def test_fused_keeps_nothing_weight_sized():
     """Saved for backward: x and the frozen W, L, R themselves — no new weight-sized tensor."""
     layer, x = _layer("linear", "hadamard", "exact")
     x.requires_grad_(True)
-    gen = layer.generators["default"]
-    saved: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    allowed = {x.data_ptr(), layer.weight.data_ptr(), gen.B.data_ptr(), gen.A.data_ptr()}
-    for t in saved:
-        big = t.numel() >= layer.weight.numel()
-        assert not big or t.data_ptr() in allowed, tuple(t.shape)
+    assert _saved_weight_sized(layer, x) == []
     # the reference path keeps W' (weight-sized) for the op's backward
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _reference(layer, x)
-    assert any(
-        t.numel() == layer.weight.numel() and t.data_ptr() not in allowed for t in saved
-    )
-    y.sum().backward()
+    ref = _saved_weight_sized(layer, x, lambda xx: _reference(layer, xx))
+    assert any(t.numel() == layer.weight.numel() for t in ref)
+    gen = layer.generators["default"]
+    layer(x).sum().backward()
     assert gen.B.grad is not None and layer.weight.grad is None
 
 
@@ -186,8 +171,8 @@ def test_errors():
         )
 
 
-def _saved_weight_sized(layer: LieRALayer, x: torch.Tensor) -> list[torch.Tensor]:
-    """Weight-sized tensors the fused node saves for backward, other than x, W and factors."""
+def _saved_weight_sized(layer: LieRALayer, x: torch.Tensor, run=None) -> list[torch.Tensor]:
+    """Weight-sized tensors ``run(x)`` (default: the layer) saves, other than x, W and factors."""
     gen = layer.generators["default"]
     saved: list[torch.Tensor] = []
 
@@ -196,7 +181,7 @@ def _saved_weight_sized(layer: LieRALayer, x: torch.Tensor) -> list[torch.Tensor
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
+        (run or layer)(x)
     allowed = {x.data_ptr(), layer.weight.data_ptr(), gen.B.data_ptr(), gen.A.data_ptr()}
     return [t for t in saved if t.numel() >= layer.weight.numel() and t.data_ptr() not in allowed]
 
