@@ -145,30 +145,33 @@ def _angles(dtype):
     ]  # fmt: skip
 
 
+def _check_so3_exp_log_mpmath(w: torch.Tensor, R: torch.Tensor, th: float, dps: int) -> None:
+    """``R = exp(ŵ)`` and ``so3_log`` of the correctly rounded ``exp(ŵ)`` against mpmath."""
+    u = eps(w.dtype)
+    with mpmath.workdps(dps):
+        wm = _to_mp(w)
+        Rm = _mp_so3_exp(wm)
+        # exp: ‖J_l‖ <= 1, so rounding the input contributes <= u·θ; the evaluation (z,
+        # coefficients within 16u relative, two 3-term products) a few u: budget 4u(2 + θ).
+        err = max(abs(mpmath.mpf(float(R[a, b])) - Rm[a, b]) for a in range(3) for b in range(3))
+        assert err <= 4 * u * (2 + th), (th, float(err / u))
+        # log of the correctly rounded rotation: its entries carry <= u absolute error, and
+        # ‖J_l⁻¹(ω)‖ <= θ/2·cot-bounded <= 1 + θ²/8... on [0, π]; the skew/symmetric axis
+        # estimates lose <= u/sinθ resp. u/(1−cosθ) <= √2·u relative, times θ: 8u·(θ + θ²).
+        Rr = torch.tensor([[float(Rm[a, b]) for b in range(3)] for a in range(3)], dtype=w.dtype)
+        lw = so3_log(Rr)
+        err = max(abs(mpmath.mpf(float(lw[k])) - wm[k]) for k in range(3))
+        assert err <= 8 * u * (th + th * th) + (4 * u if th == 0 else 0), (th, float(err / u))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_so3_exp_and_log_match_mpmath(dtype):
-    u = eps(dtype)
     G = liegroup.SO(3)
     for i, th in enumerate(_angles(dtype)):
         w = torch.tensor(_axis(i), dtype=torch.float64) * th
         w = w.to(dtype)
         R = G.exp(G.hat(w))
-        with mpmath.workdps(60):
-            wm = _to_mp(w)
-            Rm = _mp_so3_exp(wm)
-            # exp: ‖J_l‖ <= 1, so rounding the input contributes <= u·θ; the evaluation (z,
-            # coefficients within 16u relative, two 3-term products) a few u: budget 4u(2 + θ).
-            err = max(
-                abs(mpmath.mpf(float(R[a, b])) - Rm[a, b]) for a in range(3) for b in range(3)
-            )
-            assert err <= 4 * u * (2 + th), (th, float(err / u))
-            # log of the correctly rounded rotation: its entries carry <= u absolute error, and
-            # ‖J_l⁻¹(ω)‖ <= θ/2·cot-bounded <= 1 + θ²/8... on [0, π]; the skew/symmetric axis
-            # estimates lose <= u/sinθ resp. u/(1−cosθ) <= √2·u relative, times θ: 8u·(θ + θ²).
-            Rr = torch.tensor([[float(Rm[a, b]) for b in range(3)] for a in range(3)], dtype=dtype)
-            lw = so3_log(Rr)
-            err = max(abs(mpmath.mpf(float(lw[k])) - wm[k]) for k in range(3))
-            assert err <= 8 * u * (th + th * th) + (4 * u if th == 0 else 0), (th, float(err / u))
+        _check_so3_exp_log_mpmath(w, R, th, 60)
         # the group log is exactly skew
         L = G.log(R)
         assert torch.equal(L, -L.mT)
@@ -511,21 +514,9 @@ def test_cuda_matches_cpu(G):
 def test_so3_dense_angle_sweep_against_mpmath(dtype):
     # the budgets of test_so3_exp_and_log_match_mpmath, on 600 angles spread over (0, π)
     # (log-spaced near 0 and near π, uniform in between)
-    u = eps(dtype)
     angles = [10.0**-k for k in range(1, 9)]
     angles += [math.pi * k / 200 for k in range(1, 200)]
     angles += [math.pi - 10.0 ** (-k / 4) for k in range(4, 24)]
     for i, th in enumerate(angles * 2):
         w = (torch.tensor(_axis(1000 + i), dtype=torch.float64) * th).to(dtype)
-        R = so3_exp(w)
-        with mpmath.workdps(50):
-            wm = _to_mp(w)
-            Rm = _mp_so3_exp(wm)
-            err = max(
-                abs(mpmath.mpf(float(R[a, b])) - Rm[a, b]) for a in range(3) for b in range(3)
-            )
-            assert err <= 4 * u * (2 + th), (th, float(err / u))
-            Rr = torch.tensor([[float(Rm[a, b]) for b in range(3)] for a in range(3)], dtype=dtype)
-            lw = so3_log(Rr)
-            err = max(abs(mpmath.mpf(float(lw[k])) - wm[k]) for k in range(3))
-            assert err <= 8 * u * (th + th * th), (th, float(err / u))
+        _check_so3_exp_log_mpmath(w, so3_exp(w), th, 50)
