@@ -29,39 +29,46 @@ with warnings.catch_warnings():  # geoopt warns about torch.jit.script on import
     import geoopt
 
 
-class OrthogonalAdapter(torch.nn.Module):
-    """``F.linear(x, R @ W, b)`` with ``W``, ``b`` frozen and ``R ∈ SO(d_out)`` trainable."""
+class RotatedLinear(torch.nn.Module):
+    """``F.linear(x, R @ W, b)`` with ``W``, ``b`` frozen; subclasses say what ``R`` is."""
 
     def __init__(self, base: torch.nn.Linear) -> None:
         super().__init__()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
+
+    def rotation(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rotation() @ self.base.weight, self.base.bias)
+
+
+class OrthogonalAdapter(RotatedLinear):
+    """``R ∈ SO(d_out)`` itself is the trainable parameter (Riemannian optimisation)."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__(base)
         d = base.out_features
         self.manifold = LieGroupManifold(liegroup.SO(d), metric="bi-invariant")
         eye = self.manifold.origin(d, d, dtype=base.weight.dtype)
         self.R = geoopt.ManifoldParameter(eye, manifold=self.manifold)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.R @ self.base.weight, self.base.bias)
+    def rotation(self) -> torch.Tensor:
+        return self.R
 
 
-class ExpAdapter(torch.nn.Module):
+class ExpAdapter(RotatedLinear):
     """The exp-parametrised baseline: ``R = matrix_exp(A − Aᵀ)``, ``A`` a free matrix."""
 
     def __init__(self, base: torch.nn.Linear) -> None:
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         d = base.out_features
         self.A = torch.nn.Parameter(torch.zeros(d, d, dtype=base.weight.dtype))
 
     def rotation(self) -> torch.Tensor:
         return torch.linalg.matrix_exp(self.A - self.A.T)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.rotation() @ self.base.weight, self.base.bias)
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor,
