@@ -241,7 +241,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
 
     Inside a model (``ledger``, a :class:`StepLedger` shared by its layers) a transient ``W'``
     is formed in the ledger's reused workspace instead of a fresh buffer (a kept ``W'`` is
-    copied out of it), and a layer whose weight is no larger than the gradients full
+    formed in a buffer of its own), and a layer whose weight is no larger than the gradients full
     fine-tuning would hold by now (``ledger.allows``) recomputes ``W'`` once and keeps it next
     to ``∂L/∂W'``: the exact map's ``G ⊙ W'`` is then one multiply (no blocked second
     ``exp``) and a conv forms ``∂L/∂x``, ``∂L/∂W'``, ``∂L/∂b`` in one call.
