@@ -289,13 +289,15 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # keep W' for the backward (no recompute there) only where it is small next to the
         # activations; it is then needed by ∂L/∂x or by the exact map's G ⊙ W'
+        computed = _computed_entries(L, R)
         keep = need_f and (need_x or (update == "hadamard" and order is None)) and (
-            _keep_second_buffer(W, x, op.output_numel(x, W))
+            _keep_second_buffer(W, x, op.output_numel(x, W), computed)
         )
         # a kept W' gets its own buffer; a transient one the shared workspace
         Wp = _lowrank_apply(W, L, R, update, order, None if keep else ledger)
         out = _op_forward(x, Wp, bias, op)
         ctx.update, ctx.order, ctx.op, ctx.keep, ctx.ledger = update, order, op, keep, ledger
+        ctx.computed = computed
         ctx.save_for_backward(x, W, L, R, Wp if keep else None)
         del Wp
         ctx.bias_shape = None if bias is None else bias.shape
@@ -358,7 +360,9 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             g_l = gy2.T.mm(x2.mm(R.T)) if need_l else None
             g_r = gy2.mm(L).T.mm(x2) if need_r else None
         elif G is not None:
-            g_l, g_r = _factor_grads(G, W, L, R, update, order, Wp, x, gy, need_l, need_r)
+            g_l, g_r = _factor_grads(
+                G, W, L, R, update, order, Wp, x, gy, need_l, need_r, ctx.computed
+            )
         del G, Wp
         if gb is not None and ctx.bias_shape is not None:
             gb = gb.view(ctx.bias_shape)
@@ -369,10 +373,12 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
 
 # The memory rule for keeping W' from the forward to the backward (a second weight-sized
 # buffer next to ∂L/∂W'; no recompute of W' and, for the exact map, no second exp): allowed
-# when the weight has at most 1/32 of the entries of the layer's input plus output, i.e.
-# ≤ ~3 % of activations that a training step holds anyway (full fine-tuning's ∂L/∂x and ∂L/∂y
-# are that size), so peak memory stays within 1.05× of full fine-tuning, for one layer and,
-# summed, for a network. Otherwise W' is recomputed in the backward (row blocks for exp).
+# when what the node then saves beyond full fine-tuning — W' and any factor computed from
+# parameters (Tucker's R; LoRA's factors are the parameters themselves) — has at most 1/32
+# of the entries of the layer's input plus output, i.e. ≤ ~3 % of activations that a
+# training step holds anyway (full fine-tuning's ∂L/∂x and ∂L/∂y are that size), so peak
+# memory stays within 1.05× of full fine-tuning, for one layer and, summed, for a network.
+# Otherwise W' is recomputed in the backward (row blocks for exp).
 _KEEP_RATIO = 32
 
 
@@ -390,26 +396,35 @@ def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.T
     return 2 * N * m * (n0 + n1) < N * n0 * n1 + 2 * n0 * n1 * m
 
 
-def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y_numel: int) -> bool:
-    return W.numel() * _KEEP_RATIO <= x.numel() + y_numel
+def _computed_entries(L: torch.Tensor, R: torch.Tensor) -> int:
+    """Entries of the factors computed from parameters (saved by the node: extra memory)."""
+    return sum(f.numel() for f in (L, R) if f.grad_fn is not None)
 
 
-def _block_rows(W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor) -> int:
+def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y_numel: int, computed: int) -> bool:
+    return (W.numel() + computed) * _KEEP_RATIO <= x.numel() + y_numel
+
+
+def _block_rows(
+    W: torch.Tensor, cols: int, x: torch.Tensor, gy: torch.Tensor, computed: int
+) -> int:
     """Rows per block of the blocked backward.
 
     A block holds at most ``_CHUNK_ENTRIES`` entries (it stays in cache through its
-    ``L_i R → exp → ⊙ W_i → ⊙ G_i → factor products`` chain) and at most the larger of 1/16
-    of the weight and 1/32 of the activations (its buffer is the only memory the block adds).
-    Small blocks cost a few kernel launches each, so blocks are as large as these allow.
+    ``L_i R → exp → ⊙ W_i → ⊙ G_i`` chain) and at most the larger of 1/16 of the weight and
+    the keep rule's budget, 1/32 of the activations less the factors computed from parameters
+    that the node saves (Tucker's ``R``): its buffer is the only memory the block adds. Small
+    blocks cost a few kernel launches each, so blocks are as large as these allow.
     """
-    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, (x.numel() + gy.numel()) // 32))
+    budget = (x.numel() + gy.numel()) // 32 - computed
+    entries = min(_CHUNK_ENTRIES, max(W.numel() // 16, budget))
     return max(1, entries // max(cols, 1))
 
 
 def _factor_grads(
     G: torch.Tensor, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str,
     order: int | None, Wp: torch.Tensor | None, x: torch.Tensor, gy: torch.Tensor,
-    need_l: bool, need_r: bool,
+    need_l: bool, need_r: bool, computed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``G_Δ`` from ``G = ∂L/∂W'`` (in place in ``G``), then ``G_Δ Rᵀ`` and ``Lᵀ G_Δ``.
 
@@ -427,7 +442,7 @@ def _factor_grads(
             Gm.mul_((W if order == 1 else Wp).reshape(rows, cols))  # type: ignore[union-attr]
         return (Gm.mm(R.T) if need_l else None), (L.T.mm(Gm) if need_r else None)
     Wm = W.reshape(rows, cols)
-    step = min(rows, _block_rows(W, cols, x, gy))
+    step = min(rows, _block_rows(W, cols, x, gy, computed))
     buf = torch.empty((step, cols), dtype=G.dtype, device=G.device)
     RT = R.T
     for i in range(0, rows, step):
@@ -438,6 +453,7 @@ def _factor_grads(
         else:
             t = _exp_inplace(Li @ R, order - 1)
         Gi.mul_(t.mul_(Wm[i:j]))
+    del buf, t  # freed before the factor gradients exist: not part of the node's peak
     return (Gm.mm(RT) if need_l else None), (L.T.mm(Gm) if need_r else None)
 
 

@@ -202,6 +202,48 @@ def test_keeps_w_prime_only_for_small_weights():
         assert _saved_weight_sized(layer, x.detach()) == []
 
 
+def _saved_like_weight(layer: LieRALayer, x: torch.Tensor) -> int:
+    """How many tensors of the weight's shape the layer's forward saves for its backward."""
+    shapes: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(s == layer.weight.shape for s in shapes)
+
+
+def test_keep_rule_counts_factors_computed_from_parameters():
+    """Tucker's ``R`` (and ``s·B``) are saved on top of ``W'``: the 1/32 budget covers them too.
+
+    ``|W| = 144``; ``x + y = 8·25² = 5000``. LoRA saves ``s·B`` (8 entries):
+    ``32·152 = 4864 ≤ 5000``, kept. Tucker also saves its computed ``R`` (2·4·9 = 72 entries):
+    ``32·224 = 7168 > 5000``, not kept — though ``32·|W| = 4608`` alone would have been.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 25, 25, dtype=DT, requires_grad=True)
+    for generator, kept in (("lora", 1), ("tucker", 0)):
+        layer = LieRALayer(nn.Conv2d(4, 4, 3, padding=1).to(DT), "c")
+        layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"],
+                                                 generator=generator))
+        assert _saved_like_weight(layer, x) == 1 + kept, generator  # the frozen W, and W'?
+    W = torch.zeros(4, 4, 3, 3)
+    L, R = torch.zeros(4, 2), torch.zeros(2, 36, requires_grad=True)
+    assert fo._computed_entries(L, R) == 0  # parameters (leaves) are not extra memory
+    assert fo._computed_entries(L, R * 2) == 72
+    assert fo._keep_second_buffer(W, x, 2500, 0) and not fo._keep_second_buffer(W, x, 2500, 72)
+
+
+def test_block_buffer_leaves_room_for_computed_factors():
+    """The exact map's block buffer takes the keep budget less the computed factors."""
+    W, x, gy = torch.zeros(32, 864), torch.zeros(442368), torch.zeros(442368)
+    assert fo._block_rows(W, 864, x, gy, 0) == 32  # 884736 // 32 = 27648 = all 32 rows
+    assert fo._block_rows(W, 864, x, gy, 7168) == (27648 - 7168) // 864
+    assert fo._block_rows(W, 864, x, gy, 10**9) == 32 * 864 // 16 // 864  # floor: 1/16 of W
+
+
 @pytest.mark.parametrize("keep", [1 << 30, 0])
 @pytest.mark.parametrize("case", ["linear", "linear_nobias"])
 def test_additive_linear_factor_route(case, keep, monkeypatch):
