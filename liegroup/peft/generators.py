@@ -350,7 +350,7 @@ class TuckerGenerator(Generator):
 
         us = list(self.factors_list)
         r0, r1 = self.ranks[0], self.ranks[1]
-        core = self.core
+        core: torch.Tensor = self.core
         if len(us) > 2:  # the kernel modes act on a core-sized tensor (r₀·r₁·k… entries)
             core = multi_mode_product(core, us[2:], range(2, len(us)))
         # then C_in, the expanding mode, in one batched product laid out as the unfolding:
