@@ -13,6 +13,7 @@ cheaper than forming ``∂L/∂W'``. See ``docs/performance.md`` for the design 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,14 @@ from liegroup.peft.functional import (
     get_update,
 )
 
-__all__ = ["LowRankAdaptedOpFunction", "OpGeometry", "StepLedger", "adapted_op_lowrank"]
+__all__ = [
+    "LowRankAdaptedOpFunction",
+    "OpGeometry",
+    "StepLedger",
+    "adapted_op_lowrank",
+    "autocast_dtype",
+    "weights_outside_autocast",
+]
 
 
 # Row blocks of the chunked backward hold about this many entries (256 KiB in float32), so the
@@ -278,6 +286,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         order: int | None,
         op: OpGeometry,
         ledger: StepLedger | None = None,
+        cast: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``op(x, W', bias)``; ``W'`` lives only during the op."""
         if ctx.needs_input_grad[1]:
@@ -290,17 +299,26 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         # keep W' for the backward (no recompute there) only where it is small next to the
         # activations; it is then needed by ∂L/∂x or by the exact map's G ⊙ W'
         computed = _computed_entries(L, R)
-        keep = need_f and (need_x or (update == "hadamard" and order is None)) and (
-            _keep_second_buffer(W, x, op.output_numel(x, W), computed)
+        keep = (  # (under autocast: the op's W' is a cast copy anyway, recomputed)
+            cast is None and need_f and (need_x or (update == "hadamard" and order is None))
+            and _keep_second_buffer(W, x, op.output_numel(x, W), computed)
         )
-        # a kept W' gets its own buffer; a transient one the shared workspace
-        Wp = _lowrank_apply(W, L, R, update, order, None if keep else ledger)
-        out = _op_forward(x, Wp, bias, op)
+        ctx.x_dtype, ctx.cast = x.dtype, cast
+        if cast is None:
+            # a kept W' gets its own buffer; a transient one the shared workspace
+            Wp = _lowrank_apply(W, L, R, update, order, None if keep else ledger)
+            out = _op_forward(x, Wp, bias, op)
+        else:  # autocast: W' formed in W's dtype, the op in the autocast dtype (as autocast)
+            with torch.autocast(x.device.type, enabled=False):
+                Wp = _lowrank_apply(W, L, R, update, order, ledger)
+                x = x.to(cast)
+                out = _op_forward(x, _cast_weight(Wp, cast, x, ledger), _cast(bias, cast), op)
         ctx.update, ctx.order, ctx.op, ctx.keep, ctx.ledger = update, order, op, keep, ledger
         ctx.computed = computed
         ctx.save_for_backward(x, W, L, R, Wp if keep else None)
         del Wp
         ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -316,6 +334,11 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
         exact = update == "hadamard" and order is None
         ledger: StepLedger | None = ctx.ledger
+        cast: torch.dtype | None = ctx.cast
+
+        def opw(Wq: torch.Tensor) -> torch.Tensor:  # the weight the op sees
+            return Wq if cast is None else _cast_weight(Wq, cast, x, ledger)
+
         # full fine-tuning holds grads this size by now, so the workspace may live next to
         # ∂L/∂W': W' computed once there — for the exact map's G ⊙ W' and for a conv's ∂L/∂x
         # (then one backward call for all); otherwise it is released before ∂L/∂W' exists
@@ -326,35 +349,44 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
             x2 = x.reshape(-1, W.shape[1])
-            by_products = update == "additive" and need_f and _factor_route(W, L, R, x2)
+            by_products = (
+                cast is None and update == "additive" and need_f and _factor_route(W, L, R, x2)
+            )
             if need_b:
                 gb = gy2.sum(0)
             if need_x:
                 Wq = _lowrank_apply(W, L, R, update, order, ledger) if Wp is None else Wp
-                gx = gy2.mm(Wq).view(*x.shape[:-1], W.shape[1])  # 2-d: no bmm for strided gy
-                if need_f and Wp is None and not by_products:
+                gx = gy2.mm(opw(Wq)).view(*x.shape[:-1], W.shape[1])  # 2-d: no bmm (strided gy)
+                if need_f and Wp is None and not by_products and cast is None:
                     G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
                 del Wq
             if need_f and G is None and not by_products:
-                if Wp is None and ledger is not None:  # into the workspace: one buffer
+                if cast is not None:  # ∂L/∂W' in the op's dtype, then W's (as autocast)
+                    G = gy2.T.mm(x2).to(W.dtype)
+                elif Wp is None and ledger is not None:  # into the workspace: one buffer
                     G = torch.mm(gy2.T, x2, out=ledger.workspace(W.shape[0], W.shape[1], W))
                 else:
                     G = gy2.T.mm(x2)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
-            gx, G, gb = _conv_backward(gy, x, Wp, op, need_x, True, need_b)
+            gx, G, gb = _conv_backward(gy, x, opw(Wp), op, need_x, True, need_b)
         else:
             if need_x:
                 Wq = _lowrank_apply(W, L, R, update, order, ledger)
-                gx, _, _ = _conv_backward(gy, x, Wq, op, True, False, False)
+                gx, _, _ = _conv_backward(gy, x, opw(Wq), op, True, False, False)
                 del Wq  # freed before ∂L/∂W' exists: one weight-sized buffer at a time
             if ledger is not None and not covered:
                 ledger.release(W)
+                ledger.release(x)  # the autocast copy's workspace, if any
             if need_f:
                 # ∂L/∂b with ∂L/∂W': asked for with ∂L/∂x alone, oneDNN's backward takes a
-                # path that costs as much as ∂L/∂x again (measured: Conv2d(64,64,3), 4×32²)
-                _, G, gb = _conv_backward(gy, x, W, op, False, True, need_b)
+                # path that costs as much as ∂L/∂x again (measured: Conv2d(64,64,3), 4×32²);
+                # the weight only gives the shape and dtype here
+                shape_w = W if cast is None else torch.empty((), dtype=cast).expand(W.shape)
+                _, G, gb = _conv_backward(gy, x, shape_w, op, False, True, need_b)
             elif need_b:
                 gb = gy.sum([0, *range(2, gy.dim())])
+        if G is not None and G.dtype != W.dtype:
+            G = G.to(W.dtype)
         g_l = g_r = None
         if by_products:  # G Rᵀ = gyᵀ(x Rᵀ), Lᵀ G = (gy L)ᵀ x: G = gyᵀx never formed
             g_l = gy2.T.mm(x2.mm(R.T)) if need_l else None
@@ -365,10 +397,12 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
             )
         del G, Wp
         if gb is not None and ctx.bias_shape is not None:
-            gb = gb.view(ctx.bias_shape)
+            gb = gb.view(ctx.bias_shape).to(ctx.bias_dtype)
+        if gx is not None and gx.dtype != ctx.x_dtype:
+            gx = gx.to(ctx.x_dtype)
         if ledger is not None:
             ledger.backward_done(W.numel())
-        return gx, None, gb, g_l, g_r, None, None, None, None
+        return gx, None, gb, g_l, g_r, None, None, None, None, None
 
 
 # The memory rule for keeping W' from the forward to the backward (a second weight-sized
@@ -457,6 +491,20 @@ def _factor_grads(
     return (Gm.mm(RT) if need_l else None), (L.T.mm(Gm) if need_r else None)
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _cast_weight(
+    Wp: torch.Tensor, dtype: torch.dtype, like: torch.Tensor, ledger: StepLedger | None
+) -> torch.Tensor:
+    """``W'`` in the autocast dtype; in the ledger's workspace for that dtype when there is one."""
+    if ledger is None:
+        return Wp.to(dtype)
+    out = ledger.workspace(Wp.shape[0], Wp.numel() // max(Wp.shape[0], 1), like)
+    return out.view(Wp.shape).copy_(Wp)
+
+
 def _lowrank_apply(
     W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, update: str, order: int | None,
     ledger: StepLedger | None = None,
@@ -517,8 +565,54 @@ def adapted_op_lowrank(
     else:
         name = ""
     if not name or W.requires_grad:
-        return _op_forward(x, adapted_weight_lowrank(W, L, R, update), bias, op)
+        with weights_outside_autocast(x):
+            Wp = adapted_weight_lowrank(W, L, R, update)
+        return _op_forward(x, Wp, bias, op)
     out: torch.Tensor = LowRankAdaptedOpFunction.apply(
-        x, W, bias, L, R, name, order, op, ledger
+        x, W, bias, L, R, name, order, op, ledger, autocast_dtype(x, W)
     )
     return out
+
+
+def weights_outside_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context that forms an adapted weight in the weight's own dtype under autocast.
+
+    Autocast is meant for the layer's op; the adapter's ``W'`` (rank-r products, ``exp``,
+    matrix exponentials of mode-wise updates) is computed in the weight's dtype, as a
+    master weight is, and cast by autocast only where the op uses it. Outside autocast this
+    is a no-op context.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     with weights_outside_autocast(x):
+        ...         (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(x: torch.Tensor, W: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run ``op(x, W)`` in, or ``None`` when it would not cast.
+
+    Autocast (enabled for ``x``'s device type) casts float32 operands of linear and conv ops
+    to its lower-precision dtype; float64 and lower-precision weights are left alone.
+
+    Example:
+        >>> import torch
+        >>> x, W = torch.zeros(2, 3), torch.zeros(4, 3)
+        >>> autocast_dtype(x, W) is None
+        True
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype(x, W)
+        torch.bfloat16
+    """
+    dev = x.device.type
+    if W.dtype != torch.float32 or not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return None if dt == W.dtype else dt

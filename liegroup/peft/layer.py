@@ -38,7 +38,13 @@ from liegroup.peft.functional import (
     adapted_weight_lowrank,
     get_update,
 )
-from liegroup.peft.fused_op import OpGeometry, StepLedger, adapted_op_lowrank
+from liegroup.peft.fused_op import (
+    OpGeometry,
+    StepLedger,
+    adapted_op_lowrank,
+    autocast_dtype,
+    weights_outside_autocast,
+)
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
 from liegroup.peft.recompute_op import adapted_op_recompute
 
@@ -212,19 +218,24 @@ class LieRALayer(nn.Module):
 
     # ------------------------------------------------------------------ maths
     def delta(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The algebra element ``ΔW`` of an adapter (default: the active one)."""
+        """The algebra element ``ΔW`` of an adapter (default: the active one), in W's dtype."""
         name = self._name(adapter_name)
         gen: Generator = self.generators[name]  # type: ignore[assignment]
-        return gen()
+        with weights_outside_autocast(self.weight):
+            return gen()
 
     def adapted_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``W' = update(W, ΔW)`` for an adapter (default: the active one)."""
+        """``W' = update(W, ΔW)`` for an adapter (default: the active one), in W's dtype.
+
+        Computed in the weight's dtype also under autocast (as the layer's forward does).
+        """
         name = self._name(adapter_name)
         gen: Generator = self.generators[name]  # type: ignore[assignment]
-        factors = gen.factors()
-        if factors is not None:
-            return adapted_weight_lowrank(self.weight, *factors, self.updates[name])
-        return adapted_weight(self.weight, gen(), self.updates[name])
+        with weights_outside_autocast(self.weight):
+            factors = gen.factors()
+            if factors is not None:
+                return adapted_weight_lowrank(self.weight, *factors, self.updates[name])
+            return adapted_weight(self.weight, gen(), self.updates[name])
 
     def _name(self, adapter_name: str | None) -> str:
         name = self.active_adapter if adapter_name is None else adapter_name
@@ -261,20 +272,26 @@ class LieRALayer(nn.Module):
             return out
         name = self.active_adapter
         gen: Generator = self.generators[name]  # type: ignore[assignment]
-        factors = gen.factors()
+        update = self.updates[name]
+        # the adapter's factors / ΔW / W' in the weight's dtype; autocast only for the op
+        with weights_outside_autocast(x):
+            factors = gen.factors()
+            delta = gen() if factors is None else None
+        fused = self._fused_input(x)
         if factors is not None:
-            fused = self._fused_input(x)
             if fused is not None:
                 xin, geometry = fused
                 return adapted_op_lowrank(
-                    xin, self.weight, self.bias, *factors, self.updates[name], geometry,
-                    ledger=self.ledger,
+                    xin, self.weight, self.bias, *factors, update, geometry, ledger=self.ledger
                 )
-            return self._op(x, adapted_weight_lowrank(self.weight, *factors, self.updates[name]))
-        delta, update = gen(), self.updates[name]
-        fused = self._fused_input(x)
-        if fused is None or self.weight.requires_grad:
-            return self._op(x, adapted_weight(self.weight, delta, update))
+            with weights_outside_autocast(x):
+                Wp = adapted_weight_lowrank(self.weight, *factors, update)
+            return self._op(x, Wp)
+        assert delta is not None
+        if fused is None or self.weight.requires_grad or autocast_dtype(x, self.weight):
+            with weights_outside_autocast(x):
+                Wp = adapted_weight(self.weight, delta, update)
+            return self._op(x, Wp)
         if isinstance(self.base_layer, nn.Linear):  # W' = W + L R (mode-wise, both modes)
             lr = update.additive_factors(self.weight, delta)
             if lr is not None:
@@ -292,13 +309,15 @@ class LieRALayer(nn.Module):
     def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
         """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.
 
-        Not used (the layer then runs ``op(x, W')`` with ``W'`` as an autograd tensor) under
-        autocast, for unbatched conv inputs, for ``padding="same"`` needing asymmetric
-        padding, or when ``x``'s dtype is not the weight's (the op would refuse it anyway).
+        Not used (the layer then runs ``op(x, W')`` with ``W'`` as an autograd tensor) for
+        unbatched conv inputs, for ``padding="same"`` needing asymmetric padding, or when
+        ``x``'s dtype is neither the weight's nor the autocast dtype the op would run in (the
+        op would refuse it anyway). Under autocast the low-rank node runs the op in the
+        autocast dtype on ``W'`` formed in the weight's (other updates take the plain path).
         """
         base = self.base_layer
         W = self.weight
-        if x.dtype != W.dtype or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != W.dtype and x.dtype != autocast_dtype(x, W):
             return None
         if isinstance(base, nn.Linear):
             return x, OpGeometry("linear")
