@@ -17,6 +17,7 @@ from liegroup.errors import DTypeError, NonFiniteError, ShapeError
 from liegroup.linalg import expm, expm_frechet
 from tests.conftest import eps
 from tests.linalg_cases import DEFAULT_CASES, HARD, expm_kappa, expm_ref, rel_err
+from tests.test_linalg_ckernel import ExpmPath, use_path
 
 U64 = eps(torch.float64)
 U32 = eps(torch.float32)
@@ -25,6 +26,12 @@ SLOW_CASES = [k for k in HARD if k not in DEFAULT_CASES]
 CASES = [pytest.param(k) for k in DEFAULT_CASES] + [
     pytest.param(k, marks=pytest.mark.slow) for k in SLOW_CASES
 ]
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
+    """Each test using it runs through the compiled kernel and through the torch path."""
+    return use_path(request.param, monkeypatch)
 
 
 def _peer_best(A: np.ndarray, ref: np.ndarray) -> float:
@@ -37,23 +44,25 @@ def _peer_best(A: np.ndarray, ref: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- accuracy
 @pytest.mark.parametrize("name", CASES)
-def test_expm_hard_float64_vs_mpmath(name: str) -> None:
+def test_expm_hard_float64_vs_mpmath(name: str, expm_path: ExpmPath) -> None:
     A = HARD[name]
     ref = expm_ref(A)
     err = rel_err(expm(torch.tensor(A)).numpy(), ref)
+    expm_path.check_used()
     tol = 10 * max(expm_kappa(A) * U64, 4 * U64)
     assert err <= max(tol, 2 * _peer_best(A, ref)), (name, err, tol)
     assert err <= tol or err <= 1e-13, (name, err, tol)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_expm_hard_float32_vs_mpmath(name: str) -> None:
+def test_expm_hard_float32_vs_mpmath(name: str, expm_path: ExpmPath) -> None:
     A32 = torch.tensor(HARD[name]).float()
     A = A32.double().numpy()  # the float32 matrix, taken as exact
     tol = 10 * max(expm_kappa(A) * U32, 4 * U32)
     if tol >= 1e-2:
         pytest.skip(f"float32 bound {tol:.1e} is not informative (kappa too large)")
     err = rel_err(expm(A32).double().numpy(), expm_ref(A))
+    expm_path.check_used()
     assert err <= tol, (name, err, tol)
 
 
@@ -68,14 +77,14 @@ def test_expm_hard_float32_vs_mpmath(name: str) -> None:
         [[1, 1], [1, 1]],
     ],
 )
-def test_expm_sympy_exact(A: list[list[int]]) -> None:
+def test_expm_sympy_exact(A: list[list[int]], expm_path: ExpmPath) -> None:
     exact = sympy.Matrix(A).exp()
     ref = np.array(exact.evalf(40).tolist(), dtype=float)
     X = expm(torch.tensor(A, dtype=torch.float64)).numpy()
     assert rel_err(X, ref) <= 8 * U64 * max(1.0, expm_kappa(np.array(A, dtype=float)))
 
 
-def test_expm_nilpotent_exact_bits() -> None:
+def test_expm_nilpotent_exact_bits(expm_path: ExpmPath) -> None:
     N = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     expected = torch.eye(3, dtype=torch.float64) + N + N @ N / 2
     torch.testing.assert_close(expm(N), expected, rtol=2 * U64, atol=0)
@@ -108,15 +117,18 @@ def _random_matrix(kind: str, n: int, scale: float, seed: int) -> np.ndarray:
 KINDS = st.sampled_from(["generic", "normal", "triangular", "skew", "se"])
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @given(
     kind=KINDS,
     n=st.integers(1, 6),
     log_scale=st.floats(-6, 1.5),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_expm_property_vs_scipy(kind: str, n: int, log_scale: float, seed: int) -> None:
+def test_expm_property_vs_scipy(path: str, kind: str, n: int, log_scale: float, seed: int) -> None:
     A = _random_matrix(kind, n, 10.0**log_scale, seed)
-    X = expm(torch.tensor(A)).numpy()
+    with pytest.MonkeyPatch.context() as mp:
+        use_path(path, mp)
+        X = expm(torch.tensor(A)).numpy()
     kappa = expm_kappa(A)
     tol = 50 * max(kappa, 4.0) * U64
     assert rel_err(X, scipy.sparse.linalg.expm(A)) <= tol
@@ -125,12 +137,16 @@ def test_expm_property_vs_scipy(kind: str, n: int, log_scale: float, seed: int) 
     assert rel_err(X, scipy.linalg.expm(A)) <= max(1e-11, tol)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @given(n=st.integers(1, 5), log_scale=st.floats(-3, 1.2), seed=st.integers(0, 2**31 - 1))
-def test_expm_property_float32(n: int, log_scale: float, seed: int) -> None:
+def test_expm_property_float32(path: str, n: int, log_scale: float, seed: int) -> None:
     A32 = torch.tensor(_random_matrix("generic", n, 10.0**log_scale, seed)).float()
     A = A32.double().numpy()
     tol = 50 * max(expm_kappa(A), 4.0) * U32
-    assert rel_err(expm(A32).double().numpy(), scipy.linalg.expm(A.astype(complex)).real) <= tol
+    with pytest.MonkeyPatch.context() as mp:
+        use_path(path, mp)
+        X = expm(A32)
+    assert rel_err(X.double().numpy(), scipy.linalg.expm(A.astype(complex)).real) <= tol
 
 
 # --------------------------------------------------------------------------- batch invariance
@@ -140,7 +156,7 @@ def _ulp_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expm_batch_invariance(dtype: torch.dtype) -> None:
+def test_expm_batch_invariance(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     n = 3
     gen = torch.Generator().manual_seed(0)
     scales = torch.logspace(-8, 1.5, 1000, dtype=torch.float64)
@@ -175,7 +191,7 @@ def test_expm_large_n_loop_path() -> None:
 
 
 # --------------------------------------------------------------------------- gradients
-def test_expm_gradcheck() -> None:
+def test_expm_gradcheck(expm_path: ExpmPath) -> None:
     gen = torch.Generator().manual_seed(3)
     for scale in (1e-3, 0.5, 4.0):
         A = (scale * torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)).requires_grad_()
@@ -184,7 +200,7 @@ def test_expm_gradcheck() -> None:
     assert torch.autograd.gradcheck(expm, (T,))
 
 
-def test_expm_backward_is_frechet_adjoint() -> None:
+def test_expm_backward_is_frechet_adjoint(expm_path: ExpmPath) -> None:
     gen = torch.Generator().manual_seed(4)
     A = 3 * torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
     G = torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
@@ -196,7 +212,7 @@ def test_expm_backward_is_frechet_adjoint() -> None:
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
 
 
-def test_expm_double_backward_runs() -> None:
+def test_expm_double_backward_runs(expm_path: ExpmPath) -> None:
     A = (0.5 * torch.randn(3, 3, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradgradcheck(expm, (A,))
 
@@ -209,7 +225,7 @@ def _frechet_ref(A: np.ndarray, E: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scale", [1e-4, 0.3, 2.0, 8.0])
-def test_expm_frechet_vs_mpmath(scale: float) -> None:
+def test_expm_frechet_vs_mpmath(scale: float, expm_path: ExpmPath) -> None:
     rng = np.random.default_rng(int(scale * 1000))
     A = scale * rng.standard_normal((4, 4))
     E = rng.standard_normal((4, 4))
@@ -231,7 +247,7 @@ def test_expm_frechet_broadcast_and_grad() -> None:
 
 # --------------------------------------------------------------------------- dtypes, shapes
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_expm_low_precision_computed_in_float32(dtype: torch.dtype) -> None:
+def test_expm_low_precision_computed_in_float32(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     A = (0.7 * torch.randn(6, 3, 3)).to(dtype)
     X = expm(A)
     assert X.dtype == dtype
@@ -244,7 +260,7 @@ def test_expm_low_precision_computed_in_float32(dtype: torch.dtype) -> None:
     )
 
 
-def test_expm_shapes_and_empty() -> None:
+def test_expm_shapes_and_empty(expm_path: ExpmPath) -> None:
     assert expm(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
     assert expm(torch.zeros(2, 0, 0)).shape == (2, 0, 0)
     x = torch.tensor([[0.5]], dtype=torch.float64)
@@ -264,19 +280,19 @@ def test_expm_shapes_and_empty() -> None:
         (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), NonFiniteError),
     ],
 )
-def test_expm_validation(bad: object, err: type[Exception]) -> None:
+def test_expm_validation(bad: object, err: type[Exception], expm_path: ExpmPath) -> None:
     with pytest.raises(err):
         expm(bad)  # type: ignore[arg-type]
 
 
-def test_expm_frechet_validation() -> None:
+def test_expm_frechet_validation(expm_path: ExpmPath) -> None:
     with pytest.raises(ShapeError):
         expm_frechet(torch.zeros(3, 3), torch.zeros(2, 2))
     with pytest.raises(NonFiniteError):
         expm_frechet(torch.zeros(2, 2), torch.full((2, 2), float("nan")))
 
 
-def test_expm_huge_norm_skew_float32_no_overflow() -> None:
+def test_expm_huge_norm_skew_float32_no_overflow(expm_path: ExpmPath) -> None:
     # powers of A would overflow float32: prescaling keeps exp(skew) orthogonal
     t = 3.0e6
     A = torch.tensor([[0.0, -t], [t, 0.0]])

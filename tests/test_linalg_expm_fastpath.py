@@ -23,8 +23,15 @@ import torch
 from liegroup.errors import NonFiniteError
 from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
+from tests.test_linalg_ckernel import ExpmPath, use_path
 
 DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
+    """The tests calling expm() run through the compiled kernel and the torch path."""
+    return use_path(request.param, monkeypatch)
 
 
 def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,7 +161,7 @@ def test_clog2_exact() -> None:
 
 # --------------------------------------------------------------------------- grouped evaluation
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_batch_bitwise_equal_to_alone(dtype: torch.dtype) -> None:
+def test_mixed_batch_bitwise_equal_to_alone(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     A = _mixed(5, 120, seed=8, dtype=dtype)
     _, m, s, s0, _ = EX._decide(A)
     assert len(set(m.tolist())) >= 3 and len(set((s + s0).tolist())) >= 3
@@ -164,7 +171,7 @@ def test_mixed_batch_bitwise_equal_to_alone(dtype: torch.dtype) -> None:
         torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0, equal_nan=True)
 
 
-def test_mixed_batch_backward_bitwise_equal_to_alone() -> None:
+def test_mixed_batch_backward_bitwise_equal_to_alone(expm_path: ExpmPath) -> None:
     A = _mixed(4, 40, seed=9, dtype=torch.float64)
     G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     Ar = A.clone().requires_grad_()
@@ -177,14 +184,14 @@ def test_mixed_batch_backward_bitwise_equal_to_alone() -> None:
 
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_caught_from_norms(bad: float) -> None:
+def test_nonfinite_caught_from_norms(bad: float, expm_path: ExpmPath) -> None:
     A = torch.randn(50, 6, 6, dtype=torch.float64)
     A[31, 2, 4] = bad
     with pytest.raises(NonFiniteError, match="non-finite"):
         expm(A)
 
 
-def test_finite_input_with_overflowing_norm_is_prescaled() -> None:
+def test_finite_input_with_overflowing_norm_is_prescaled(expm_path: ExpmPath) -> None:
     # column sums of |A| overflow float32 although every entry is finite; the exact result
     # underflows to 0 (eigenvalue -3e38)
     A = torch.tensor([[-3e38, 0.0], [-3e38, -3e38]])

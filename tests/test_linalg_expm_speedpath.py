@@ -19,9 +19,16 @@ import torch
 
 from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
+from tests.test_linalg_ckernel import ExpmPath, use_path
 
 EXPM = importlib.import_module("liegroup.linalg.expm")
 DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
+    """The tests calling expm() run through the compiled kernel and the torch path."""
+    return use_path(request.param, monkeypatch)
 
 
 def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +60,9 @@ def test_small_path_equals_per_degree_pade(dtype: torch.dtype, n: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [2, 3, 4, 6, 8, 9])
-def test_small_and_grouped_paths_bitwise_batch_invariant(dtype: torch.dtype, n: int) -> None:
+def test_small_and_grouped_paths_bitwise_batch_invariant(
+    dtype: torch.dtype, n: int, expm_path: ExpmPath
+) -> None:
     A = _mixed(n, 90, seed=10 + n, dtype=dtype)
     _, m, s, _, _ = EX._decide(A)
     assert len(set(m.tolist())) >= 2 and s.max() > 0
@@ -66,7 +75,9 @@ def test_small_and_grouped_paths_bitwise_batch_invariant(dtype: torch.dtype, n: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triangular_superdiagonal_bitwise_batch_invariant(dtype: torch.dtype) -> None:
+def test_triangular_superdiagonal_bitwise_batch_invariant(
+    dtype: torch.dtype, expm_path: ExpmPath
+) -> None:
     # diagonals close together (|μ − λ|/2 in [1e-2, 1)): the sinh(x)/x branch of the exact
     # superdiagonal, for members at every position of the vector loop and its tail
     gen = torch.Generator().manual_seed(2)
@@ -145,7 +156,9 @@ def test_pade_small_numpy_and_torch_paths_bitwise_equal(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [3, 5, 16, 33])
-def test_small_batches_bitwise_equal_to_large(dtype: torch.dtype, n: int) -> None:
+def test_small_batches_bitwise_equal_to_large(
+    dtype: torch.dtype, n: int, expm_path: ExpmPath
+) -> None:
     # batch sizes on both sides of _NP_BATCH (and a single matrix), mixed degrees, scalings
     # and triangular members; n = 16, 33 also check the one-call solve above n = 8
     A = _mixed(n, 70, seed=50 + n, dtype=dtype)

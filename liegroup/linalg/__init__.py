@@ -15,7 +15,7 @@ Example:
 
 from liegroup.linalg.bch import MAX_BCH_ORDER, bch
 from liegroup.linalg.dexp import dexp, dexp_inv
-from liegroup.linalg.expm import expm, expm_frechet
+from liegroup.linalg.expm import compiled_kernel, expm, expm_frechet
 from liegroup.linalg.logm import logm
 from liegroup.linalg.lowrank import (
     expm_lowrank,
@@ -29,6 +29,7 @@ from liegroup.linalg.lowrank import (
 __all__ = [
     "MAX_BCH_ORDER",
     "bch",
+    "compiled_kernel",
     "dexp",
     "dexp_inv",
     "expm",

@@ -57,13 +57,15 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from typing import Any, overload
 
 import numpy as np
 import torch
 
-from liegroup.errors import ShapeError
+from liegroup._validation import check_finite
+from liegroup.errors import NonFiniteError, ShapeError
 from liegroup.linalg._common import (
     _LOOP_SOLVE_N,
     check_square,
@@ -80,7 +82,111 @@ from liegroup.linalg._expm_decide import (
     _decide,
 )
 
-__all__ = ["expm", "expm_frechet"]
+_ckernel: Any
+try:  # built by `pip install` where a C compiler is available (setup.py, optional)
+    _ckernel = importlib.import_module("liegroup.linalg._cexpm")
+except ImportError:  # pragma: no cover - installs without a compiler
+    _ckernel = None
+
+__all__ = ["compiled_kernel", "expm", "expm_frechet"]
+
+# Largest n that the compiled kernel takes (0: no kernel).
+_KERNEL_N_MAX: int = int(_ckernel.N_MAX) if _ckernel is not None else 0
+# Internal switch: False sends every call through the torch path (tests compare the two).
+_USE_KERNEL: bool = True
+
+
+def compiled_kernel() -> bool:
+    """Whether :func:`expm` and :func:`expm_frechet` use the compiled CPU kernel.
+
+    The kernel (``liegroup/linalg/_cexpm.c``, built by ``pip install`` when a C compiler is
+    available) takes float32/float64 CPU matrices up to ``n = 64``; everything else (CUDA,
+    larger matrices, installs without a compiler) runs the torch path, with the same
+    algorithm and accuracy guarantees. See ``docs/linalg.md``.
+
+    Example:
+        >>> from liegroup.linalg import compiled_kernel
+        >>> isinstance(compiled_kernel(), bool)
+        True
+    """
+    return _ckernel is not None and _USE_KERNEL
+
+
+def _kernel_takes(A: torch.Tensor) -> bool:
+    """Whether ``A`` (already in its working dtype or float16/bfloat16) goes to the kernel."""
+    return (
+        _USE_KERNEL
+        and _ckernel is not None
+        and 0 < A.shape[-1] <= _KERNEL_N_MAX
+        and A.device.type == "cpu"
+    )
+
+
+def _kernel_code(dt: torch.dtype) -> int:
+    return 1 if dt == torch.float64 else 0
+
+
+def _kernel_failed(bad: int, A: torch.Tensor, name: str) -> None:
+    """The kernel reported non-finite entries in matrix ``bad``: raise the usual error."""
+    check_finite(A, name)
+    raise NonFiniteError(  # pragma: no cover - check_finite raises first
+        f"{name} has non-finite entries in matrix {bad} of the batch"
+    )
+
+
+def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
+    """``exp`` of a C-contiguous ``(B, n, n)`` CPU batch by the kernel.
+
+    ``ms`` (``int32 (B, 2)``), when given, receives each matrix's degree and total scaling.
+    """
+    X = torch.empty_like(A)
+    bad = _ckernel.expm(
+        A.data_ptr(),
+        X.data_ptr(),
+        0 if ms is None else ms.data_ptr(),
+        A.shape[0],
+        A.shape[-1],
+        _kernel_code(A.dtype),
+    )
+    if bad >= 0:
+        _kernel_failed(bad, A, "A")
+    return X
+
+
+class _ExpmKernel(torch.autograd.Function):
+    """:func:`expm` by the compiled kernel; backward ``L(Aᵀ, G)`` by the kernel too."""
+
+    @staticmethod
+    def forward(ctx: Any, A: torch.Tensor) -> torch.Tensor:
+        ms = torch.empty((A.shape[0], 2), dtype=torch.int32)
+        X = _kernel_expm(A, ms)
+        ctx.save_for_backward(A)
+        ctx.ms = ms
+        return X
+
+    @staticmethod
+    def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
+        (A,) = ctx.saved_tensors
+        ms = ctx.ms
+        if torch.is_grad_enabled():
+            # a differentiable backward (double backward): the torch ops, same (m, s)
+            msn = ms.numpy().astype(np.int64)
+            return _frechet_core(A.mT, G, msn[:, 0], msn[:, 1])[1]
+        At = A.mT.contiguous()
+        Gc = G.contiguous()
+        L = torch.empty_like(At)
+        _ckernel.frechet(
+            At.data_ptr(),
+            Gc.data_ptr(),
+            0,
+            L.data_ptr(),
+            ms.data_ptr(),
+            At.shape[0],
+            At.shape[-1],
+            _kernel_code(At.dtype),
+            1,
+        )
+        return L
 
 
 # --------------------------------------------------------------------------- Padé
@@ -609,8 +715,18 @@ def expm(A: torch.Tensor) -> torch.Tensor:
     """
     A = check_square(A, "A", finite=False)  # non-finite entries are caught from the norms
     wd = working_dtype(A.dtype)
-    Af, batch = flat(A if A.dtype == wd else A.to(wd))
     n = A.shape[-1]
+    if _kernel_takes(A):
+        Ak = (A if A.dtype == wd else A.to(wd)).reshape(-1, n, n).contiguous()
+        if Ak.shape[0] == 0:
+            return torch.empty_like(A)
+        if Ak.requires_grad and torch.is_grad_enabled():
+            Xk = _ExpmKernel.apply(Ak)
+        else:
+            Xk = _kernel_expm(Ak.detach(), None)
+        Xk = Xk.reshape(A.shape)
+        return Xk if Xk.dtype == A.dtype else Xk.to(A.dtype)
+    Af, batch = flat(A if A.dtype == wd else A.to(wd))
     if Af.shape[0] == 0 or n == 0:
         return torch.empty_like(A)
     if not Af.requires_grad:
@@ -676,6 +792,29 @@ def expm_frechet(
     if Af.shape[0] == 0 or n == 0:
         z = torch.zeros(A.shape, dtype=dtype, device=A.device)
         return (z, z.clone()) if return_expm else z
+    grad = torch.is_grad_enabled() and (Af.requires_grad or Ef.requires_grad)
+    if not grad and _kernel_takes(Af):
+        # the kernel (autograd through expm_frechet itself uses the torch ops below)
+        Ak, Ek = Af.detach().contiguous(), Ef.detach().contiguous()
+        L = torch.empty_like(Ak)
+        Xk = torch.empty_like(Ak) if return_expm else None
+        bad = _ckernel.frechet(
+            Ak.data_ptr(),
+            Ek.data_ptr(),
+            0 if Xk is None else Xk.data_ptr(),
+            L.data_ptr(),
+            0,
+            Ak.shape[0],
+            n,
+            _kernel_code(Ak.dtype),
+            0,
+        )
+        if bad >= 0:
+            _kernel_failed(bad, Ak, "A")
+        L = L.reshape(*batch, n, n).to(dtype)
+        if Xk is not None:
+            return Xk.reshape(*batch, n, n).to(dtype), L
+        return L
     with torch.no_grad():
         _, m, s, s0, _ = _decide(Af.detach())
     X, L = _frechet_core(Af, Ef, m, s + s0)
