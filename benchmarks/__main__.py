@@ -3,8 +3,10 @@
 Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, default 1),
 ``--rounds R --steps K``, ``--only linear,resnet50``, ``--methods REGEX`` (e.g.
 ``"LieRA lora"``; full fine-tuning always runs), ``--layer-batch B`` (single layers' batch,
-default 16), ``--no-memory``, ``--out DIR``
-(default ``out/``). Writes ``DIR/bench-cpu[-quick].md`` and ``.json`` and prints the tables.
+default 16), ``--autocast bf16`` (forward and loss under CPU bfloat16 autocast, as training on
+a GPU runs; float32 weights and optimizer), ``--no-memory``, ``--out DIR``
+(default ``out/``). Writes ``DIR/bench-cpu[-bf16][-quick].md`` and ``.json`` and prints the
+tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
 
@@ -26,6 +28,7 @@ from benchmarks.suite import (
     cases,
     memory_in_this_process,
     method_names,
+    set_autocast,
     set_method_filter,
 )
 
@@ -60,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="regex: only methods whose name matches (full fine-tuning always runs)")
     ap.add_argument("--layer-batch", type=int, default=None,
                     help="batch of the single-layer cases (default 16; --quick: 2)")
+    ap.add_argument("--autocast", choices=["bf16"], default=None,
+                    help="forward and loss under torch.autocast('cpu', torch.bfloat16)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_method_filter(args.methods or None)
+    set_autocast(torch.bfloat16 if args.autocast else None)
     all_cases = cases(args.quick, args.layer_batch)
     if args.memory_case:  # internal: one case's peak memory, in a fresh process
         case = next(c for c in all_cases if c.name == args.memory_case)
@@ -81,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(),
         "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
         "rounds": rounds, "steps_per_round": steps, "quick": args.quick, "rank": 8,
-        "dtype": "float32", "optimizer": "SGD (no momentum)", "methods": args.methods or "all",
+        "dtype": "float32" + (", forward under bf16 autocast" if args.autocast else ""),
+        "optimizer": "SGD (no momentum)", "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
     }
     results: dict[str, dict] = {}
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--methods", args.methods] if args.methods else []
         if args.layer_batch:
             extra += ["--layer-batch", str(args.layer_batch)]
+        if args.autocast:
+            extra += ["--autocast", args.autocast]
         mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads, extra)
         rows = {}
         full_mem = mem.get(FULL)
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     md = render(meta, results)
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench-cpu" + ("-quick" if args.quick else ""))
+    name = "bench-cpu" + ("-bf16" if args.autocast else "") + ("-quick" if args.quick else "")
+    stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:
         f.write(md)
     with open(stem + ".json", "w") as f:
@@ -123,7 +133,7 @@ def render(meta: dict, results: dict[str, dict]) -> str:
     lines = [
         f"torch {meta['torch']}, {meta['cpu']}, {meta['threads']} thread(s) of "
         f"{meta['cpus']} CPUs, {meta['rounds']} interleaved rounds × {meta['steps_per_round']} "
-        f"steps, float32, rank {meta['rank']}, {meta['optimizer']}; load average "
+        f"steps, {meta['dtype']}, rank {meta['rank']}, {meta['optimizer']}; load average "
         f"{meta['load_avg_start'][0]:.1f} → {meta['load_avg_end'][0]:.1f}. "
         "All figures are ratios to full fine-tuning of the same case (median of per-round "
         "ratios for time; peak live malloc bytes, sampled per ATen op in a fresh process, for "

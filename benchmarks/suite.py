@@ -162,6 +162,15 @@ def set_method_filter(pattern: str | None) -> None:
     _METHOD_FILTER = re.compile(pattern) if pattern else None
 
 
+_AUTOCAST: torch.dtype | None = None
+
+
+def set_autocast(dtype: torch.dtype | None) -> None:
+    """Run every method's forward and loss under ``torch.autocast("cpu", dtype)`` (or not)."""
+    global _AUTOCAST
+    _AUTOCAST = dtype
+
+
 def method_names(case: Case) -> list[str]:
     names = [FULL] + ([HEAD] if case.is_model else [])
     names += list(liera_methods()) + list(peers.available())
@@ -215,11 +224,13 @@ class Stepper:
         self.x.grad = None
 
     def run(self) -> None:
-        out = self.module(self.x)
-        if self.is_model:
-            F.cross_entropy(out, self.labels).backward()
+        with torch.autocast("cpu", dtype=_AUTOCAST or torch.bfloat16, enabled=bool(_AUTOCAST)):
+            out = self.module(self.x)
+            loss = F.cross_entropy(out, self.labels) if self.is_model else None
+        if loss is not None:
+            loss.backward()
         else:
-            out.backward(self.gy)
+            out.backward(self.gy.to(out.dtype))
         del out
         self.opt.step()
 

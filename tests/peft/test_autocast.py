@@ -116,7 +116,10 @@ def test_model_under_autocast_uses_the_ledger_and_matches(generator):
             assert float((g1[n] - g2[n]).abs().max() / scale) <= 1e-4, n
 
 
-def test_nothing_weight_sized_is_saved_under_autocast():
+def test_saves_only_the_ops_low_precision_weight_under_autocast():
+    """Saved for the backward: x and W' in bf16 (the op's operands) and the frozen W — no
+    float32 W' or exp(ΔW). Full fine-tuning under autocast keeps the same bf16 copy of its
+    weight (autocast's weight cache), so the kept W' costs nothing beyond it."""
     layer = _layer("conv2d", "hadamard", "exact")
     x = torch.randn(2, 6, 9, 9, requires_grad=True)
     saved: list[torch.Tensor] = []
@@ -130,9 +133,15 @@ def test_nothing_weight_sized_is_saved_under_autocast():
     ):
         layer(x)
     big = [t for t in saved if t.numel() >= layer.weight.numel()]
-    # x (as bf16 for the op) and the frozen W itself; no W' in either dtype
-    assert sorted(str(t.dtype) for t in big) == ["torch.bfloat16", "torch.float32"]
+    assert sorted(str(t.dtype) for t in big) == ["torch.bfloat16"] * 2 + ["torch.float32"]
     assert any(t.data_ptr() == layer.weight.data_ptr() for t in big)
+    (Wc,) = [t for t in big if t.shape == layer.weight.shape and t.dtype == BF16]
+    assert torch.equal(Wc, layer.adapted_weight().to(BF16))
+    # nothing needs a gradient: nothing weight-sized beyond W is kept
+    saved.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        layer(x)
+    assert saved == []
 
 
 def test_weights_are_formed_outside_autocast():
@@ -160,3 +169,18 @@ def test_autocast_dtype_rule():
         assert autocast_dtype(x, W) == BF16
         assert autocast_dtype(x.double(), W.double()) is None  # autocast leaves float64 alone
         assert autocast_dtype(x.to(BF16), W.to(BF16)) is None
+
+
+@pytest.mark.parametrize("case", ["linear", "conv2d"])
+def test_bias_only_gradient_under_autocast(case):
+    """Frozen factors, x without grad: W' is not kept and ∂L/∂b still comes back (float32)."""
+    layer = _layer(case, "hadamard", "exact")
+    for p in layer.generators["default"].parameters():
+        p.requires_grad_(False)
+    x = torch.randn(CASES[case][1])
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    gy = torch.randn_like(y)
+    (gb,) = torch.autograd.grad(y, [layer.bias], gy)
+    (want,) = torch.autograd.grad(_reference(layer, x), [layer.bias], gy)
+    assert gb.dtype == torch.float32 and torch.allclose(gb, want, rtol=1e-5, atol=1e-6)
