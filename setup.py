@@ -13,7 +13,7 @@ import sys
 
 from setuptools import Extension, setup
 
-_ARGS = [] if sys.platform == "win32" else ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing"]
+_ARGS = [] if sys.platform == "win32" else ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing", "-Wno-psabi"]
 
 setup(
     ext_modules=[

@@ -182,6 +182,7 @@ static size_t cx_work_elems(int n) { return (size_t)CX_SLOTS * n * n + 8 * (size
  * the module as a whole is built for the baseline (no -march flags). */
 #define CEXPM_BODY
 #define CX_TGT
+#define CX_VBYTES 16
 #define CX_T double
 #define CX_TMAX 1.7976931348623157e308
 #define CX_S(name) name##_f64_base
@@ -197,8 +198,10 @@ static size_t cx_work_elems(int n) { return (size_t)CX_SLOTS * n * n + 8 * (size
 #undef CX_T
 #undef CX_TMAX
 #undef CX_TGT
+#undef CX_VBYTES
 
 #ifdef CX_X86_ISA
+#define CX_VBYTES 32
 #define CX_TGT __attribute__((target("avx2,fma")))
 #define CX_T double
 #define CX_TMAX 1.7976931348623157e308
@@ -232,6 +235,7 @@ static size_t cx_work_elems(int n) { return (size_t)CX_SLOTS * n * n + 8 * (size
 #undef CX_T
 #undef CX_TMAX
 #undef CX_TGT
+#undef CX_VBYTES
 #endif
 #undef CEXPM_BODY
 
@@ -387,19 +391,131 @@ PyMODINIT_FUNC PyInit__cexpm(void) {
 
 #define T CX_T
 
-/* C = A B (n x n, row-major). */
-CX_FI void CX_S(mm_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm,
-                        T *CX_RESTRICT C) {
-    for (int i = 0; i < n; i++) {
-        T *c = C + (size_t)i * n;
-        const T *a = A + (size_t)i * n;
-        for (int j = 0; j < n; j++) c[j] = a[0] * Bm[j];
-        for (int k = 1; k < n; k++) {
-            const T aik = a[k];
-            const T *b = Bm + (size_t)k * n;
-            for (int j = 0; j < n; j++) c[j] += aik * b[j];
+/* C = A B (+ D E) (+ F), n x n row-major, each entry accumulated in the order F, then
+ * k = 0..n-1 of A B, then of D E. For n >= 8 register-blocked: 4 rows x 64 bytes of C stay in
+ * registers (explicit vectors of the instruction set's width, CX_VBYTES) while k runs, one
+ * load of B per 4 rows. */
+#define CX_RB 4
+#define CX_VW (CX_VBYTES / (int)sizeof(T))
+#define CX_JB (2 * CX_VW)
+typedef T CX_S(vec) __attribute__((vector_size(CX_VBYTES)));
+
+CX_FI CX_S(vec) CX_S(vload)(const T *p) {
+    CX_S(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+CX_FI void CX_S(vstore)(T *p, CX_S(vec) v) { memcpy(p, &v, sizeof v); }
+
+/* One full block: rows i0..i0+3, columns j0..j0+CX_JB-1. */
+CX_FI void CX_S(gemm_vblk)(int n, int i0, int j0, const T *CX_RESTRICT A,
+                           const T *CX_RESTRICT Bm, const T *CX_RESTRICT D,
+                           const T *CX_RESTRICT E, const T *CX_RESTRICT F, T *CX_RESTRICT C) {
+    typedef CX_S(vec) V;
+    V a0[CX_RB], a1[CX_RB];
+    for (int r = 0; r < CX_RB; r++) {
+        if (F) {
+            a0[r] = CX_S(vload)(F + (size_t)(i0 + r) * n + j0);
+            a1[r] = CX_S(vload)(F + (size_t)(i0 + r) * n + j0 + CX_VW);
+        } else {
+            a0[r] = (V){0};
+            a1[r] = (V){0};
         }
     }
+    for (int k = 0; k < n; k++) {
+        const V b0 = CX_S(vload)(Bm + (size_t)k * n + j0);
+        const V b1 = CX_S(vload)(Bm + (size_t)k * n + j0 + CX_VW);
+        for (int r = 0; r < CX_RB; r++) {
+            const T a = A[(size_t)(i0 + r) * n + k];
+            a0[r] += a * b0;
+            a1[r] += a * b1;
+        }
+    }
+    if (D) {
+        for (int k = 0; k < n; k++) {
+            const V b0 = CX_S(vload)(E + (size_t)k * n + j0);
+            const V b1 = CX_S(vload)(E + (size_t)k * n + j0 + CX_VW);
+            for (int r = 0; r < CX_RB; r++) {
+                const T d = D[(size_t)(i0 + r) * n + k];
+                a0[r] += d * b0;
+                a1[r] += d * b1;
+            }
+        }
+    }
+    for (int r = 0; r < CX_RB; r++) {
+        CX_S(vstore)(C + (size_t)(i0 + r) * n + j0, a0[r]);
+        CX_S(vstore)(C + (size_t)(i0 + r) * n + j0 + CX_VW, a1[r]);
+    }
+}
+
+/* Any block (rb <= CX_RB rows, jb <= CX_JB columns), scalar. */
+CX_FI void CX_S(gemm_blk)(int n, int i0, int j0, int rb, int jb, const T *CX_RESTRICT A,
+                          const T *CX_RESTRICT Bm, const T *CX_RESTRICT D, const T *CX_RESTRICT E,
+                          const T *CX_RESTRICT F, T *CX_RESTRICT C) {
+    for (int r = 0; r < rb; r++) {
+        T *c = C + (size_t)(i0 + r) * n + j0;
+        const T *a = A + (size_t)(i0 + r) * n;
+        for (int j = 0; j < jb; j++) c[j] = F ? F[(size_t)(i0 + r) * n + j0 + j] : (T)0;
+        for (int k = 0; k < n; k++) {
+            const T aik = a[k];
+            const T *b = Bm + (size_t)k * n + j0;
+            for (int j = 0; j < jb; j++) c[j] += aik * b[j];
+        }
+        if (D) {
+            const T *d = D + (size_t)(i0 + r) * n;
+            for (int k = 0; k < n; k++) {
+                const T dik = d[k];
+                const T *e = E + (size_t)k * n + j0;
+                for (int j = 0; j < jb; j++) c[j] += dik * e[j];
+            }
+        }
+    }
+}
+
+CX_FI void CX_S(gemm_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm,
+                           const T *CX_RESTRICT D, const T *CX_RESTRICT E,
+                           const T *CX_RESTRICT F, T *CX_RESTRICT C) {
+    if (n < 8) {
+        for (int i = 0; i < n; i++) {
+            T *c = C + (size_t)i * n;
+            const T *a = A + (size_t)i * n;
+            for (int j = 0; j < n; j++) c[j] = F ? F[(size_t)i * n + j] : (T)0;
+            for (int k = 0; k < n; k++) {
+                const T aik = a[k];
+                const T *b = Bm + (size_t)k * n;
+                for (int j = 0; j < n; j++) c[j] += aik * b[j];
+            }
+            if (D) {
+                const T *d = D + (size_t)i * n;
+                for (int k = 0; k < n; k++) {
+                    const T dik = d[k];
+                    const T *e = E + (size_t)k * n;
+                    for (int j = 0; j < n; j++) c[j] += dik * e[j];
+                }
+            }
+        }
+        return;
+    }
+    int i0 = 0;
+    for (; i0 + CX_RB <= n; i0 += CX_RB) {
+        int j0 = 0;
+        for (; j0 + CX_JB <= n; j0 += CX_JB) CX_S(gemm_vblk)(n, i0, j0, A, Bm, D, E, F, C);
+        if (j0 < n) CX_S(gemm_blk)(n, i0, j0, CX_RB, n - j0, A, Bm, D, E, F, C);
+    }
+    for (; i0 < n; i0++) {
+        int j0 = 0;
+        for (; j0 + CX_JB <= n; j0 += CX_JB) CX_S(gemm_blk)(n, i0, j0, 1, CX_JB, A, Bm, D, E, F, C);
+        if (j0 < n) CX_S(gemm_blk)(n, i0, j0, 1, n - j0, A, Bm, D, E, F, C);
+    }
+}
+#undef CX_RB
+#undef CX_JB
+#undef CX_VW
+
+CX_FI void CX_S(mm_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm,
+                         T *CX_RESTRICT C) {
+    CX_S(gemm_impl)(n, A, Bm, NULL, NULL, NULL, C);
 }
 
 CX_NOINL void CX_S(mm_rt)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm, T *CX_RESTRICT C) {
@@ -417,18 +533,8 @@ CX_FI void CX_S(mm)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm, T *C
 
 /* C = A B + D. */
 CX_FI void CX_S(mm_add_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm,
-                            const T *CX_RESTRICT D, T *CX_RESTRICT C) {
-    for (int i = 0; i < n; i++) {
-        T *c = C + (size_t)i * n;
-        const T *a = A + (size_t)i * n;
-        const T *d = D + (size_t)i * n;
-        for (int j = 0; j < n; j++) c[j] = d[j];
-        for (int k = 0; k < n; k++) {
-            const T aik = a[k];
-            const T *b = Bm + (size_t)k * n;
-            for (int j = 0; j < n; j++) c[j] += aik * b[j];
-        }
-    }
+                             const T *CX_RESTRICT D, T *CX_RESTRICT C) {
+    CX_S(gemm_impl)(n, A, Bm, NULL, NULL, D, C);
 }
 
 CX_NOINL void CX_S(mm_add_rt)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm, const T *CX_RESTRICT D, T *CX_RESTRICT C) {
@@ -446,29 +552,9 @@ CX_FI void CX_S(mm_add)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm, 
 
 /* C = A B + D E + F (F may be NULL). */
 CX_FI void CX_S(mm2_add_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm,
-                             const T *CX_RESTRICT D, const T *CX_RESTRICT E,
-                             const T *CX_RESTRICT F, T *CX_RESTRICT C) {
-    for (int i = 0; i < n; i++) {
-        T *c = C + (size_t)i * n;
-        const T *a = A + (size_t)i * n;
-        const T *d = D + (size_t)i * n;
-        if (F) {
-            const T *f = F + (size_t)i * n;
-            for (int j = 0; j < n; j++) c[j] = f[j];
-        } else {
-            for (int j = 0; j < n; j++) c[j] = 0;
-        }
-        for (int k = 0; k < n; k++) {
-            const T aik = a[k];
-            const T *b = Bm + (size_t)k * n;
-            for (int j = 0; j < n; j++) c[j] += aik * b[j];
-        }
-        for (int k = 0; k < n; k++) {
-            const T dik = d[k];
-            const T *e = E + (size_t)k * n;
-            for (int j = 0; j < n; j++) c[j] += dik * e[j];
-        }
-    }
+                              const T *CX_RESTRICT D, const T *CX_RESTRICT E,
+                              const T *CX_RESTRICT F, T *CX_RESTRICT C) {
+    CX_S(gemm_impl)(n, A, Bm, D, E, F, C);
 }
 
 CX_NOINL void CX_S(mm2_add_rt)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT Bm, const T *CX_RESTRICT D, const T *CX_RESTRICT E, const T *CX_RESTRICT F, T *CX_RESTRICT C) {
