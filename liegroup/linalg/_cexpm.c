@@ -326,7 +326,7 @@ static PyObject *cx_py_frechet(PyObject *self, PyObject *args) {
         !cx_ptr(pms, &ms))
         return NULL;
     if (n < 1 || n > CEXPM_N_MAX || B < 0 || (dt != 0 && dt != 1) || !a || !e || !l ||
-        (given && !ms)) {
+        given < 0 || given > 3 || (given == 2) || ((given & 1) && !ms)) {
         PyErr_SetString(PyExc_ValueError, "_cexpm.frechet: bad arguments");
         return NULL;
     }
@@ -366,7 +366,8 @@ static PyMethodDef cx_methods[] = {
     {"frechet", cx_py_frechet, METH_VARARGS,
      "frechet(a_ptr, e_ptr, x_ptr, l_ptr, ms_ptr, B, n, dtype, given) -> -1 or the index of "
      "the first matrix with non-finite entries. L(A, E) into l_ptr, exp(A) into x_ptr (unless "
-     "0); with given = 1 the degree and squarings are read from ms_ptr (int32[B, 2])."},
+     "0). given = 0: decide the degree and squarings (written to ms_ptr unless 0); 1: read them "
+     "from ms_ptr (int32[B, 2]); 3: read them and compute L(A^T, E)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1058,10 +1059,10 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
     return 0;
 }
 
-/* Fréchet derivative of one matrix with degree m and total squarings st (applied to the
- * unprescaled A). X may be NULL. */
+/* Fréchet derivative L(A, E) (L(A^T, E) with transA) of one matrix with degree m and total
+ * squarings st (applied to the unprescaled A). X may be NULL. */
 CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, int st,
-                                 T *wk) {
+                                 int transA, T *wk) {
     const size_t nn = (size_t)n * n;
     if (n == 1) {
         const T ex = (T)exp((double)A[0]);
@@ -1075,8 +1076,14 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
       *M8 = wk + 21 * nn;
     T *Lc = wk + 22 * nn;
     int *piv = (int *)(wk + CX_SLOTS * nn + 2 * (size_t)n + 8);
-    const int tri = CX_S(is_upper)(n, A);
-    CX_S(scale2_to)(n, A, As, st);
+    if (transA) { /* L(A^T, E) from A as stored */
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) As[(size_t)i * n + j] = A[(size_t)j * n + i];
+    } else {
+        memcpy(As, A, sizeof(T) * nn);
+    }
+    const int tri = CX_S(is_upper)(n, As);
+    CX_S(scale2)(n, As, st);
     CX_S(scale2_to)(n, E, Es, st);
     CX_S(mm)(n, As, As, A2);
     CX_S(mm2_add)(n, As, Es, Es, As, NULL, M2);
@@ -1129,7 +1136,7 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
         const size_t nn = (size_t)nv * nv;                                                  \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             int m, st;                                                                      \
-            if (given) {                                                                    \
+            if (given & 1) {                                                                \
                 m = ms[2 * b];                                                              \
                 st = ms[2 * b + 1];                                                         \
             } else {                                                                        \
@@ -1144,7 +1151,7 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
                 }                                                                           \
             }                                                                               \
             CX_S(frechet_one)(nv, A + b * nn, E + b * nn, X ? X + b * nn : NULL, L + b * nn, \
-                              m, st, wk);                                                   \
+                              m, st, (given & 2) != 0, wk);                                 \
         }                                                                                   \
         return -1;                                                                          \
     }

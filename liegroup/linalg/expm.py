@@ -172,19 +172,19 @@ class _ExpmKernel(torch.autograd.Function):
             # a differentiable backward (double backward): the torch ops, same (m, s)
             msn = ms.numpy().astype(np.int64)
             return _frechet_core(A.mT, G, msn[:, 0], msn[:, 1])[1]
-        At = A.mT.contiguous()
         Gc = G.contiguous()
-        L = torch.empty_like(At)
+        L = torch.empty_like(A)
+        # L(Aᵀ, G) with the forward's (m, s), reading A (C-contiguous) transposed
         _ckernel.frechet(
-            At.data_ptr(),
+            A.data_ptr(),
             Gc.data_ptr(),
             0,
             L.data_ptr(),
             ms.data_ptr(),
-            At.shape[0],
-            At.shape[-1],
-            _kernel_code(At.dtype),
-            1,
+            A.shape[0],
+            A.shape[-1],
+            _kernel_code(A.dtype),
+            3,
         )
         return L
 
