@@ -218,7 +218,9 @@ static size_t cx_work_elems(int n) { return (size_t)CX_SLOTS * n * n + 8 * (size
 #undef CX_T
 #undef CX_TMAX
 #undef CX_TGT
+#undef CX_VBYTES
 
+#define CX_VBYTES 64
 #define CX_TGT __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 #define CX_T double
 #define CX_TMAX 1.7976931348623157e308
@@ -241,9 +243,25 @@ static size_t cx_work_elems(int n) { return (size_t)CX_SLOTS * n * n + 8 * (size
 
 typedef long long (*cx_expm_fn)(void *, void *, void *, Py_ssize_t, int);
 typedef long long (*cx_frechet_fn)(void *, void *, void *, void *, void *, Py_ssize_t, int, int);
-static cx_expm_fn cx_expm_f64 = expm_batch_f64_base, cx_expm_f32 = expm_batch_f32_base;
-static cx_frechet_fn cx_frechet_f64 = frechet_batch_f64_base,
-                     cx_frechet_f32 = frechet_batch_f32_base;
+typedef struct {
+    cx_expm_fn expm_f64, expm_f32;
+    cx_frechet_fn frechet_f64, frechet_f32;
+} cx_bodies;
+
+static const cx_bodies CX_BASE = {expm_batch_f64_base, expm_batch_f32_base, frechet_batch_f64_base,
+                                  frechet_batch_f32_base};
+#ifdef CX_X86_ISA
+static const cx_bodies CX_AVX2 = {expm_batch_f64_avx2, expm_batch_f32_avx2, frechet_batch_f64_avx2,
+                                  frechet_batch_f32_avx2};
+static const cx_bodies CX_AVX512 = {expm_batch_f64_avx512, expm_batch_f32_avx512,
+                                    frechet_batch_f64_avx512, frechet_batch_f32_avx512};
+#endif
+
+/* Bodies in use for n < CX_WIDE_N and for larger n: with "auto" on an AVX-512 machine the
+ * AVX2 bodies take the small matrices (measured faster there: 64-byte vectors do not fit
+ * their rows) and the AVX-512 ones the rest. */
+#define CX_WIDE_N 16
+static const cx_bodies *cx_small = &CX_BASE, *cx_wide = &CX_BASE;
 static const char *cx_isa = "baseline";
 
 /* Choose the bodies for this CPU (name: "auto", "baseline", "avx2", "avx512"); 0 if the
@@ -255,28 +273,25 @@ static int cx_select(const char *name) {
     int has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     int has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                  __builtin_cpu_supports("avx512dq");
-    if ((want_auto && has512) || (strcmp(name, "avx512") == 0 && has512)) {
-        cx_expm_f64 = expm_batch_f64_avx512;
-        cx_expm_f32 = expm_batch_f32_avx512;
-        cx_frechet_f64 = frechet_batch_f64_avx512;
-        cx_frechet_f32 = frechet_batch_f32_avx512;
+    if (want_auto && has512) {
+        cx_small = &CX_AVX2;
+        cx_wide = &CX_AVX512;
+        cx_isa = "avx2+avx512";
+        return 1;
+    }
+    if (strcmp(name, "avx512") == 0 && has512) {
+        cx_small = cx_wide = &CX_AVX512;
         cx_isa = "avx512";
         return 1;
     }
     if ((want_auto && has2) || (strcmp(name, "avx2") == 0 && has2)) {
-        cx_expm_f64 = expm_batch_f64_avx2;
-        cx_expm_f32 = expm_batch_f32_avx2;
-        cx_frechet_f64 = frechet_batch_f64_avx2;
-        cx_frechet_f32 = frechet_batch_f32_avx2;
+        cx_small = cx_wide = &CX_AVX2;
         cx_isa = "avx2";
         return 1;
     }
 #endif
     if (want_auto || strcmp(name, "baseline") == 0) {
-        cx_expm_f64 = expm_batch_f64_base;
-        cx_expm_f32 = expm_batch_f32_base;
-        cx_frechet_f64 = frechet_batch_f64_base;
-        cx_frechet_f32 = frechet_batch_f32_base;
+        cx_small = cx_wide = &CX_BASE;
         cx_isa = "baseline";
         return 1;
     }
@@ -302,12 +317,14 @@ static PyObject *cx_py_expm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "_cexpm.expm: bad arguments");
         return NULL;
     }
+    const cx_bodies *bd = n < CX_WIDE_N ? cx_small : cx_wide;
+    cx_expm_fn f = dt == 1 ? bd->expm_f64 : bd->expm_f32;
     if ((double)B * n * n * n >= CEXPM_NOGIL_WORK) {
         Py_BEGIN_ALLOW_THREADS
-        bad = dt == 1 ? cx_expm_f64(a, x, ms, B, (int)n) : cx_expm_f32(a, x, ms, B, (int)n);
+        bad = f(a, x, ms, B, (int)n);
         Py_END_ALLOW_THREADS
     } else {
-        bad = dt == 1 ? cx_expm_f64(a, x, ms, B, (int)n) : cx_expm_f32(a, x, ms, B, (int)n);
+        bad = f(a, x, ms, B, (int)n);
     }
     if (bad == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
@@ -330,14 +347,14 @@ static PyObject *cx_py_frechet(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "_cexpm.frechet: bad arguments");
         return NULL;
     }
+    const cx_bodies *bd = n < CX_WIDE_N ? cx_small : cx_wide;
+    cx_frechet_fn f = dt == 1 ? bd->frechet_f64 : bd->frechet_f32;
     if ((double)B * n * n * n >= CEXPM_NOGIL_WORK / 3) {
         Py_BEGIN_ALLOW_THREADS
-        bad = dt == 1 ? cx_frechet_f64(a, e, x, l, ms, B, (int)n, given)
-                      : cx_frechet_f32(a, e, x, l, ms, B, (int)n, given);
+        bad = f(a, e, x, l, ms, B, (int)n, given);
         Py_END_ALLOW_THREADS
     } else {
-        bad = dt == 1 ? cx_frechet_f64(a, e, x, l, ms, B, (int)n, given)
-                      : cx_frechet_f32(a, e, x, l, ms, B, (int)n, given);
+        bad = f(a, e, x, l, ms, B, (int)n, given);
     }
     if (bad == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
@@ -357,8 +374,9 @@ static PyObject *cx_py_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef cx_methods[] = {
     {"isa", cx_py_isa, METH_VARARGS,
-     "isa([name]) -> the instruction set in use; with name ('auto', 'baseline', 'avx2', "
-     "'avx512') switch to it first (ValueError if this CPU lacks it)."},
+     "isa([name]) -> the instruction set(s) in use ('baseline', 'avx2', 'avx512', or "
+     "'avx2+avx512': AVX2 below n = 16, AVX-512 from there); with name ('auto', 'baseline', "
+     "'avx2', 'avx512') switch first (ValueError if this CPU lacks it)."},
     {"expm", cx_py_expm, METH_VARARGS,
      "expm(a_ptr, x_ptr, ms_ptr, B, n, dtype) -> -1, or the index of the first matrix with "
      "non-finite entries. dtype: 0 float32, 1 float64; C-contiguous (B, n, n) arrays; ms_ptr "
@@ -409,45 +427,36 @@ CX_FI CX_S(vec) CX_S(vload)(const T *p) {
 
 CX_FI void CX_S(vstore)(T *p, CX_S(vec) v) { memcpy(p, &v, sizeof v); }
 
-/* One full block: rows i0..i0+3, columns j0..j0+CX_JB-1. */
-CX_FI void CX_S(gemm_vblk)(int n, int i0, int j0, const T *CX_RESTRICT A,
+/* One full block: rows i0..i0+3, columns j0 .. j0 + nv * CX_VW - 1 (nv = 1 or 2). */
+CX_FI void CX_S(gemm_vblk)(int n, int i0, int j0, int nv, const T *CX_RESTRICT A,
                            const T *CX_RESTRICT Bm, const T *CX_RESTRICT D,
                            const T *CX_RESTRICT E, const T *CX_RESTRICT F, T *CX_RESTRICT C) {
     typedef CX_S(vec) V;
-    V a0[CX_RB], a1[CX_RB];
-    for (int r = 0; r < CX_RB; r++) {
-        if (F) {
-            a0[r] = CX_S(vload)(F + (size_t)(i0 + r) * n + j0);
-            a1[r] = CX_S(vload)(F + (size_t)(i0 + r) * n + j0 + CX_VW);
-        } else {
-            a0[r] = (V){0};
-            a1[r] = (V){0};
-        }
-    }
+    V acc[2][CX_RB];
+    for (int r = 0; r < CX_RB; r++)
+        for (int v = 0; v < nv; v++)
+            acc[v][r] = F ? CX_S(vload)(F + (size_t)(i0 + r) * n + j0 + v * CX_VW) : (V){0};
     for (int k = 0; k < n; k++) {
-        const V b0 = CX_S(vload)(Bm + (size_t)k * n + j0);
-        const V b1 = CX_S(vload)(Bm + (size_t)k * n + j0 + CX_VW);
+        V b[2];
+        for (int v = 0; v < nv; v++) b[v] = CX_S(vload)(Bm + (size_t)k * n + j0 + v * CX_VW);
         for (int r = 0; r < CX_RB; r++) {
             const T a = A[(size_t)(i0 + r) * n + k];
-            a0[r] += a * b0;
-            a1[r] += a * b1;
+            for (int v = 0; v < nv; v++) acc[v][r] += a * b[v];
         }
     }
     if (D) {
         for (int k = 0; k < n; k++) {
-            const V b0 = CX_S(vload)(E + (size_t)k * n + j0);
-            const V b1 = CX_S(vload)(E + (size_t)k * n + j0 + CX_VW);
+            V b[2];
+            for (int v = 0; v < nv; v++) b[v] = CX_S(vload)(E + (size_t)k * n + j0 + v * CX_VW);
             for (int r = 0; r < CX_RB; r++) {
                 const T d = D[(size_t)(i0 + r) * n + k];
-                a0[r] += d * b0;
-                a1[r] += d * b1;
+                for (int v = 0; v < nv; v++) acc[v][r] += d * b[v];
             }
         }
     }
-    for (int r = 0; r < CX_RB; r++) {
-        CX_S(vstore)(C + (size_t)(i0 + r) * n + j0, a0[r]);
-        CX_S(vstore)(C + (size_t)(i0 + r) * n + j0 + CX_VW, a1[r]);
-    }
+    for (int r = 0; r < CX_RB; r++)
+        for (int v = 0; v < nv; v++)
+            CX_S(vstore)(C + (size_t)(i0 + r) * n + j0 + v * CX_VW, acc[v][r]);
 }
 
 /* Any block (rb <= CX_RB rows, jb <= CX_JB columns), scalar. */
@@ -501,7 +510,11 @@ CX_FI void CX_S(gemm_impl)(int n, const T *CX_RESTRICT A, const T *CX_RESTRICT B
     int i0 = 0;
     for (; i0 + CX_RB <= n; i0 += CX_RB) {
         int j0 = 0;
-        for (; j0 + CX_JB <= n; j0 += CX_JB) CX_S(gemm_vblk)(n, i0, j0, A, Bm, D, E, F, C);
+        for (; j0 + CX_JB <= n; j0 += CX_JB) CX_S(gemm_vblk)(n, i0, j0, 2, A, Bm, D, E, F, C);
+        if (j0 + CX_VW <= n) {
+            CX_S(gemm_vblk)(n, i0, j0, 1, A, Bm, D, E, F, C);
+            j0 += CX_VW;
+        }
         if (j0 < n) CX_S(gemm_blk)(n, i0, j0, CX_RB, n - j0, A, Bm, D, E, F, C);
     }
     for (; i0 < n; i0++) {
