@@ -17,6 +17,7 @@ into ``docs/linalg.md`` between the ``BENCHMARK`` markers (unless ``--no-write``
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import statistics
@@ -30,9 +31,10 @@ import scipy.linalg
 import scipy.sparse.linalg
 import torch
 
-from liegroup.linalg import expm, logm
+from liegroup.linalg import compiled_kernel, expm, logm
 from tests.linalg_cases import HARD, expm_kappa, expm_ref, logm_ref, rel_err
 
+EXPM = importlib.import_module("liegroup.linalg.expm")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "linalg.md"
 BEGIN = "<!-- BENCHMARK:BEGIN (written by python -m benchmarks.linalg) -->"
 END = "<!-- BENCHMARK:END -->"
@@ -77,6 +79,20 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
                 f()
             samples[k].append((time.perf_counter() - t0) / reps[k])
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _torch_path(f: Callable[[], object]) -> Callable[[], object]:
+    """``f`` run with the compiled kernel switched off (liegroup's torch path)."""
+
+    def g() -> object:
+        old = EXPM._USE_KERNEL
+        EXPM._USE_KERNEL = False
+        try:
+            return f()
+        finally:
+            EXPM._USE_KERNEL = old
+
+    return g
 
 
 def _torch_batched(A: torch.Tensor) -> torch.Tensor:
@@ -142,9 +158,10 @@ def _rand_batch(n: int, b: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 def speed_table(sizes: list[tuple[int, int]], rounds: int) -> list[str]:
     lines = [
-        "| dtype | n | batch | expm: scipy / ours | expm: ours / torch | backward/forward: ours "
-        "| backward/forward: torch | logm: scipy / ours |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | n | batch | expm: scipy / ours | expm: ours / torch "
+        "| expm: ours without kernel / torch | backward/forward: ours "
+        "| backward/forward: ours without kernel | backward/forward: torch | logm: scipy / ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype in (torch.float64, torch.float32):
         for n, b in sizes:
@@ -153,6 +170,7 @@ def speed_table(sizes: list[tuple[int, int]], rounds: int) -> list[str]:
             Ag = A.clone().requires_grad_()
             G = torch.randn_like(A)
             out_o = expm(Ag)
+            out_p = _torch_path(lambda Ag=Ag: expm(Ag))()
             out_t = torch.linalg.matrix_exp(Ag)
             # scipy's logm is slow: time it on at most k matrices and scale to the batch
             k = min(b, 20)
@@ -168,8 +186,12 @@ def speed_table(sizes: list[tuple[int, int]], rounds: int) -> list[str]:
             fns: dict[str, Callable[[], object]] = {
                 "ours": lambda A=A: expm(A),
                 "torch": lambda A=A: torch.linalg.matrix_exp(A),
+                "path": _torch_path(lambda A=A: expm(A)),
                 "scipy": lambda An=An: [scipy.linalg.expm(a) for a in An],
                 "ours_bwd": lambda o=out_o, Ag=Ag, G=G: torch.autograd.grad(
+                    o, Ag, G, retain_graph=True
+                ),
+                "path_bwd": lambda o=out_p, Ag=Ag, G=G: torch.autograd.grad(
                     o, Ag, G, retain_graph=True
                 ),
                 "torch_bwd": lambda o=out_t, Ag=Ag, G=G: torch.autograd.grad(
@@ -183,7 +205,9 @@ def speed_table(sizes: list[tuple[int, int]], rounds: int) -> list[str]:
             lines.append(
                 f"| {str(dtype).replace('torch.', '')} | {n} | {b} "
                 f"| {t['scipy'] / t['ours']:.2f} | {t['ours'] / t['torch']:.2f} "
-                f"| {t['ours_bwd'] / t['ours']:.2f} | {t['torch_bwd'] / t['torch']:.2f} "
+                f"| {t['path'] / t['torch']:.2f} "
+                f"| {t['ours_bwd'] / t['ours']:.2f} | {t['path_bwd'] / t['path']:.2f} "
+                f"| {t['torch_bwd'] / t['torch']:.2f} "
                 f"| {t_scipy_logm / t['ours_logm']:.1f} |"
             )
             print(lines[-1], flush=True)
@@ -222,7 +246,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     out = [
         f"torch {torch.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, "
-        f"1 thread, load average {load:.1f} at the start; medians of interleaved rounds; "
+        f"1 thread, load average {load:.1f} at the start; compiled kernel: "
+        f"{EXPM._ckernel.isa() if compiled_kernel() else 'not built'} (up to n = "
+        f"{EXPM._KERNEL_N_MAX}; 'ours without kernel' is the torch path, timed in the same "
+        "rounds); medians of interleaved rounds; "
         "ratios > 1 in 'scipy / ours' mean we are faster; "
         "'ours / torch' < 1 means we are faster than torch.linalg.matrix_exp.",
         "",

@@ -39,6 +39,12 @@ Batches of up to 32 matrices on the CPU run the elementwise steps (norms for ``n
 same order, so the same bits at a third of the per-call cost. So a matrix gives the same
 bits alone or in any batch.
 
+On the CPU, float32/float64 matrices up to ``n = 64`` go through a compiled kernel
+(``liegroup/linalg/_cexpm.c``, built by ``pip install`` where a C compiler is available; see
+:func:`compiled_kernel`): the same algorithm and decisions, one matrix at a time in C (batch
+invariant by construction), forward, backward and :func:`expm_frechet`. Everything else (CUDA,
+larger ``n``, installs without the kernel) runs the torch code below.
+
 The Fréchet derivative ``L(A, E) = ∫₀¹ e^{(1−t)A} E e^{tA} dt`` is computed alongside
 (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4), with the same
 ``(m, s)``: differentiate ``U, V`` of the Padé approximant, solve with the same ``V − U``, then
