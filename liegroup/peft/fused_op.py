@@ -261,6 +261,12 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
     ``update`` is ``"additive"`` or ``"hadamard"`` (with ``order``); ``W`` must be frozen.
     The forward is bit-identical to ``op(x, adapted_weight_lowrank(W, L, R))``.
 
+    ``cast`` (autocast's dtype, see :func:`autocast_dtype`): ``W'`` is formed in ``W``'s dtype
+    and the op runs in ``cast`` on a copy of ``W'`` that is kept for the backward (full
+    fine-tuning under autocast keeps the same copy of its weight); ``∂L/∂W'`` from the op is
+    cast to ``W``'s dtype for the factor gradients, and ``∂L/∂x``, ``∂L/∂b`` come back in the
+    dtypes of ``x`` and the bias. Bit-identical to autocast applied to the unfused op.
+
     Example:
         >>> import torch
         >>> x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -578,7 +584,8 @@ def adapted_op_lowrank(
     Uses :class:`LowRankAdaptedOpFunction` for the shipped updates (:class:`HadamardExp`,
     :class:`Additive`) when ``W`` is frozen; otherwise (another update, a
     trainable ``W``) it runs ``op(x, adapted_weight_lowrank(W, L, R, update), bias)``.
-    Same forward values bit for bit either way.
+    Same forward values bit for bit either way. Under autocast ``W'`` is formed in ``W``'s
+    dtype and the op runs in autocast's dtype (:func:`autocast_dtype`).
 
     Args:
         x: the op's input (batched for convs, any padding already applied).
