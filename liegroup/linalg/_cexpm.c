@@ -792,6 +792,36 @@ CX_FI void CX_S(lu)(int n, T *CX_RESTRICT Q, int *CX_RESTRICT piv) {
 }
 
 /* Solve Q X = Bm in place (Bm: n x n right-hand sides, row-major) from lu(). */
+/* Columns j0 .. j0 + nv * W - 1 of the triangular solves, one row at a time held in explicit
+ * vectors (the rows of Bm alias each other, so the compiler would otherwise reload and store
+ * the row for every k). Per entry the same operations in the same order as the scalar loops. */
+CX_FI void CX_S(lu_solve_cols)(int n, const T *CX_RESTRICT LU, T *CX_RESTRICT Bm, int j0, int nv) {
+    typedef CX_S(vec) V;
+    const int W = CX_VBYTES / (int)sizeof(T);
+    V a[2];
+    for (int i = 1; i < n; i++) {
+        const T *li = LU + (size_t)i * n;
+        for (int v = 0; v < nv; v++) a[v] = CX_S(vload)(Bm + (size_t)i * n + j0 + v * W);
+        for (int k = 0; k < i; k++) {
+            const T l = li[k];
+            for (int v = 0; v < nv; v++)
+                a[v] -= l * CX_S(vload)(Bm + (size_t)k * n + j0 + v * W);
+        }
+        for (int v = 0; v < nv; v++) CX_S(vstore)(Bm + (size_t)i * n + j0 + v * W, a[v]);
+    }
+    for (int i = n - 1; i >= 0; i--) {
+        const T *ui = LU + (size_t)i * n;
+        for (int v = 0; v < nv; v++) a[v] = CX_S(vload)(Bm + (size_t)i * n + j0 + v * W);
+        for (int k = i + 1; k < n; k++) {
+            const T u = ui[k];
+            for (int v = 0; v < nv; v++)
+                a[v] -= u * CX_S(vload)(Bm + (size_t)k * n + j0 + v * W);
+        }
+        const T d = ui[i];
+        for (int v = 0; v < nv; v++) CX_S(vstore)(Bm + (size_t)i * n + j0 + v * W, a[v] / d);
+    }
+}
+
 CX_FI void CX_S(lu_solve_impl)(int n, const T *CX_RESTRICT LU, const int *CX_RESTRICT piv,
                               T *CX_RESTRICT Bm) {
     for (int k = 0; k < n; k++) {
@@ -805,13 +835,23 @@ CX_FI void CX_S(lu_solve_impl)(int n, const T *CX_RESTRICT LU, const int *CX_RES
             }
         }
     }
+    const int W = CX_VBYTES / (int)sizeof(T);
+    int j0 = 0;
+    if (n >= 8) {
+        for (; j0 + 2 * W <= n; j0 += 2 * W) CX_S(lu_solve_cols)(n, LU, Bm, j0, 2);
+        if (j0 + W <= n) {
+            CX_S(lu_solve_cols)(n, LU, Bm, j0, 1);
+            j0 += W;
+        }
+    }
+    if (j0 == n) return;
     for (int i = 1; i < n; i++) {
         T *bi = Bm + (size_t)i * n;
         const T *li = LU + (size_t)i * n;
         for (int k = 0; k < i; k++) {
             const T l = li[k];
             const T *bk = Bm + (size_t)k * n;
-            for (int j = 0; j < n; j++) bi[j] -= l * bk[j];
+            for (int j = j0; j < n; j++) bi[j] -= l * bk[j];
         }
     }
     for (int i = n - 1; i >= 0; i--) {
@@ -820,10 +860,10 @@ CX_FI void CX_S(lu_solve_impl)(int n, const T *CX_RESTRICT LU, const int *CX_RES
         for (int k = i + 1; k < n; k++) {
             const T u = ui[k];
             const T *bk = Bm + (size_t)k * n;
-            for (int j = 0; j < n; j++) bi[j] -= u * bk[j];
+            for (int j = j0; j < n; j++) bi[j] -= u * bk[j];
         }
         const T d = ui[i];
-        for (int j = 0; j < n; j++) bi[j] /= d;
+        for (int j = j0; j < n; j++) bi[j] /= d;
     }
 }
 
