@@ -3,10 +3,10 @@
 Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, default 1),
 ``--rounds R --steps K``, ``--only linear,resnet50``, ``--methods REGEX`` (e.g.
 ``"LieRA lora"``; full fine-tuning always runs), ``--layer-batch B`` (single layers' batch,
-default 16), ``--autocast bf16`` (forward and loss under CPU bfloat16 autocast, as training on
-a GPU runs; float32 weights and optimizer), ``--no-memory``, ``--out DIR``
-(default ``out/``). Writes ``DIR/bench-cpu[-bf16][-quick].md`` and ``.json`` and prints the
-tables.
+default 16), ``--optimizer adamw`` (default ``sgd``, without momentum), ``--autocast bf16``
+(forward and loss under CPU bfloat16 autocast, as training on a GPU runs; float32 weights and
+optimizer), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
+``DIR/bench-cpu[-bf16][-adamw][-quick].md`` and ``.json`` and prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
 
@@ -23,6 +23,7 @@ import torch
 from benchmarks import peers
 from benchmarks.suite import (
     FULL,
+    OPTIMIZERS,
     bench_memory,
     bench_time,
     cases,
@@ -30,6 +31,7 @@ from benchmarks.suite import (
     method_names,
     set_autocast,
     set_method_filter,
+    set_optimizer,
 )
 
 TIME_LIMIT, MEM_LIMIT, MAP_LIMIT = 1.10, 1.05, 1.05
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="regex: only methods whose name matches (full fine-tuning always runs)")
     ap.add_argument("--layer-batch", type=int, default=None,
                     help="batch of the single-layer cases (default 16; --quick: 2)")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                    help="sgd (no momentum; default) or adamw")
     ap.add_argument("--autocast", choices=["bf16"], default=None,
                     help="forward and loss under torch.autocast('cpu', torch.bfloat16)")
     ap.add_argument("--no-memory", action="store_true")
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     set_method_filter(args.methods or None)
     set_autocast(torch.bfloat16 if args.autocast else None)
+    set_optimizer(args.optimizer)
     all_cases = cases(args.quick, args.layer_batch)
     if args.memory_case:  # internal: one case's peak memory, in a fresh process
         case = next(c for c in all_cases if c.name == args.memory_case)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
         "rounds": rounds, "steps_per_round": steps, "quick": args.quick, "rank": 8,
         "dtype": "float32" + (", forward under bf16 autocast" if args.autocast else ""),
-        "optimizer": "SGD (no momentum)", "methods": args.methods or "all",
+        "optimizer": OPTIMIZERS[args.optimizer], "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
     }
     results: dict[str, dict] = {}
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["--layer-batch", str(args.layer_batch)]
         if args.autocast:
             extra += ["--autocast", args.autocast]
+        if args.optimizer != "sgd":
+            extra += ["--optimizer", args.optimizer]
         mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads, extra)
         rows = {}
         full_mem = mem.get(FULL)
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     md = render(meta, results)
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    name = "bench-cpu" + ("-bf16" if args.autocast else "") + ("-quick" if args.quick else "")
+    name = "bench-cpu" + ("-bf16" if args.autocast else "") + (
+        "" if args.optimizer == "sgd" else f"-{args.optimizer}") + ("-quick" if args.quick else "")
     stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:
         f.write(md)

@@ -163,6 +163,17 @@ def set_method_filter(pattern: str | None) -> None:
 
 
 _AUTOCAST: torch.dtype | None = None
+_OPTIMIZER = "sgd"
+OPTIMIZERS = {"sgd": "SGD (no momentum)", "adamw": "AdamW"}
+
+
+def set_optimizer(name: str) -> None:
+    """``"sgd"`` (no momentum: no optimizer state, the comparison least favourable to adapters)
+    or ``"adamw"`` (what fine-tuning usually runs: two state tensors per trained entry)."""
+    global _OPTIMIZER
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    _OPTIMIZER = name
 
 
 def set_autocast(dtype: torch.dtype | None) -> None:
@@ -217,7 +228,10 @@ class Stepper:
             self.gy = torch.randn_like(out) / out.numel() ** 0.5
         params = [p for p in module.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.SGD(params, lr=1e-4)
+        self.opt: torch.optim.Optimizer = (
+            torch.optim.SGD(params, lr=1e-4) if _OPTIMIZER == "sgd"
+            else torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        )
 
     def zero(self) -> None:
         self.opt.zero_grad(set_to_none=True)
