@@ -160,39 +160,48 @@ def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
 
 
 class _ExpmKernel(torch.autograd.Function):
-    """:func:`expm` by the compiled kernel; backward ``L(Aᵀ, G)`` by the kernel too."""
+    """:func:`expm` by the compiled kernel; backward ``L(Aᵀ, G)`` by the kernel too.
+
+    Takes ``A`` of any batch shape and layout (reshaped inside, so the graph holds this one
+    node: each view node would cost a few µs of a single small matrix's backward).
+    """
 
     @staticmethod
     def forward(ctx: Any, A: torch.Tensor) -> torch.Tensor:
-        ms = torch.empty((A.shape[0], 2), dtype=torch.int32)
-        X = _kernel_expm(A, ms)
+        n = A.shape[-1]
+        Ak = A.reshape(-1, n, n).contiguous()
+        ms = torch.empty((Ak.shape[0], 2), dtype=torch.int32)
+        X = _kernel_expm(Ak, ms)
         ctx.save_for_backward(A)
         ctx.ms = ms
-        return X
+        return X.view(A.shape)
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
         (A,) = ctx.saved_tensors
         ms = ctx.ms
+        n = A.shape[-1]
         if torch.is_grad_enabled():
             # a differentiable backward (double backward): the torch ops, same (m, s)
             msn = ms.numpy().astype(np.int64)
-            return _frechet_core(A.mT, G, msn[:, 0], msn[:, 1])[1]
-        Gc = G.contiguous()
-        L = torch.empty_like(A)
+            Ab, Gb = A.reshape(-1, n, n), G.reshape(-1, n, n)
+            return _frechet_core(Ab.mT, Gb, msn[:, 0], msn[:, 1])[1].reshape(A.shape)
+        Ak = A.reshape(-1, n, n).contiguous()
+        Gc = G.reshape(-1, n, n).contiguous()
+        L = torch.empty_like(Ak)
         # L(Aᵀ, G) with the forward's (m, s), reading A (C-contiguous) transposed
         _ckernel.frechet(
-            A.data_ptr(),
+            Ak.data_ptr(),
             Gc.data_ptr(),
             0,
             L.data_ptr(),
             ms.data_ptr(),
-            A.shape[0],
-            A.shape[-1],
-            _kernel_code(A.dtype),
+            Ak.shape[0],
+            n,
+            _kernel_code(Ak.dtype),
             3,
         )
-        return L
+        return L.view(A.shape)
 
 
 # --------------------------------------------------------------------------- Padé
@@ -723,14 +732,13 @@ def expm(A: torch.Tensor) -> torch.Tensor:
     wd = working_dtype(A.dtype)
     n = A.shape[-1]
     if _kernel_takes(A):
-        Ak = (A if A.dtype == wd else A.to(wd)).reshape(-1, n, n).contiguous()
-        if Ak.shape[0] == 0:
+        if A.numel() == 0:
             return torch.empty_like(A)
-        if Ak.requires_grad and torch.is_grad_enabled():
-            Xk = _ExpmKernel.apply(Ak)
+        Aw = A if A.dtype == wd else A.to(wd)
+        if Aw.requires_grad and torch.is_grad_enabled():
+            Xk = _ExpmKernel.apply(Aw)
         else:
-            Xk = _kernel_expm(Ak.detach(), None)
-        Xk = Xk.reshape(A.shape)
+            Xk = _kernel_expm(Aw.detach().reshape(-1, n, n).contiguous(), None).view(A.shape)
         return Xk if Xk.dtype == A.dtype else Xk.to(A.dtype)
     Af, batch = flat(A if A.dtype == wd else A.to(wd))
     if Af.shape[0] == 0 or n == 0:
