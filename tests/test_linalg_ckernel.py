@@ -343,6 +343,31 @@ def test_backward_agrees_with_torch_path(kernel: ExpmPath, dtype: torch.dtype, n
     kernel.check_used()
 
 
+@pytest.mark.parametrize("layout", ["single", "batched", "expanded", "transposed"])
+def test_backward_operand_layouts(kernel: ExpmPath, layout: str) -> None:
+    """The backward passes contiguous operands to the kernel as they are (no (B, n, n)
+    reshape) and copies the others: single, batch-shaped, an expanded ∂L/∂X (from ``sum()``)
+    and a transposed one give the torch path's gradient."""
+    gen = torch.Generator().manual_seed(7)
+    A = 0.7 * torch.randn((4, 4) if layout == "single" else (2, 3, 4, 4), dtype=torch.float64,
+                          generator=gen)
+    G = torch.randn(A.shape, dtype=torch.float64, generator=gen)
+    if layout == "expanded":
+        G = torch.ones((), dtype=torch.float64).expand(A.shape)
+    elif layout == "transposed":
+        G = G.mT.contiguous().mT
+    assert G.is_contiguous() == (layout in ("single", "batched"))
+
+    def grad() -> torch.Tensor:
+        Ar = A.clone().requires_grad_()
+        return torch.autograd.grad(expm(Ar), Ar, G)[0]
+
+    got, want = grad(), _with_torch_path(grad)
+    assert got.shape == A.shape
+    assert rel_err(got.numpy(), want.numpy()) <= 1e-13
+    kernel.check_used()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 3, 7, 16])
 def test_frechet_agrees_with_torch_path(kernel: ExpmPath, dtype: torch.dtype, n: int) -> None:

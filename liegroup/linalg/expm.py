@@ -186,9 +186,11 @@ class _ExpmKernel(torch.autograd.Function):
             msn = ms.numpy().astype(np.int64)
             Ab, Gb = A.reshape(-1, n, n), G.reshape(-1, n, n)
             return _frechet_core(Ab.mT, Gb, msn[:, 0], msn[:, 1])[1].reshape(A.shape)
-        Ak = A.reshape(-1, n, n).contiguous()
-        Gc = G.reshape(-1, n, n).contiguous()
-        L = torch.empty_like(Ak)
+        # the kernel needs C-contiguous data only, not a (B, n, n) view: no reshapes for
+        # contiguous operands (each op is ~1 µs of a small matrix's ~20 µs backward)
+        Ak = A if A.is_contiguous() else A.contiguous()
+        Gc = G if G.is_contiguous() else G.contiguous()
+        L = torch.empty(A.shape, dtype=A.dtype)
         # L(Aᵀ, G) with the forward's (m, s), reading A (C-contiguous) transposed
         _ckernel.frechet(
             Ak.data_ptr(),
@@ -196,12 +198,12 @@ class _ExpmKernel(torch.autograd.Function):
             0,
             L.data_ptr(),
             ms.data_ptr(),
-            Ak.shape[0],
+            ms.shape[0],
             n,
             _kernel_code(Ak.dtype),
             3,
         )
-        return L.view(A.shape)
+        return L
 
 
 # --------------------------------------------------------------------------- Padé
