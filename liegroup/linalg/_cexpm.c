@@ -917,6 +917,28 @@ CX_FI void CX_S(comb)(int n, T *CX_RESTRICT Y, T c0, const T *P0, T c1, const T 
     }
 }
 
+/* The non-identity terms of W = b1 I + b3 X2 + b5 X4 + b7 X6 + b9 X8 and V = b0 I + b2 X2 +
+ * b4 X4 + b6 X6 + b8 X8 for degree m in {3, 5, 7, 9} (X4, X6, X8 read only when m needs them).
+ * Called with the powers of A for U, V and with their directional derivatives for Lu, Lv. */
+CX_FI void CX_S(pade_wv)(int n, int m, const double *b, T *W, T *V, const T *X2, const T *X4,
+                             const T *X6, const T *X8) {
+#define B_(k) ((T)b[k])
+    if (m == 3) {
+        CX_S(comb)(n, W, B_(3), X2, 0, NULL, 0, NULL, 0, NULL);
+        CX_S(comb)(n, V, B_(2), X2, 0, NULL, 0, NULL, 0, NULL);
+    } else if (m == 5) {
+        CX_S(comb)(n, W, B_(5), X4, B_(3), X2, 0, NULL, 0, NULL);
+        CX_S(comb)(n, V, B_(4), X4, B_(2), X2, 0, NULL, 0, NULL);
+    } else if (m == 7) {
+        CX_S(comb)(n, W, B_(7), X6, B_(5), X4, B_(3), X2, 0, NULL);
+        CX_S(comb)(n, V, B_(6), X6, B_(4), X4, B_(2), X2, 0, NULL);
+    } else {
+        CX_S(comb)(n, W, B_(9), X8, B_(7), X6, B_(5), X4, B_(3), X2);
+        CX_S(comb)(n, V, B_(8), X8, B_(6), X6, B_(4), X4, B_(2), X2);
+    }
+#undef B_
+}
+
 /* Padé quotient: from the scaled A, A2, A4, A6 (A8 built for m = 9 into slot A8) form U, V
  * (and with E != NULL also their derivatives in direction E, from M2, M4, M6, M8), factor
  * V - U and write R = (V - U)^{-1}(V + U) into R, and L into Lo. */
@@ -949,52 +971,15 @@ CX_FI void CX_S(pade)(int n, int m, const T *As, const T *A2, const T *A4, const
             CX_S(mm2_add)(n, A6, Lw1, M6, T2, Lw2, Lv);
         }
     } else {
-        const T *P3 = NULL, *Q3 = NULL, *P4 = NULL, *Q4 = NULL;
         if (m == 9) {
             CX_S(mm)(n, A4, A4, A8);
             if (Es) CX_S(mm2_add)(n, A4, M4, M4, A4, NULL, M8);
         }
-        if (m >= 7) {
-            P3 = A6;
-            Q3 = M6;
-        }
-        if (m >= 9) {
-            P4 = A8;
-            Q4 = M8;
-        }
-        const T *P2 = m >= 5 ? A4 : NULL;
-        const T *Q2 = m >= 5 ? M4 : NULL;
         /* W = b1 I + b3 A2 + b5 A4 + b7 A6 + b9 A8 ; V = b0 I + b2 A2 + ... */
-        if (m == 3) {
-            CX_S(comb)(n, W, B_(3), A2, 0, NULL, 0, NULL, 0, NULL);
-            CX_S(comb)(n, V, B_(2), A2, 0, NULL, 0, NULL, 0, NULL);
-        } else if (m == 5) {
-            CX_S(comb)(n, W, B_(5), P2, B_(3), A2, 0, NULL, 0, NULL);
-            CX_S(comb)(n, V, B_(4), P2, B_(2), A2, 0, NULL, 0, NULL);
-        } else if (m == 7) {
-            CX_S(comb)(n, W, B_(7), P3, B_(5), P2, B_(3), A2, 0, NULL);
-            CX_S(comb)(n, V, B_(6), P3, B_(4), P2, B_(2), A2, 0, NULL);
-        } else {
-            CX_S(comb)(n, W, B_(9), P4, B_(7), P3, B_(5), P2, B_(3), A2);
-            CX_S(comb)(n, V, B_(8), P4, B_(6), P3, B_(4), P2, B_(2), A2);
-        }
+        CX_S(pade_wv)(n, m, b, W, V, A2, A4, A6, A8);
         CX_S(add_diag)(n, W, B_(1));
         CX_S(add_diag)(n, V, B_(0));
-        if (Es) {
-            if (m == 3) {
-                CX_S(comb)(n, Lw, B_(3), M2, 0, NULL, 0, NULL, 0, NULL);
-                CX_S(comb)(n, Lv, B_(2), M2, 0, NULL, 0, NULL, 0, NULL);
-            } else if (m == 5) {
-                CX_S(comb)(n, Lw, B_(5), Q2, B_(3), M2, 0, NULL, 0, NULL);
-                CX_S(comb)(n, Lv, B_(4), Q2, B_(2), M2, 0, NULL, 0, NULL);
-            } else if (m == 7) {
-                CX_S(comb)(n, Lw, B_(7), Q3, B_(5), Q2, B_(3), M2, 0, NULL);
-                CX_S(comb)(n, Lv, B_(6), Q3, B_(4), Q2, B_(2), M2, 0, NULL);
-            } else {
-                CX_S(comb)(n, Lw, B_(9), Q4, B_(7), Q3, B_(5), Q2, B_(3), M2);
-                CX_S(comb)(n, Lv, B_(8), Q4, B_(6), Q3, B_(4), Q2, B_(2), M2);
-            }
-        }
+        if (Es) CX_S(pade_wv)(n, m, b, Lw, Lv, M2, M4, M6, M8); /* their derivatives */
     }
 #undef B_
     CX_S(mm)(n, As, W, U);
