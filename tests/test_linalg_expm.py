@@ -200,16 +200,18 @@ def test_expm_gradcheck(expm_path: ExpmPath) -> None:
     assert torch.autograd.gradcheck(expm, (T,))
 
 
-def test_expm_backward_is_frechet_adjoint(expm_path: ExpmPath) -> None:
+@pytest.mark.parametrize("n", [4, 6])
+def test_expm_backward_is_frechet_adjoint(expm_path: ExpmPath, n: int) -> None:
     gen = torch.Generator().manual_seed(4)
-    A = 3 * torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
-    G = torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
-    E = torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
+    A = 3 * torch.randn(5, n, n, generator=gen, dtype=torch.float64)
+    G = torch.randn(5, n, n, generator=gen, dtype=torch.float64)
+    E = torch.randn(5, n, n, generator=gen, dtype=torch.float64)
     Ar = A.clone().requires_grad_()
     (grad,) = torch.autograd.grad(expm(Ar), Ar, G)
     lhs = (grad * E).sum((-2, -1))
     rhs = (G * expm_frechet(A, E)).sum((-2, -1))
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+    expm_path.check_used()
 
 
 def test_expm_double_backward_runs(expm_path: ExpmPath) -> None:
