@@ -82,11 +82,6 @@ def use_path(name: str, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
     return ExpmPath(name, spy)
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
-    return use_path(request.param, monkeypatch)
-
-
 @pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
     return use_path("kernel", monkeypatch)

@@ -28,12 +28,6 @@ CASES = [pytest.param(k) for k in DEFAULT_CASES] + [
 ]
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
-    """Each test using it runs through the compiled kernel and through the torch path."""
-    return use_path(request.param, monkeypatch)
-
-
 def _peer_best(A: np.ndarray, ref: np.ndarray) -> float:
     """Best error of scipy.sparse.linalg.expm and batched torch.linalg.matrix_exp."""
     e_sp = rel_err(scipy.sparse.linalg.expm(A), ref)

@@ -23,15 +23,9 @@ import torch
 from liegroup.errors import NonFiniteError
 from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
-from tests.test_linalg_ckernel import ExpmPath, use_path
+from tests.test_linalg_ckernel import ExpmPath
 
 DTYPES = [torch.float64, torch.float32]
-
-
-@pytest.fixture(params=["kernel", "torch"])
-def expm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ExpmPath:
-    """The tests calling expm() run through the compiled kernel and the torch path."""
-    return use_path(request.param, monkeypatch)
 
 
 def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
