@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 
 .PHONY: install test test-all lint demo bench clean
 
-$(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c
+$(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c liegroup/peft/_cfused.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

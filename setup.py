@@ -1,9 +1,9 @@
-"""Build of the optional compiled kernel ``liegroup.linalg._cexpm``.
+"""Build of the optional compiled kernels ``liegroup.linalg._cexpm`` and ``liegroup.peft._cfused``.
 
 Everything else about the package is in pyproject.toml.
-The extension is marked optional: on a machine without a C compiler the install still
-succeeds and :mod:`liegroup.linalg` uses its torch path (``liegroup.linalg.compiled_kernel()``
-says which one is in use). No ``-march=native``: the kernel carries its own x86-64
+Both extensions are optional: on a machine without a C compiler the install still
+succeeds and liegroup uses its torch paths (``liegroup.linalg.compiled_kernel()`` and
+``liegroup.peft.compiled_kernel()`` say which one is in use). No ``-march=native``: the kernels carry their own x86-64
 AVX-512/AVX2 clones, chosen at load time, and runs on any x86-64 or aarch64 CPU.
 """
 
@@ -29,6 +29,16 @@ setup(
             include_dirs=["liegroup/linalg"],
             extra_compile_args=_ARGS,
             optional=True,
-        )
+        ),
+        Extension(
+            "liegroup.peft._cfused",
+            sources=["liegroup/peft/_cfused.c"],
+            extra_compile_args=(
+                [*_ARGS, "-ffp-contract=fast", "-Werror=implicit-function-declaration"]
+                if _ARGS
+                else []
+            ),
+            optional=True,
+        ),
     ]
 )

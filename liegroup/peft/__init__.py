@@ -14,6 +14,7 @@ Example:
     torch.Size([1, 4, 7])
 """
 
+from liegroup.peft._fused_kernel import compiled_kernel
 from liegroup.peft.adalora import (
     AdaLoRAGenerator,
     RankAllocator,
@@ -72,6 +73,7 @@ __all__ = [
     "adapted_weight_lowrank",
     "available_generators",
     "budget_schedule",
+    "compiled_kernel",
     "get_peft_model",
     "get_update",
     "orthogonality_penalty",

@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 from liegroup._validation import check_tensor
 from liegroup.errors import AdapterStateError, ShapeError
 from liegroup.groups.hadamard import Hadamard
+from liegroup.peft import _fused_kernel as _fk
 
 __all__ = [
     "Additive",
@@ -149,6 +150,13 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         """Recompute ``ΔW`` from the factors; two small matmuls give the factor gradients."""
         W, L, R = ctx.saved_tensors
         order: int | None = ctx.order
+        grad = grad.contiguous()
+        if order in (None, 1) and _fk.takes(grad, L, R, W):  # one pass over G and W
+            rows, cols = L.shape[0], R.shape[1]
+            mode = _fk.GRAD_TIMES if order == 1 else _fk.GRAD_TIMES_EXP
+            g_l, g_r = _fk.factor_grads(grad.view(rows, cols), W.view(rows, cols), L, R, mode)
+            return (None, g_l if ctx.needs_input_grad[1] else None,
+                    g_r if ctx.needs_input_grad[2] else None, None)
         if order == 1:
             g = grad * W
         else:
@@ -156,9 +164,8 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
             t = delta.exp_() if order is None else _exp_inplace(delta, order - 1)
             g = t.mul_(W).mul_(grad)
         gm = g.view(L.shape[0], R.shape[1])
-        g_l = gm @ R.T if ctx.needs_input_grad[1] else None
-        g_r = L.T @ gm if ctx.needs_input_grad[2] else None
-        return None, g_l, g_r, None
+        return (None, gm @ R.T if ctx.needs_input_grad[1] else None,
+                L.T @ gm if ctx.needs_input_grad[2] else None, None)
 
 
 def _lowrank_hadamard(
@@ -167,10 +174,16 @@ def _lowrank_hadamard(
 ) -> torch.Tensor:
     """``W ⊙ exp((L @ R).view(W.shape))`` (or ``T_k``) with one weight-sized buffer for k ≤ 1.
 
-    Bit-identical to ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
+    float32 CPU operands with ``k ≤ 1`` go to the compiled kernel (one pass over ``W``; see
+    ``_fused_kernel``), equal to the torch ops below to rounding. Otherwise bit-identical to
+    ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
     ``out``: a contiguous ``(L.shape[0], R.shape[1])`` buffer to hold ``L @ R`` (and, for
     k ≤ 1, the result) instead of a fresh one.
     """
+    if order in (None, 1):
+        Lc, Rc = L.contiguous(), R.contiguous()
+        if _fk.takes(W, Lc, Rc) and (out is None or _fk.takes(out, Lc)):
+            return _fk.form(W, Lc, Rc, order == 1, out).view(W.shape)
     delta = (L @ R if out is None else torch.mm(L, R, out=out)).view(W.shape)
     if order is None:
         return delta.exp_().mul_(W)

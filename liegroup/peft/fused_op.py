@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from liegroup.errors import ShapeError
+from liegroup.peft import _fused_kernel as _fk
 from liegroup.peft.functional import (
     Additive,
     HadamardExp,
@@ -512,6 +513,20 @@ def _factor_grads(
     """
     rows, cols = L.shape[0], R.shape[1]
     Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
+    if update == "additive" or order in (None, 1):  # the compiled kernel: one pass, G kept
+        Gk, Lc, Rc = Gm.to(W.dtype), L.contiguous(), R.contiguous()
+        Wm = W.reshape(rows, cols)
+        M: torch.Tensor | None = Wm
+        mode = _fk.GRAD_TIMES_EXP  # exact, W' not at hand: G ⊙ W ⊙ exp(L R)
+        if update == "additive":
+            M, mode = None, _fk.GRAD_PLAIN
+        elif order == 1:
+            mode = _fk.GRAD_TIMES
+        elif Wp is not None:
+            M, mode = Wp.reshape(rows, cols), _fk.GRAD_TIMES
+        if _fk.takes(Gk, Lc, Rc, Wm) and (M is None or _fk.takes(M, Lc)):
+            g_l, g_r = _fk.factor_grads(Gk, M, Lc, Rc, mode)
+            return (g_l if need_l else None), (g_r if need_r else None)
     # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
     blocked = update == "hadamard" and order != 1 and (Wp is None or order is not None)
     if not blocked:

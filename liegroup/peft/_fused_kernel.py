@@ -1,0 +1,95 @@
+"""Dispatch to the compiled CPU kernel of the low-rank Hadamard update (``_cfused.c``).
+
+For a float32 CPU weight ``W`` viewed as ``(rows, cols)`` with factors ``L (rows, r)``,
+``R (r, cols)``, the kernel forms ``W ⊙ exp(L R)`` / ``W ⊙ (L R + 1)`` and the factor
+gradients ``(G_Δ Rᵀ, Lᵀ G_Δ)`` of ``G_Δ = G ⊙ M`` (``M`` = ``W'`` or ``W``),
+``G ⊙ W ⊙ exp(L R)`` or ``G`` with every weight entry read once and written at most once,
+where the eager torch chain passes over weight-sized memory four to six times. Everything it
+does not take (other dtypes or devices, ranks above ``R_MAX``, installs without a compiler)
+runs the torch ops it replaces. Values agree with those ops to rounding (the rank-r sums and
+``exp`` are computed by other code: ≤ 1 ulp for ``exp``), not bit for bit; within liegroup
+every path that forms ``W'`` (the fused layer, :func:`~liegroup.peft.adapted_weight_lowrank`,
+merging) goes through the same dispatch, so they agree with each other bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+_k: Any
+try:  # built by `pip install` where a C compiler is available (setup.py, optional)
+    _k = importlib.import_module("liegroup.peft._cfused")
+except ImportError:  # pragma: no cover - installs without a compiler
+    _k = None
+
+_R_MAX: int = int(_k.R_MAX) if _k is not None else 0
+# Internal switch: False sends every call through the torch ops (tests compare the two).
+_USE_KERNEL: bool = True
+
+_F32 = torch.float32
+
+# grads modes of the kernel
+GRAD_TIMES = 0  # G_Δ = G ⊙ M
+GRAD_TIMES_EXP = 1  # G_Δ = G ⊙ M ⊙ exp(L R)
+GRAD_PLAIN = 2  # G_Δ = G
+
+
+def compiled_kernel() -> bool:
+    """Whether LieRA's fused layers use the compiled CPU kernel for float32 weights.
+
+    The kernel (``liegroup/peft/_cfused.c``, built by ``pip install`` when a C compiler is
+    available) forms ``W ⊙ exp(L·R)`` (and the first-order ``W ⊙ (1 + L·R)``) and the factor
+    gradients in one pass over the weight; other dtypes, CUDA, ranks above 256 and installs
+    without a compiler run the equivalent torch ops. See ``docs/performance.md``.
+
+    Example:
+        >>> from liegroup.peft import compiled_kernel
+        >>> isinstance(compiled_kernel(), bool)
+        True
+    """
+    return _k is not None and _USE_KERNEL
+
+
+def takes(*ts: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands: float32, CPU, contiguous, rank ≤ ``R_MAX``.
+
+    ``ts[1]`` is ``L`` (its second dimension is the rank).
+    """
+    if _k is None or not _USE_KERNEL or not 0 < ts[1].shape[1] <= _R_MAX:
+        return False
+    for t in ts:  # noqa: SIM110 - a loop, not all(genexpr): runs several times per layer and step
+        if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
+
+
+def form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W ⊙ exp(L R)`` (or ``W ⊙ (L R + 1)``) as ``W``'s ``(rows, cols)`` view, into ``out``.
+
+    Callers check :func:`takes` first; ``out`` must be a contiguous float32 ``(rows, cols)``.
+    """
+    rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
+    if out is None:
+        out = torch.empty((rows, cols), dtype=W.dtype)
+    _k.form(1 if first_order else 0, rows, cols, r, W.data_ptr(), L.data_ptr(), R.data_ptr(),
+            out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def factor_grads(
+    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_Δ Rᵀ, Lᵀ G_Δ)`` with ``G_Δ`` by ``mode`` (see the module docstring); ``G`` unchanged.
+
+    Callers check :func:`takes` for ``G, L, R`` (and ``M``).
+    """
+    rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
+    gL = torch.empty((rows, r), dtype=L.dtype)
+    gR = torch.empty((r, cols), dtype=R.dtype)
+    _k.grads(mode, rows, cols, r, G.data_ptr(), 0 if M is None else M.data_ptr(), L.data_ptr(),
+             R.data_ptr(), gL.data_ptr(), gR.data_ptr(), torch.get_num_threads())
+    return gL, gR
