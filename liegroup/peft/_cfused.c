@@ -57,8 +57,9 @@
 #define CF_KG 8
 /* Largest rank taken (larger: the caller's torch path). */
 #define CF_RMAX 256
-/* Work (entries x rank) below which one thread does everything. */
-#define CF_MT_WORK (1 << 21)
+/* Work per thread, in entries x (rank + 8): a thread is started only for this much (starting
+ * one costs ~50-80 us here, about a quarter of such a share). */
+#define CF_MT_WORK (1 << 23)
 
 typedef struct {
     int mode, rows, cols, r;
@@ -295,7 +296,8 @@ PyMODINIT_FUNC PyInit__cfused(void) {
     PyObject *m = PyModule_Create(&cf_module);
     if (m == NULL) return NULL;
     cf_select("auto");
-    if (PyModule_AddIntConstant(m, "R_MAX", CF_RMAX) < 0) {
+    if (PyModule_AddIntConstant(m, "R_MAX", CF_RMAX) < 0 ||
+        PyModule_AddIntConstant(m, "MT_WORK", CF_MT_WORK) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -26,6 +26,8 @@ except ImportError:  # pragma: no cover - installs without a compiler
     _k = None
 
 _R_MAX: int = int(_k.R_MAX) if _k is not None else 0
+# Work (entries × (rank + 8)) per thread for which the kernel starts a thread of its own.
+_MT_WORK: int = int(_k.MT_WORK) if _k is not None else 0
 # Internal switch: False sends every call through the torch ops (tests compare the two).
 _USE_KERNEL: bool = True
 
@@ -56,9 +58,17 @@ def compiled_kernel() -> bool:
 def takes(*ts: torch.Tensor) -> bool:
     """Whether the kernel takes these operands: float32, CPU, contiguous, rank ≤ ``R_MAX``.
 
-    ``ts[1]`` is ``L`` (its second dimension is the rank).
+    ``ts[0]`` is weight-sized, ``ts[1]`` is ``L`` (its second dimension is the rank). With
+    several intra-op threads the kernel is used only when it gives each of them a full share
+    of work (``_MT_WORK``): it starts its threads per call, and below that the torch ops,
+    which run on torch's thread pool, are as fast (measured with 2 threads: formation of a
+    0.26–0.6 M-entry weight 1.2–1.7× slower in the kernel, of 1 M and more 0.8×).
     """
-    if _k is None or not _USE_KERNEL or not 0 < ts[1].shape[1] <= _R_MAX:
+    r = ts[1].shape[1]
+    if _k is None or not _USE_KERNEL or not 0 < r <= _R_MAX:
+        return False
+    nt = torch.get_num_threads()
+    if nt > 1 and ts[0].numel() * (r + 8) < _MT_WORK * nt:
         return False
     for t in ts:  # noqa: SIM110 - a loop, not all(genexpr): runs several times per layer and step
         if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():

@@ -396,6 +396,23 @@ def test_takes_only_float32_cpu_contiguous_rank_up_to_r_max() -> None:
     assert not FK.takes(W, L[:, :0].contiguous(), R[:0].contiguous())
 
 
+def test_takes_leaves_small_weights_to_torch_threads(threads: None) -> None:
+    # with several intra-op threads the kernel (which starts its own threads per call) is
+    # used only when every thread gets a full share of work; smaller weights keep torch's
+    # thread-pooled ops (the per-thread share is MT_WORK entries x (rank + 8))
+    _need_kernel()
+    r = 8
+    per_row = 512 * (r + 8)
+    rows_needed = -(-FK._MT_WORK * 2 // per_row)  # ceil: a full share for each of 2 threads
+    W, L, R = (torch.zeros(rows_needed, 512), torch.zeros(rows_needed, r), torch.zeros(r, 512))
+    Ws, Ls = W[: rows_needed - 1].contiguous(), L[: rows_needed - 1].contiguous()
+    torch.set_num_threads(1)
+    assert FK.takes(Ws, Ls, R) and FK.takes(W, L, R)
+    torch.set_num_threads(2)
+    assert FK.takes(W, L, R)
+    assert not FK.takes(Ws, Ls, R)
+
+
 @pytest.mark.parametrize("order", [None, 1], ids=["exact", "first"])
 def test_fallback_paths_are_right(spy: KernelSpy, order: int | None) -> None:
     # rank R_MAX + 1 (float32) and a non-contiguous W: the torch path, within form's bound
