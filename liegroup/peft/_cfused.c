@@ -220,7 +220,8 @@ static PyObject *cf_py_form(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiiiOOOOi", &mode, &rows, &cols, &r, &pw, &pl, &pr, &po, &nt))
         return NULL;
     if (!cf_ptr(pw, &w) || !cf_ptr(pl, &l) || !cf_ptr(pr, &rr) || !cf_ptr(po, &o)) return NULL;
-    if ((mode != 0 && mode != 1) || rows < 1 || cols < 1 || r < 1 || r > CF_RMAX || !w || !l || !rr || !o) {
+    if ((mode != 0 && mode != 1) || rows < 1 || cols < 1 || r < 1 || r > CF_RMAX || !w || !l ||
+        !rr || !o) {
         PyErr_SetString(PyExc_ValueError, "_cfused.form: bad arguments");
         return NULL;
     }
@@ -244,8 +245,8 @@ static PyObject *cf_py_grads(PyObject *self, PyObject *args) {
     if (!cf_ptr(pg, &g) || !cf_ptr(pm, &m) || !cf_ptr(pl, &l) || !cf_ptr(pr, &rr) ||
         !cf_ptr(pgl, &gl) || !cf_ptr(pgr, &gr))
         return NULL;
-    if (mode < 0 || mode > 2 || rows < 1 || cols < 1 || r < 1 || r > CF_RMAX || !g || (mode != 2 && !m) || !l ||
-        !rr || !gl || !gr) {
+    if (mode < 0 || mode > 2 || rows < 1 || cols < 1 || r < 1 || r > CF_RMAX || !g ||
+        (mode != 2 && !m) || !l || !rr || !gl || !gr) {
         PyErr_SetString(PyExc_ValueError, "_cfused.grads: bad arguments");
         return NULL;
     }

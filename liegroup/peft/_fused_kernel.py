@@ -58,7 +58,8 @@ def compiled_kernel() -> bool:
 def takes(*ts: torch.Tensor) -> bool:
     """Whether the kernel takes these operands: float32, CPU, contiguous, rank ≤ ``R_MAX``.
 
-    ``ts[0]`` is weight-sized, ``ts[1]`` is ``L`` (its second dimension is the rank). With
+    ``ts[0]`` is weight-sized, ``ts[1]`` is ``L`` (its second dimension is the rank); pass
+    every operand of one call at once (this runs on the adapter's hot path). With
     several intra-op threads the kernel is used only when it gives each of them a full share
     of work (``_MT_WORK``): it starts its threads per call, and below that the torch ops,
     which run on torch's thread pool, are as fast (measured with 2 threads: formation of a

@@ -150,7 +150,6 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         """Recompute ``ΔW`` from the factors; two small matmuls give the factor gradients."""
         W, L, R = ctx.saved_tensors
         order: int | None = ctx.order
-        grad = grad.contiguous()
         if order in (None, 1) and _fk.takes(grad, L, R, W):  # one pass over G and W
             rows, cols = L.shape[0], R.shape[1]
             mode = _fk.GRAD_TIMES if order == 1 else _fk.GRAD_TIMES_EXP
@@ -182,7 +181,7 @@ def _lowrank_hadamard(
     """
     if order in (None, 1):
         Lc, Rc = L.contiguous(), R.contiguous()
-        if _fk.takes(W, Lc, Rc) and (out is None or _fk.takes(out, Lc)):
+        if _fk.takes(W, Lc, Rc, *(() if out is None else (out,))):
             return _fk.form(W, Lc, Rc, order == 1, out).view(W.shape)
     delta = (L @ R if out is None else torch.mm(L, R, out=out)).view(W.shape)
     if order is None:

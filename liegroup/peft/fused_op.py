@@ -524,7 +524,7 @@ def _factor_grads(
             mode = _fk.GRAD_TIMES
         elif Wp is not None:
             M, mode = Wp.reshape(rows, cols), _fk.GRAD_TIMES
-        if _fk.takes(Gk, Lc, Rc, Wm) and (M is None or _fk.takes(M, Lc)):
+        if _fk.takes(Gk, Lc, Rc, Wm, *(() if M is None or M is Wm else (M,))):
             g_l, g_r = _fk.factor_grads(Gk, M, Lc, Rc, mode)
             return (g_l if need_l else None), (g_r if need_r else None)
     # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
