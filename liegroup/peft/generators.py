@@ -253,7 +253,9 @@ class LoRAGenerator(Generator):
         """
         if self.init_name != "zeros":
             return None
-        return self.B * self.scaling, self.dropout(self.A)
+        A, drop = self.A, self.dropout
+        # no call through an Identity module: this runs once per layer and step
+        return self.B * self.scaling, (A if type(drop) is nn.Identity else drop(A))
 
 
 class FullGenerator(Generator):
@@ -347,22 +349,31 @@ class TuckerGenerator(Generator):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s·U₀, unfold(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}, 0))``.
 
-        As three products: the kernel modes at once through ``K = U₂ ⊗ ⋯ ⊗ U_{N−1}`` (the
-        row-major unfolding of a product over trailing modes is the core's unfolding times
-        ``Kᵀ``), then ``C_in`` in one batched product laid out as the unfolding. Autograd keeps
-        only the factors and core-sized operands, nothing proportional to the weight, and the
-        few nodes cost a third less per step than a chain of mode products.
+        The kernel modes at once through ``K = U₂ ⊗ ⋯ ⊗ U_{N−1}`` (the row-major unfolding of
+        a product over trailing modes is the core's unfolding times ``Kᵀ``), then ``C_in`` in
+        one batched product laid out as the unfolding. When every kernel mode has size 1 (a
+        Linear, a 1×1 conv) ``K`` is a scalar and the unfolding is ``(G·K) U₁ᵀ``: one
+        ``linear``. Autograd keeps only the factors and core-sized operands, nothing
+        proportional to the weight; the graph has few nodes because a step runs it once per
+        layer (on ResNet-50 its op dispatch was most of what Tucker costs over LoRA).
         """
-        us = list(self.factors_list)
+        us: list[torch.Tensor] = list(self.factors_list)
         r0, r1 = self.ranks[0], self.ranks[1]
-        core = self.core.reshape(r0, r1, -1)
-        if len(us) > 2:
-            kron = us[2]
-            for u in us[3:]:
-                kron = torch.kron(kron, u)
-            core = core @ kron.T  # (r₀, r₁, k…)
+        left = us[0] * self.scaling
+        core: torch.Tensor = self.core
+        if all(u.shape[0] == 1 for u in us[2:]):  # kernel modes of size 1: K is a scalar
+            if len(us) > 2:
+                k = us[2]
+                for u in us[3:]:
+                    k = k * u
+                core = core.reshape(r0, r1) * k
+            return left, torch.nn.functional.linear(core, us[1])  # (r₀, C_in) = G Kᵀ U₁ᵀ
+        kron = us[2]
+        for u in us[3:]:
+            kron = torch.kron(kron, u)
+        core = torch.nn.functional.linear(core.reshape(r0, r1, -1), kron)  # (r₀, r₁, k…)
         rest = torch.matmul(us[1], core)  # (r₀, C_in, k…)
-        return us[0] * self.scaling, rest.reshape(r0, -1)
+        return left, rest.reshape(r0, -1)
 
 
 _GENERATORS: dict[str, type[Generator]] = {

@@ -131,3 +131,25 @@ def test_tucker_factors_save_little_for_backward():
     assert R.numel() == W_numel // 4
     # every saved tensor is a factor, the core or a product that has not met U₁ yet
     assert max(saved) <= 8 * 8 * 27 and sum(saved) < W_numel // 3  # before: 3 of W_numel/4
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1), (6, 5, 1, 1), (6, 5, 1, 1, 1),
+                                   (6, 5, 1, 3), (6, 5, 3, 2), (6, 5, 2, 1, 3)])
+def test_tucker_factors_match_dense_product_and_its_gradients(shape):
+    """Every factor route (size-1 kernel modes as a scalar, the Kronecker route) is the
+    dense Tucker product, value and gradient for the core and every mode factor."""
+    torch.manual_seed(0)
+    g = TuckerGenerator(GeneratorSpec(weight_shape=shape, rank=3, scaling=0.7, dtype=DT))
+    with torch.no_grad():
+        g.core.normal_()
+        for u in g.factors_list:
+            u.mul_(1.3)  # mode factors of size 1 no longer ±1
+    C = torch.randn(shape, dtype=DT)
+    params = [g.core, *g.factors_list]
+    dense = g()
+    L, R = g.factors()
+    assert torch.allclose((L @ R).view(shape), dense, rtol=1e-13, atol=1e-13)
+    want = torch.autograd.grad((dense * C).sum(), params)
+    got = torch.autograd.grad(((L @ R).view(shape) * C).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
