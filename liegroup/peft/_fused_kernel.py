@@ -81,7 +81,8 @@ def form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
          out: torch.Tensor | None = None) -> torch.Tensor:
     """``W ⊙ exp(L R)`` (or ``W ⊙ (L R + 1)``) as ``W``'s ``(rows, cols)`` view, into ``out``.
 
-    Callers check :func:`takes` first; ``out`` must be a contiguous float32 ``(rows, cols)``.
+    Callers check :func:`takes` first; ``out`` (returned as given) must be contiguous float32
+    with ``rows·cols`` entries, of any shape.
     """
     rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
     if out is None:
@@ -96,7 +97,8 @@ def factor_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G_Δ Rᵀ, Lᵀ G_Δ)`` with ``G_Δ`` by ``mode`` (see the module docstring); ``G`` unchanged.
 
-    Callers check :func:`takes` for ``G, L, R`` (and ``M``).
+    Callers check :func:`takes` for ``G, L, R`` (and ``M``); ``G`` and ``M`` are read as
+    ``(rows, cols)`` row-major whatever their shape (contiguous, ``rows·cols`` entries).
     """
     rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
     gL = torch.empty((rows, r), dtype=L.dtype)

@@ -176,14 +176,19 @@ def _lowrank_hadamard(
     float32 CPU operands with ``k ≤ 1`` go to the compiled kernel (one pass over ``W``; see
     ``_fused_kernel``), equal to the torch ops below to rounding. Otherwise bit-identical to
     ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
-    ``out``: a contiguous ``(L.shape[0], R.shape[1])`` buffer to hold ``L @ R`` (and, for
-    k ≤ 1, the result) instead of a fresh one.
+    ``out``: a contiguous buffer of ``W``'s shape to hold ``L @ R`` (and, for k ≤ 1, the
+    result; then returned as is) instead of a fresh one.
     """
     if order in (None, 1):
         Lc, Rc = L.contiguous(), R.contiguous()
         if _fk.takes(W, Lc, Rc, *(() if out is None else (out,))):
-            return _fk.form(W, Lc, Rc, order == 1, out).view(W.shape)
-    delta = (L @ R if out is None else torch.mm(L, R, out=out)).view(W.shape)
+            if out is None:
+                return _fk.form(W, Lc, Rc, order == 1).view(W.shape)
+            _fk.form(W, Lc, Rc, order == 1, out)
+            return out
+    delta = (
+        L @ R if out is None else torch.mm(L, R, out=out.view(L.shape[0], R.shape[1]))
+    ).view(W.shape)
     if order is None:
         return delta.exp_().mul_(W)
     if order == 1:

@@ -14,6 +14,7 @@ cheaper than forming ``∂L/∂W'``. See ``docs/performance.md`` for the design 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -130,30 +131,43 @@ class StepLedger:
         0
     """
 
-    __slots__ = ("_buffers", "credit", "in_backward")
+    __slots__ = ("_buffers", "_views", "credit", "in_backward")
 
     def __init__(self) -> None:
         self.credit = 0
         self.in_backward = False
         self._buffers: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        # the views of the buffers by shape, made once: a view costs a few µs per layer call
+        self._views: dict[tuple[int, torch.device, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
 
-    def workspace(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        """A ``(rows, cols)`` scratch matrix reused by every layer for a transient ``W'``.
+    def workspace(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous scratch tensor of ``shape`` reused by every layer for a transient ``W'``.
 
         One flat buffer per thread, device and dtype, grown to the largest adapted weight and
         kept: a fresh weight-sized buffer per layer and step would cost page faults (measured:
         a third of the adapter's overhead in a ResNet-50 step on CPU) for no memory saved —
         only one transient ``W'`` exists at a time. The model keeps this one buffer between
-        steps. Its contents are valid only until the next call.
+        steps, and the view of each shape asked for (made once: a view costs a few µs, on
+        every layer and step). Its contents are valid only until the next call.
         """
-        key = (threading.get_ident(), like.device, like.dtype)
-        n = rows * cols
-        buf = self._buffers.get(key)
+        views = self._views
+        key = (threading.get_ident(), like.device, like.dtype, shape)
+        view = views.get(key)
+        if view is not None:
+            return view
+        bkey, n = key[:3], math.prod(shape)
+        buf = self._buffers.get(bkey)
         if buf is None or buf.numel() < n:
             del buf
-            self._buffers.pop(key, None)
-            buf = self._buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
-        return buf[:n].view(rows, cols)
+            self._drop(bkey)  # the views of a smaller buffer would keep it alive
+            buf = self._buffers[bkey] = torch.empty(n, dtype=like.dtype, device=like.device)
+        view = views[key] = buf[:n].view(shape)
+        return view
+
+    def _drop(self, bkey: tuple[int, torch.device, torch.dtype]) -> None:
+        self._buffers.pop(bkey, None)
+        for k in [k for k in self._views if k[:3] == bkey]:
+            del self._views[k]
 
     def held(self, like: torch.Tensor) -> int:
         """Entries of this thread's workspace for ``like``'s device and dtype (0: none)."""
@@ -168,8 +182,9 @@ class StepLedger:
         """
         if like is None:
             self._buffers.clear()
+            self._views.clear()
         else:
-            self._buffers.pop((threading.get_ident(), like.device, like.dtype), None)
+            self._drop((threading.get_ident(), like.device, like.dtype))
 
     def forward_seen(self) -> None:
         """A layer's forward ran: after a backward it is a new step (credit back to 0)."""
@@ -191,7 +206,7 @@ class StepLedger:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.credit, self.in_backward = state["credit"], state["in_backward"]
-        self._buffers = {}
+        self._buffers, self._views = {}, {}
 
     def __repr__(self) -> str:
         return f"StepLedger(credit={self.credit}, in_backward={self.in_backward})"
@@ -374,7 +389,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                 del Wq
             if need_f and G is None and not by_products:
                 if Wp is None and ledger is not None:  # into the workspace: one buffer
-                    G = torch.mm(gy2.T, x2, out=ledger.workspace(W.shape[0], W.shape[1], W))
+                    G = torch.mm(gy2.T, x2, out=ledger.workspace(W.shape, W))
                 else:
                     G = gy2.T.mm(x2)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
@@ -512,21 +527,22 @@ def _factor_grads(
     (order ``k ≥ 2``, per block).
     """
     rows, cols = L.shape[0], R.shape[1]
-    Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
     if update == "additive" or order in (None, 1):  # the compiled kernel: one pass, G kept
-        Gk, Lc, Rc = Gm.to(W.dtype), L.contiguous(), R.contiguous()
-        Wm = W.reshape(rows, cols)
-        M: torch.Tensor | None = Wm
+        # the kernel reads raw contiguous memory: no (rows, cols) views needed
+        Gk = (G if G.dtype is W.dtype else G.to(W.dtype)).contiguous()
+        Lc, Rc, Wc = L.contiguous(), R.contiguous(), W.contiguous()
+        M: torch.Tensor | None = Wc
         mode = _fk.GRAD_TIMES_EXP  # exact, W' not at hand: G ⊙ W ⊙ exp(L R)
         if update == "additive":
             M, mode = None, _fk.GRAD_PLAIN
         elif order == 1:
             mode = _fk.GRAD_TIMES
         elif Wp is not None:
-            M, mode = Wp.reshape(rows, cols), _fk.GRAD_TIMES
-        if _fk.takes(Gk, Lc, Rc, Wm, *(() if M is None or M is Wm else (M,))):
+            M, mode = Wp.contiguous(), _fk.GRAD_TIMES
+        if _fk.takes(Gk, Lc, Rc, Wc, *(() if M is None or M is Wc else (M,))):
             g_l, g_r = _fk.factor_grads(Gk, M, Lc, Rc, mode)
             return (g_l if need_l else None), (g_r if need_r else None)
+    Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
     # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
     blocked = update == "hadamard" and order != 1 and (Wp is None or order is not None)
     if not blocked:
@@ -574,12 +590,14 @@ def _lowrank_apply(
     ledger: StepLedger | None = None,
 ) -> torch.Tensor:
     """``W'``; in the ledger's workspace when one is given (a transient ``W'`` only)."""
-    out = None if ledger is None else ledger.workspace(L.shape[0], R.shape[1], W)
+    out = None if ledger is None else ledger.workspace(W.shape, W)
     if update == "additive":
-        Wm = W.reshape(L.shape[0], R.shape[1])
-        return (torch.addmm(Wm, L, R) if out is None else torch.addmm(Wm, L, R, out=out)).view(
-            W.shape
-        )
+        rows, cols = L.shape[0], R.shape[1]
+        Wm = W.reshape(rows, cols)
+        if out is None:
+            return torch.addmm(Wm, L, R).view(W.shape)
+        torch.addmm(Wm, L, R, out=out.view(rows, cols))
+        return out
     return _lowrank_hadamard(W, L, R, order, out)
 
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,6 +132,8 @@ class LieRALayer(nn.Module):
         # shared by the layers of one LieRAModel (set there); None: the layer's backward
         # holds one weight-sized buffer at a time
         self.ledger: StepLedger | None = None
+        self._geometry: OpGeometry | None = None  # a conv's, cached by _fused_input
+        self._geometry_key: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -321,27 +324,20 @@ class LieRALayer(nn.Module):
             return None
         if isinstance(base, nn.Linear):
             return x, OpGeometry("linear")
-        n = W.dim() - 2
-        if x.dim() != n + 2:
+        if x.dim() != W.dim():
             return None
         conv = base
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        kernel = tuple(W.shape[2:])
-        dilation = tuple(int(d) for d in conv.dilation)
+        # the geometry is worked out once per set of conv attributes (every call would cost
+        # µs per layer and step); a changed attribute gives a new key
+        key = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, W.shape)
+        if key != self._geometry_key:
+            self._geometry, self._geometry_key = _conv_geometry(conv, W), key
+        if self._geometry is None:
+            return None
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding: tuple[int, ...] = (0,) * n
-        elif conv.padding == "valid":
-            padding = (0,) * n
-        elif conv.padding == "same":
-            total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
-            if any(t % 2 for t in total):
-                return None
-            padding = tuple(t // 2 for t in total)
-        else:
-            padding = tuple(int(p) for p in conv.padding)
-        stride = tuple(int(s) for s in conv.stride)
-        return x, OpGeometry("conv", stride, padding, dilation, int(conv.groups))
+        return x, self._geometry
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -396,6 +392,29 @@ class LieRALayer(nn.Module):
             f"adapters={list(self.generators)}, active={self.active_adapter!r}, "
             f"merged={self.merged_adapter!r}"
         )
+
+
+def _conv_geometry(conv: nn.Module, W: torch.Tensor) -> OpGeometry | None:
+    """The :class:`OpGeometry` of ``conv``, or ``None`` where the fused path cannot run.
+
+    A non-zeros ``padding_mode`` pads the input before the op (geometry padding 0);
+    ``None`` for ``padding="same"`` that needs asymmetric padding.
+    """
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    n = W.dim() - 2
+    dilation = tuple(int(d) for d in conv.dilation)
+    padding: tuple[int, ...]
+    if conv.padding_mode != "zeros" or conv.padding == "valid":
+        padding = (0,) * n
+    elif conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, W.shape[2:], strict=True)]
+        if any(t % 2 for t in total):
+            return None
+        padding = tuple(t // 2 for t in total)
+    else:
+        padding = tuple(int(p) for p in conv.padding)
+    stride = tuple(int(s) for s in conv.stride)
+    return OpGeometry("conv", stride, padding, dilation, int(conv.groups))
 
 
 class ModulesToSaveWrapper(nn.Module):

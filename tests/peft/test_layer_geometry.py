@@ -390,3 +390,26 @@ def test_save_load_per_geometry(case, exp_map, tmp_path):
     fresh = nn.Sequential(factory()).to(DT)
     fresh.load_state_dict(state)
     assert torch.equal(LieRAModel.from_pretrained(fresh, tmp_path)(x), y)
+
+
+def test_changed_conv_attributes_take_effect():
+    """The layer caches its conv geometry; changing an attribute after wrapping (stride,
+    padding, dilation, padding_mode) must change the forward, never reuse the old one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    layer = LieRALayer(conv)
+    layer.add_adapter("a", LieRAConfig(rank=2, target_modules=["x"]))
+    with torch.no_grad():
+        layer.generators["a"].B.normal_()
+    x = torch.randn(2, 3, 9, 9, dtype=DT)
+    for change in ({}, {"stride": (2, 2)}, {"padding": (0, 2)}, {"dilation": (2, 1)},
+                   {"padding_mode": "reflect"},
+                   {"padding": "same", "stride": (1, 1), "padding_mode": "zeros"}):
+        for k, v in change.items():
+            setattr(conv, k, v)
+        if isinstance(conv.padding, tuple):  # what nn.Conv2d derives from padding at init
+            conv._reversed_padding_repeated_twice = nn.modules.utils._reverse_repeat_tuple(
+                conv.padding, 2)
+        with torch.no_grad():
+            want = conv._conv_forward(x, layer.adapted_weight(), conv.bias)
+            assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12), change

@@ -135,19 +135,23 @@ def test_ledger_counts_and_resets():
 def test_workspace_is_reused_per_thread_device_dtype():
     ledger = StepLedger()
     W = torch.zeros(4, 6)
-    a = ledger.workspace(4, 6, W)
-    b = ledger.workspace(2, 5, W)
+    a = ledger.workspace((4, 6), W)
+    b = ledger.workspace((2, 5), W)
     assert a.shape == (4, 6) and b.shape == (2, 5) and a.data_ptr() == b.data_ptr()
-    c = ledger.workspace(8, 8, W)  # grows: a new buffer, the old one dropped
-    assert c.numel() == 64 and ledger.workspace(4, 6, W).data_ptr() == c.data_ptr()
-    assert ledger.workspace(2, 2, W.double()).dtype == torch.float64
+    assert ledger.workspace((4, 6), W) is a  # a shape's view is made once
+    c = ledger.workspace((8, 2, 2, 2), W)  # grows: a new buffer, the old one dropped
+    assert c.shape == (8, 2, 2, 2) and c.is_contiguous()
+    assert ledger.workspace((4, 6), W).data_ptr() == c.data_ptr()
+    # no view of the smaller buffer survives (it would keep that buffer alive)
+    assert all(v.data_ptr() == c.data_ptr() for v in ledger._views.values())
+    assert ledger.workspace((2, 2), W.double()).dtype == torch.float64
     other: list[int] = []
-    t = threading.Thread(target=lambda: other.append(ledger.workspace(4, 6, W).data_ptr()))
+    t = threading.Thread(target=lambda: other.append(ledger.workspace((4, 6), W).data_ptr()))
     t.start()
     t.join()
     assert other[0] != c.data_ptr()  # another thread never shares a buffer
     ledger.release()
-    assert ledger.workspace(1, 1, W).numel() == 1
+    assert not ledger._views and ledger.workspace((1, 1), W).numel() == 1
 
 
 def test_pickled_and_copied_models_carry_no_workspace():
@@ -221,7 +225,7 @@ def test_uncovered_backward_holds_one_weight_buffer(kind, monkeypatch):
     def spy(G, *args):
         live.append(model._ledger.held(W))  # while ∂L/∂W' exists
         same = model._ledger.held(W) and G.data_ptr() == model._ledger.workspace(
-            *G.reshape(G.shape[0], -1).shape, W).data_ptr()
+            G.shape, W).data_ptr()
         live.append(int(bool(same)))
         return real(G, *args)
 
