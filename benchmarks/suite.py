@@ -253,9 +253,14 @@ class Stepper:
         self.run()
 
 
-def bench_time(case: Case, rounds: int, steps: int) -> tuple[dict[str, float], dict[str, str],
-                                                             dict[str, int]]:
-    """Median over rounds of each method's step time over full fine-tuning's (same round)."""
+def bench_time(
+    case: Case, rounds: int, steps: int
+) -> tuple[dict[str, float], dict[str, str], dict[str, int], dict[str, list[float]]]:
+    """Median over rounds of each method's step time over full fine-tuning's (same round).
+
+    Also returns the per-round ratios (the spread the median hides: other tenants of the
+    machine move a round's figure by several percent), and the refusals and trainable counts.
+    """
     runs: dict[str, Stepper] = {}
     notes: dict[str, str] = {}
     for m in method_names(case):
@@ -283,10 +288,9 @@ def bench_time(case: Case, rounds: int, steps: int) -> tuple[dict[str, float], d
                 continue
             t[m].append(best)
     names = [m for m in names if m not in notes]
-    ratios = {
-        m: statistics.median(a / b for a, b in zip(t[m], t[FULL], strict=True)) for m in names
-    }
-    return ratios, notes, {m: runs[m].n_trainable for m in names}
+    per_round = {m: [a / b for a, b in zip(t[m], t[FULL], strict=True)] for m in names}
+    ratios = {m: statistics.median(v) for m, v in per_round.items()}
+    return ratios, notes, {m: runs[m].n_trainable for m in names}, per_round
 
 
 # ---------------------------------------------------------------- memory (subprocess)
