@@ -221,8 +221,8 @@ def _map_ratio(exact: dict, first: dict) -> float | None:
     >>> _map_ratio({"time": 1.1, "time_rounds": [1.1, 1.2, 1.0]},
     ...            {"time": 1.0, "time_rounds": [1.0, 1.2, 1.0]})
     1.0
-    >>> _map_ratio({"time": 1.1}, {"time": 1.0})
-    1.1
+    >>> _map_ratio({"time": 1.5}, {"time": 1.0})
+    1.5
     """
     te, tf = exact.get("time"), first.get("time")
     if not te or not tf:
@@ -230,7 +230,7 @@ def _map_ratio(exact: dict, first: dict) -> float | None:
     re, rf = exact.get("time_rounds"), first.get("time_rounds")
     if re and rf and len(re) == len(rf):
         return float(statistics.median(a / b for a, b in zip(re, rf, strict=True)))
-    return float(round(te / tf, 12))
+    return float(te / tf)
 
 
 if __name__ == "__main__":

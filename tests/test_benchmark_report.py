@@ -18,8 +18,8 @@ def test_map_ratio_pairs_rounds_and_falls_back_to_medians() -> None:
     first = {"time": 1.04, "time_rounds": [1.00, 1.08, 1.19, 1.04]}
     paired = report._map_ratio(exact, first)
     assert paired is not None and abs(paired - 1.0188) < 1e-3  # median of 1.02, 1.0185, …
-    assert report._map_ratio({"time": 1.1}, {"time": 1.0}) == 1.1  # older JSON: no rounds
-    assert report._map_ratio({"time": 1.1, "time_rounds": [1.1]}, {"time": 1.0}) == 1.1
+    assert report._map_ratio({"time": 1.5}, {"time": 1.0}) == 1.5  # older JSON: no rounds
+    assert report._map_ratio({"time": 1.5, "time_rounds": [1.5]}, {"time": 1.0}) == 1.5
     assert report._map_ratio({"time": None}, {"time": 1.0}) is None
 
 
