@@ -212,9 +212,19 @@ static int cf_ptr(PyObject *o, void **out) {
     return !(*out == NULL && PyErr_Occurred());
 }
 
+/* Run a checked job with the GIL released; None, or MemoryError if a thread could not start. */
+static PyObject *cf_launch(cf_job *job, int grads, int nt) {
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cf_run(job, grads, nt);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *cf_py_form(PyObject *self, PyObject *args) {
     PyObject *pw, *pl, *pr, *po;
-    int mode, rows, cols, r, nt, rc;
+    int mode, rows, cols, r, nt;
     void *w, *l, *rr, *o;
     (void)self;
     if (!PyArg_ParseTuple(args, "iiiiOOOOi", &mode, &rows, &cols, &r, &pw, &pl, &pr, &po, &nt))
@@ -227,16 +237,12 @@ static PyObject *cf_py_form(PyObject *self, PyObject *args) {
     }
     cf_job job = {mode, rows, cols, r, (const float *)w, NULL, NULL, (const float *)l,
                   (const float *)rr, (float *)o, NULL, NULL, NULL, 0, rows};
-    Py_BEGIN_ALLOW_THREADS
-    rc = cf_run(&job, 0, nt);
-    Py_END_ALLOW_THREADS
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return cf_launch(&job, 0, nt);
 }
 
 static PyObject *cf_py_grads(PyObject *self, PyObject *args) {
     PyObject *pg, *pm, *pl, *pr, *pgl, *pgr;
-    int mode, rows, cols, r, nt, rc;
+    int mode, rows, cols, r, nt;
     void *g, *m, *l, *rr, *gl, *gr;
     (void)self;
     if (!PyArg_ParseTuple(args, "iiiiOOOOOOi", &mode, &rows, &cols, &r, &pg, &pm, &pl, &pr, &pgl,
@@ -253,11 +259,7 @@ static PyObject *cf_py_grads(PyObject *self, PyObject *args) {
     cf_job job = {mode, rows, cols, r, NULL, (const float *)m, (const float *)g,
                   (const float *)l, (const float *)rr, NULL, (float *)gl, (float *)gr, NULL, 0,
                   rows};
-    Py_BEGIN_ALLOW_THREADS
-    rc = cf_run(&job, 1, nt);
-    Py_END_ALLOW_THREADS
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return cf_launch(&job, 1, nt);
 }
 
 static PyObject *cf_py_isa(PyObject *self, PyObject *args) {

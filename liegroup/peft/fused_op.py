@@ -542,6 +542,7 @@ def _factor_grads(
         if _fk.takes(Gk, Lc, Rc, Wc, *(() if M is None or M is Wc else (M,))):
             g_l, g_r = _fk.factor_grads(Gk, M, Lc, Rc, mode)
             return (g_l if need_l else None), (g_r if need_r else None)
+        G = Gk  # already in W's dtype and contiguous: the torch path below casts nothing again
     Gm = G.view(rows, cols) if G.is_contiguous() else G.contiguous().view(rows, cols)
     # G ⊙ W' is G_Δ for the exact map only (order k ≥ 2: G ⊙ W ⊙ T_{k−1}, per block)
     blocked = update == "hadamard" and order != 1 and (Wp is None or order is not None)

@@ -184,3 +184,25 @@ def test_bias_only_gradient_under_autocast(case):
     (gb,) = torch.autograd.grad(y, [layer.bias], gy)
     (want,) = torch.autograd.grad(_reference(layer, x), [layer.bias], gy)
     assert gb.dtype == torch.float32 and torch.allclose(gb, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("group", "exp_map"), MAPS)
+@pytest.mark.parametrize("case", ["linear", "conv2d"])
+def test_autocast_factor_gradients_without_the_kernel(case, group, exp_map, monkeypatch):
+    """The torch path of the factor gradients (the kernel off, as on CUDA) takes the bf16
+    ∂L/∂W' cast to float32 once and gives the kernel path's gradients to float32 rounding."""
+    from liegroup.peft import _fused_kernel as fk
+
+    def grads(kernel: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(fk, "_USE_KERNEL", kernel)
+        layer = _layer(case, group, exp_map)
+        x = torch.randn(CASES[case][1])
+        with torch.autocast("cpu", dtype=BF16):
+            y = layer(x)
+        return list(torch.autograd.grad(y.float().square().sum(), _params(layer)))
+
+    on, off = grads(True), grads(False)
+    u = torch.finfo(torch.float32).eps
+    for a, b in zip(off, on, strict=True):
+        assert a.dtype == b.dtype
+        assert (a - b).abs().max().item() <= 1e3 * u * (1 + b.abs().max().item())
