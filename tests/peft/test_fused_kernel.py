@@ -338,7 +338,7 @@ MODES = [FK.GRAD_TIMES, FK.GRAD_TIMES_EXP, FK.GRAD_PLAIN]
 @pytest.mark.parametrize("mode", MODES, ids=["times", "times_exp", "plain"])
 def test_factor_grads_match_float64_within_derived_bound(isa: str, mode: int) -> None:
     shapes = [(1, 1, 1), (3, 5, 2), (2, 17, 8), (7, 33, 9), (10, 1000, 3), (9, 600, 17),
-              (4, 40, R_MAX), (13, 515, 16)]
+              (4, 40, R_MAX), (13, 515, 16), (5, 4615, 8), (17, 2100, 3)]
     for n, (rows, cols, r) in enumerate(shapes):
         W, L, R = _factors(rows, cols, r, 7 * n + mode)
         G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n))
