@@ -7,7 +7,8 @@
 * ``form`` (both maps) and ``factor_grads`` (three modes) agree with float64 references to
   bounds derived from the float32 unit roundoff ``u`` (standard dot-product error analysis:
   ``|fl(x·y) − x·y| ≤ γ_n |x|·|y|``, ``γ_n = n u / (1 − n u)``), over shapes exercising the
-  vector tails, the two-vector main loop, the rank passes of the gradient kernel and R_MAX;
+  vector tails, the two-vector main loop, the rank passes and the column panels of the
+  gradient kernel and R_MAX;
 * ``form`` is bit-identical across thread counts; gradients stay within their bound;
 * what the kernel does not take (rank R_MAX + 1, float64, non-contiguous) runs the torch path
   and is still right; the library's paths (adapted_weight_lowrank, the fused layer node, a
