@@ -339,7 +339,7 @@ MODES = [FK.GRAD_TIMES, FK.GRAD_TIMES_EXP, FK.GRAD_PLAIN]
 @pytest.mark.parametrize("mode", MODES, ids=["times", "times_exp", "plain"])
 def test_factor_grads_match_float64_within_derived_bound(isa: str, mode: int) -> None:
     shapes = [(1, 1, 1), (3, 5, 2), (2, 17, 8), (7, 33, 9), (10, 1000, 3), (9, 600, 17),
-              (4, 40, R_MAX), (13, 515, 16), (5, 4615, 8), (17, 2100, 3)]
+              (4, 40, R_MAX), (13, 515, 16), (5, 4615, 8), (17, 2100, 3), (6, 2101, 17)]
     for n, (rows, cols, r) in enumerate(shapes):
         W, L, R = _factors(rows, cols, r, 7 * n + mode)
         G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n))
@@ -365,20 +365,21 @@ def test_factor_grads_is_deterministic_for_a_thread_count() -> None:
 # --------------------------------------------------------------------------- 5. threads
 def test_threads_form_bit_identical_grads_within_bound(threads: None) -> None:
     _need_kernel()
-    rows, cols, r = 512, 4608, 8  # rows·cols·(r + 8) ≫ 4·2^21: split over 4 threads
-    W, L, R = _factors(rows, cols, r, 11)
-    G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(12))
-    res = {}
-    for nt in (1, 4):
-        torch.set_num_threads(nt)
-        res[nt] = (FK.form(W, L, R, False), FK.form(W, L, R, True),
-                   *FK.factor_grads(G, W, L, R, FK.GRAD_TIMES_EXP))
-    for q in (0, 1):
-        assert torch.equal(res[1][q], res[4][q])
-    refL, refR, bL, bR = grads_ref_and_bound(G, W, L, R, FK.GRAD_TIMES_EXP)
-    for nt in (1, 4):
-        assert_within(res[nt][2], refL, bL, f"gL threads={nt}")
-        assert_within(res[nt][3], refR, bR, f"gR threads={nt}")
+    rows, cols = 512, 4608  # rows·cols·(r + 8) ≫ 4·2^21: split over 4 threads
+    for r in (8, 12):  # one rank pass; rank groups on a shared G_Δ buffer (r > 8)
+        W, L, R = _factors(rows, cols, r, 11)
+        G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(12))
+        res = {}
+        for nt in (1, 4):
+            torch.set_num_threads(nt)
+            res[nt] = (FK.form(W, L, R, False), FK.form(W, L, R, True),
+                       *FK.factor_grads(G, W, L, R, FK.GRAD_TIMES_EXP))
+        for q in (0, 1):
+            assert torch.equal(res[1][q], res[4][q])
+        refL, refR, bL, bR = grads_ref_and_bound(G, W, L, R, FK.GRAD_TIMES_EXP)
+        for nt in (1, 4):
+            assert_within(res[nt][2], refL, bL, f"gL threads={nt} r={r}")
+            assert_within(res[nt][3], refR, bR, f"gR threads={nt} r={r}")
 
 
 # --------------------------------------------------------------------------- 6. fallback
