@@ -482,6 +482,18 @@ CF_FI vf CF_S(gdelta)(const cf_job *jb, int i, int j, int n, const float *Rsrc, 
     return g;
 }
 
+/* Column j of rows n0 and n1 of G (and M) towards the cache: a row's segment of a panel is
+ * a stream of its own that the hardware prefetcher would start cold. */
+CF_FI void CF_S(prefetch_rows)(const cf_job *jb, int n0, int n1, int j) {
+    const size_t o0 = (size_t)n0 * jb->cols + j, o1 = (size_t)n1 * jb->cols + j;
+    __builtin_prefetch(jb->G + o0, 0, 3);
+    __builtin_prefetch(jb->G + o1, 0, 3);
+    if (jb->mode != 2) {
+        __builtin_prefetch(jb->M + o0, 0, 3);
+        __builtin_prefetch(jb->M + o1, 0, 3);
+    }
+}
+
 /* One pass over rows row0..row1 for ranks k0..k0+KN-1 (KN <= CF_KG, a compile-time constant
  * after inlining): per column panel, ∂L/∂R's panel is updated in place (two rows per load and
  * store) and ∂L/∂L's partial vectors accumulate in registers, then into the scratch. */
@@ -506,17 +518,11 @@ CF_FI void CF_S(grads_pass)(cf_job *jb, int k0, const int KN, const float *Rtail
             }
             vf a0[CF_KG], a1[CF_KG];
             for (int k = 0; k < KN; k++) a0[k] = a1[k] = (vf){0};
-            /* the next row pair's segment of this panel: each row's segment is a stream of
-             * its own that the hardware prefetcher would start cold (measured: the gradient
-             * pass over a ResNet-50's weights 38 -> 24 ms, exact map 42 -> 28 ms) */
+            /* the next row pair's segment of this panel (measured: the gradient pass over
+             * a ResNet-50's weights 38 -> 24 ms, exact map 42 -> 28 ms) */
             const int n0 = i + 2 < jb->row1 ? i + 2 : i, n1 = i + 3 < jb->row1 ? i + 3 : n0;
             for (int j = p0; j < pv; j += VW) {
-                __builtin_prefetch(jb->G + (size_t)n0 * cols + j, 0, 3);
-                __builtin_prefetch(jb->G + (size_t)n1 * cols + j, 0, 3);
-                if (jb->mode != 2) {
-                    __builtin_prefetch(jb->M + (size_t)n0 * cols + j, 0, 3);
-                    __builtin_prefetch(jb->M + (size_t)n1 * cols + j, 0, 3);
-                }
+                CF_S(prefetch_rows)(jb, n0, n1, j);
                 vf rv[CF_KG], g0, g1;
                 for (int k = 0; k < KN; k++) rv[k] = CF_S(ld)(R + (size_t)(k0 + k) * cols + j);
                 if (whole_exp) { /* exp(L R) from the R vectors just loaded (dot1's sum) */
@@ -629,12 +635,7 @@ CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
             const int two = i + 1 < jb->row1, i1 = two ? i + 1 : i;
             const int n0 = i + 2 < jb->row1 ? i + 2 : i, n1 = i + 3 < jb->row1 ? i + 3 : n0;
             for (int j = p0; j < pv; j += VW) {
-                __builtin_prefetch(jb->G + (size_t)n0 * cols + j, 0, 3);
-                __builtin_prefetch(jb->G + (size_t)n1 * cols + j, 0, 3);
-                if (jb->mode != 2) {
-                    __builtin_prefetch(jb->M + (size_t)n0 * cols + j, 0, 3);
-                    __builtin_prefetch(jb->M + (size_t)n1 * cols + j, 0, 3);
-                }
+                CF_S(prefetch_rows)(jb, n0, n1, j);
                 CF_S(st)(gd0 + (j - p0), CF_S(gdelta)(jb, i, j, VW, jb->R, cols, j));
                 CF_S(st)(gd1 + (j - p0),
                          two ? CF_S(gdelta)(jb, i1, j, VW, jb->R, cols, j) : (vf){0});
