@@ -9,7 +9,8 @@ TORCH  := torch==2.13.0
 
 .PHONY: install test test-all lint demo bench clean
 
-$(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c liegroup/peft/_cfused.c
+$(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c liegroup/peft/_cfused.c \
+          liegroup/peft/_ctucker.c liegroup/peft/_ctucker.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

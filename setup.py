@@ -32,7 +32,8 @@ setup(
         ),
         Extension(
             "liegroup.peft._cfused",
-            sources=["liegroup/peft/_cfused.c"],
+            sources=["liegroup/peft/_cfused.c", "liegroup/peft/_ctucker.c"],
+            depends=["liegroup/peft/_ctucker.h"],
             extra_compile_args=(
                 [*_ARGS, "-ffp-contract=fast", "-Werror=implicit-function-declaration"]
                 if _ARGS

@@ -15,6 +15,7 @@ merging) goes through the same dispatch, so they agree with each other bit for b
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -106,3 +107,50 @@ def factor_grads(
     _k.grads(mode, rows, cols, r, G.data_ptr(), 0 if M is None else M.data_ptr(), L.data_ptr(),
              R.data_ptr(), gL.data_ptr(), gR.data_ptr(), torch.get_num_threads())
     return gL, gR
+
+
+def takes_tucker(core: torch.Tensor, us: list[torch.Tensor]) -> bool:
+    """Whether the kernel takes a Tucker generator's core and factors (see :func:`tucker`).
+
+    float32 on the CPU, contiguous, 2–8 modes, kernel-mode ranks ≤ their sizes (the
+    generator clamps them so); any thread count (the work is a few hundred kFLOP).
+    """
+    if _k is None or not _USE_KERNEL or not 2 <= len(us) <= 8:
+        return False
+    for t in (core, *us):  # a loop, not all(genexpr): runs once per Tucker layer and step
+        if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return all(u.shape[1] <= u.shape[0] for u in us[2:])
+
+
+def _tucker_shape(core: torch.Tensor, us: list[torch.Tensor]) -> tuple[Any, ...]:
+    return (tuple(u.shape[0] for u in us), tuple(core.shape), core.data_ptr(),
+            tuple(u.data_ptr() for u in us))
+
+
+def tucker(core: torch.Tensor, us: list[torch.Tensor], scaling: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s·U₀, unfold₀(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}))`` for a core ``G`` and ``U_m (n_m, r_m)``.
+
+    Callers check :func:`takes_tucker` first. ``L`` is ``(n₀, r₀)``, ``R`` is
+    ``(r₀, n₁·n₂⋯n_{N−1})``; ``s`` is rounded to float32 first (as ``U₀ * s`` does in torch).
+    """
+    n0, r0 = us[0].shape
+    cols = math.prod(u.shape[0] for u in us[1:])
+    L = torch.empty((n0, r0), dtype=_F32)
+    R = torch.empty((r0, cols), dtype=_F32)
+    _k.tucker(*_tucker_shape(core, us), scaling, L.data_ptr(), R.data_ptr())
+    return L, R
+
+
+def tucker_grads(core: torch.Tensor, us: list[torch.Tensor], scaling: float,
+                 gL: torch.Tensor, gR: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The gradients of ``core`` and every ``U_m`` from those of :func:`tucker`'s ``(L, R)``.
+
+    ``gL``, ``gR`` contiguous float32 of ``L``'s and ``R``'s shapes.
+    """
+    g_core = torch.empty_like(core)
+    g_us = [torch.empty_like(u) for u in us]
+    _k.tucker_grads(*_tucker_shape(core, us), scaling, gL.data_ptr(), gR.data_ptr(),
+                    g_core.data_ptr(), tuple(g.data_ptr() for g in g_us))
+    return g_core, g_us
