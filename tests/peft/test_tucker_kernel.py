@@ -1,6 +1,7 @@
 """The compiled factors of the Tucker generator (liegroup/peft/_ctucker.c).
 
-* ``TuckerGenerator.factors`` reaches the kernel for float32 CPU parameters, and only then;
+* ``TuckerGenerator.factors`` reaches the kernel for float32 CPU parameters with a kernel mode
+  of size > 1, and only then (a Linear's or 1×1 conv's ``linear`` graph is as fast);
 * ``L = s·U₀`` is bit-identical to the torch formulation's ``U₀ * s``;
 * ``R`` and the gradients of the core and of every factor agree with the torch formulation
   run in float64, within ``γ_n`` times the same computation on absolute values (every
@@ -23,7 +24,7 @@ from torch import nn
 
 from liegroup.peft import LieRAConfig, get_peft_model
 from liegroup.peft import _fused_kernel as FK  # noqa: N812
-from liegroup.peft.generators import GeneratorSpec, TuckerGenerator
+from liegroup.peft.generators import GeneratorSpec, TuckerFactorsFunction, TuckerGenerator
 
 U32 = 2.0**-24  # float32 unit roundoff
 
@@ -62,6 +63,14 @@ def _generator(shape: tuple[int, ...], opts: dict[str, Any], seed: int = 0) -> T
     return g
 
 
+def _kernel(g: TuckerGenerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` by the kernel's node (whatever shape: ``factors`` keeps Linear and 1×1 on
+    the torch graph, the kernel takes them too)."""
+    assert FK.takes_tucker(g.core, list(g.factors_list))
+    L, R = TuckerFactorsFunction.apply(g.scaling, g.core, *g.factors_list)
+    return L, R
+
+
 def _torch_path(g: TuckerGenerator, monkeypatch: pytest.MonkeyPatch, absolute: bool,
                 gL: torch.Tensor, gR: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -92,19 +101,25 @@ def _chain(g: TuckerGenerator) -> dict[str, int]:
     return {"R": fwd, "grad": grad}
 
 
-def test_factors_reach_the_kernel_for_float32_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factors_reach_the_kernel_for_float32_cpu_kernel_modes_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _need_kernel()
     calls: list[str] = []
     real_fwd, real_bwd = FK.tucker, FK.tucker_grads
     monkeypatch.setattr(FK, "tucker", lambda *a: calls.append("f") or real_fwd(*a))
     monkeypatch.setattr(FK, "tucker_grads", lambda *a: calls.append("b") or real_bwd(*a))
-    g = _generator((8, 6, 3, 3), {})
-    L, R = g.factors()
-    (L.sum() + R.sum()).backward()
-    assert calls == ["f", "b"]
-    assert type(L.grad_fn).__name__ == "TuckerFactorsFunctionBackward"
-    calls.clear()
-    g.double().factors()
+    for shape in [(8, 6, 3, 3), (8, 6, 3), (8, 6, 1, 3), (8, 6, 3, 3, 3)]:
+        g = _generator(shape, {})
+        L, R = g.factors()
+        (L.sum() + R.sum()).backward()
+        assert calls == ["f", "b"], shape
+        assert type(L.grad_fn).__name__ == "TuckerFactorsFunctionBackward"
+        calls.clear()
+    for shape in [(8, 6), (8, 6, 1, 1), (8, 6, 1)]:  # Linear, 1×1: the linear graph
+        L, R = _generator(shape, {}).factors()
+        (L.sum() + R.sum()).backward()
+    _generator((8, 6, 3, 3), {}).double().factors()
     monkeypatch.setattr(FK, "_USE_KERNEL", False)
     _generator((8, 6, 3, 3), {}).factors()
     assert calls == []
@@ -116,8 +131,7 @@ def test_forward_within_derived_bound_and_l_bit_identical(
 ) -> None:
     _need_kernel()
     g = _generator(shape, opts)
-    L, R = g.factors()
-    assert type(L.grad_fn).__name__ == "TuckerFactorsFunctionBackward"
+    L, R = _kernel(g)
     with monkeypatch.context() as m:
         m.setattr(FK, "_USE_KERNEL", False)
         L32, _ = g.factors()
@@ -137,7 +151,7 @@ def test_gradients_within_derived_bound(
 ) -> None:
     _need_kernel()
     g = _generator(shape, opts, seed=1)
-    L, R = g.factors()
+    L, R = _kernel(g)
     gL, gR = torch.randn_like(L), torch.randn_like(R)
     torch.autograd.backward((L, R), (gL, gR))
     _, _, ref = _torch_path(g, monkeypatch, False, gL, gR)
