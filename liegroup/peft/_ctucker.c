@@ -12,7 +12,7 @@
  * with Kron = U₂ ⊗ ⋯ ⊗ U_{N−1} (S = G·Kronᵀ, G as (r₀r₁, r₂⋯r_{N−1})),
  * and R[a, c, k] = Σ_b U₁[c, b] S[a, b, k], the only product whose size grows with the
  * weight (r₀·r₁·n₁·K multiply-adds). Its loops run along c, contiguous in U₁ᵀ, in vectors;
- * on x86-64 Linux with gcc or clang they are compiled for AVX-512, AVX2+FMA and the baseline
+ * on x86-64 Linux with gcc or clang they are compiled for AVX-512, AVX2 and the baseline
  * (target_clones, chosen by the loader). The backward forms, from ∂L/∂L and ∂L/∂R,
  *
  *   ∂U₀ = s·∂L,   ∂U₁[c, b] = Σ_{a,k} ∂R[a, c, k] S[a, b, k],   ∂S[a, b, k] = Σ_c U₁[c, b] ∂R[a, c, k],
