@@ -276,12 +276,12 @@ static int cf_ptrs(PyObject *t, int n, void **out) {
 /* The Tucker shape (dims, ranks, core address, factor addresses); 0 with an error set. */
 static int cf_tucker_shape(PyObject *dims, PyObject *ranks, PyObject *core, PyObject *us,
                            ct_shape *sh) {
-    void *p[CT_MAX_MODES];
+    void *p[CT_MAX_MODES], *c = NULL;
     Py_ssize_t n = PyTuple_Check(dims) ? PyTuple_GET_SIZE(dims) : 0;
     sh->N = (int)n;
     int ok = n >= 2 && n <= CT_MAX_MODES && cf_ints(dims, sh->N, sh->n) &&
-             cf_ints(ranks, sh->N, sh->r) && cf_ptrs(us, sh->N, p) &&
-             cf_ptr(core, (void **)&sh->core) && sh->core;
+             cf_ints(ranks, sh->N, sh->r) && cf_ptrs(us, sh->N, p) && cf_ptr(core, &c) && c;
+    sh->core = (const float *)c;
     for (int m = 0; ok && m < sh->N; m++) {
         sh->U[m] = (const float *)p[m];
         ok = m < 2 || sh->r[m] <= sh->n[m];

@@ -147,10 +147,9 @@ static void ct_kron(const ct_shape *sh, size_t K, size_t Kr, const int *kd, cons
     const int nm = sh->N - 2;
     for (size_t k = 0; k < K; k++)
         for (size_t j = 0; j < Kr; j++) {
-            float v = 1.0f;
+            float v = 1.0f; /* 1·U₂ is exact: then the same products as kron(kron(U₂, U₃), …) */
             for (int m = 2; m < sh->N; m++)
-                v = (m == 2 ? 1.0f : v) *
-                    sh->U[m][(size_t)kd[k * nm + m - 2] * sh->r[m] + jd[j * nm + m - 2]];
+                v *= sh->U[m][(size_t)kd[k * nm + m - 2] * sh->r[m] + jd[j * nm + m - 2]];
             Kron[k * Kr + j] = KronT[j * K + k] = v;
         }
 }

@@ -112,14 +112,17 @@ def factor_grads(
 def takes_tucker(core: torch.Tensor, us: list[torch.Tensor]) -> bool:
     """Whether the kernel takes a Tucker generator's core and factors (see :func:`tucker`).
 
-    float32 on the CPU, contiguous, 2–8 modes, kernel-mode ranks ≤ their sizes (the
-    generator clamps them so); any thread count (the work is a few hundred kFLOP).
+    float32 on the CPU, contiguous, 2–8 modes, ``core.shape[m] == us[m].shape[1]``, kernel-mode
+    ranks ≤ their sizes (the generator clamps them so); any thread count (the work is a few
+    hundred kFLOP).
     """
     if _k is None or not _USE_KERNEL or not 2 <= len(us) <= 8:
         return False
     for t in (core, *us):  # a loop, not all(genexpr): runs once per Tucker layer and step
         if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():
             return False
+    if core.dim() != len(us) or any(core.shape[m] != u.shape[1] for m, u in enumerate(us)):
+        return False  # not a Tucker pair: the torch formulation raises its own error
     return all(u.shape[1] <= u.shape[0] for u in us[2:])
 
 

@@ -240,3 +240,20 @@ def test_raw_functions_reject_bad_arguments() -> None:
         k.tucker(*ok[:5], 0, R.data_ptr())
     with pytest.raises(ValueError, match="tucker_grads"):
         k.tucker_grads(*ok[:5], L.data_ptr(), R.data_ptr(), core.data_ptr(), ptrs[:3])
+
+
+def test_takes_tucker_only_consistent_float32_cpu_contiguous() -> None:
+    _need_kernel()
+    core = torch.zeros(2, 3, 2)
+    us = [torch.zeros(4, 2), torch.zeros(5, 3), torch.zeros(3, 2)]
+    assert FK.takes_tucker(core, us)
+    assert not FK.takes_tucker(core.double(), us)
+    assert not FK.takes_tucker(core, [us[0], us[1], torch.zeros(2, 3).T])  # non-contiguous
+    assert not FK.takes_tucker(torch.zeros(2, 2, 2), us)  # core's r₁ is not U₁'s
+    assert not FK.takes_tucker(core, us[:2])  # a mode short
+    assert not FK.takes_tucker(torch.zeros(2, 3, 4), [*us[:2], torch.zeros(3, 4)])  # r₂ > n₂
+    many = [torch.zeros(2, 1)] * 9
+    assert not FK.takes_tucker(torch.zeros([1] * 9), many)  # more than 8 modes
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(FK, "_USE_KERNEL", False)
+        assert not FK.takes_tucker(core, us)
