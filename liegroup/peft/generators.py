@@ -396,17 +396,18 @@ class TuckerFactorsFunction(torch.autograd.Function):
     most of what Tucker cost over LoRA per layer and step). Agrees with the torch
     formulation to float32 rounding; ``L`` bit for bit.
 
-    Example:
+    Example (``factors`` runs this node when the kernel is built, the torch graph otherwise;
+    either way ``L @ R`` is the generator's ``ΔW``):
         >>> import torch
-        >>> from liegroup.peft import _fused_kernel as fk
-        >>> core = torch.randn(2, 2, 3, requires_grad=True)
-        >>> us = [torch.randn(n, r, requires_grad=True) for n, r in ((4, 2), (5, 2), (3, 3))]
-        >>> if fk.takes_tucker(core, us):
-        ...     L, R = TuckerFactorsFunction.apply(0.5, core, *us)
-        ...     (L.shape, R.shape)
-        ... else:
-        ...     (torch.Size([4, 2]), torch.Size([2, 15]))
-        (torch.Size([4, 2]), torch.Size([2, 15]))
+        >>> from liegroup.peft import compiled_kernel
+        >>> g = TuckerGenerator(GeneratorSpec(weight_shape=(4, 5, 3), rank=2, scaling=0.5))
+        >>> with torch.no_grad():
+        ...     _ = [p.normal_() for p in g.parameters()]
+        >>> L, R = g.factors()
+        >>> (type(L.grad_fn).__name__ == "TuckerFactorsFunctionBackward") == compiled_kernel()
+        True
+        >>> torch.allclose((L @ R).view(4, 5, 3), g(), atol=1e-5)
+        True
     """
 
     @staticmethod
