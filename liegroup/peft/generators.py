@@ -334,6 +334,8 @@ class TuckerGenerator(Generator):
                 (k if kr is None else kr) for k in shape[2:]
             ]
         self.ranks = [min(r, n) for r, n in zip(ranks, shape, strict=True)]
+        # every kernel mode of size 1 (Linear, 1×1 conv): factors() takes the `linear` graph
+        self._scalar_kernel = all(n == 1 for n in shape[2:])
         kw: dict[str, Any] = {"dtype": spec.dtype, "device": spec.device}
         self.core = nn.Parameter(torch.zeros(self.ranks, **kw))
         self.factors_list = nn.ParameterList(
@@ -366,7 +368,7 @@ class TuckerGenerator(Generator):
         us: list[torch.Tensor] = [*self.factors_list._parameters.values()]  # type: ignore[list-item]
         r0, r1 = self.ranks[0], self.ranks[1]
         core: torch.Tensor = self.core
-        if all(u.shape[0] == 1 for u in us[2:]):  # kernel modes of size 1: K is a scalar
+        if self._scalar_kernel:  # kernel modes of size 1: K is a scalar
             left = us[0] * self.scaling
             if len(us) > 2:
                 k = us[2]
