@@ -14,7 +14,7 @@ Example:
     torch.Size([1, 4, 7])
 """
 
-from liegroup.peft._fused_kernel import compiled_kernel
+from liegroup.peft._engine import compiled_kernel
 from liegroup.peft.adalora import (
     AdaLoRAGenerator,
     RankAllocator,

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from liegroup._validation import check_tensor
 from liegroup.errors import AdapterStateError, ShapeError
 from liegroup.groups.hadamard import Hadamard
-from liegroup.peft import _fused_kernel as _fk
+from liegroup.peft._engine import ops as _ops
 
 __all__ = [
     "Additive",
@@ -131,11 +131,7 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         ctx: Any, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None
     ) -> torch.Tensor:
         """``W ⊙ exp((L @ R).view(W.shape))``, every step in one fresh buffer."""
-        if L.dim() != 2 or R.dim() != 2 or L.shape[0] * R.shape[1] != W.numel():
-            raise ShapeError(
-                f"L @ R must have as many entries as W {tuple(W.shape)}, got L "
-                f"{tuple(L.shape)} and R {tuple(R.shape)}"
-            )
+        _ops.check_factors(W, L, R)
         if ctx.needs_input_grad[0]:
             raise TypeError("LowRankHadamardExpFunction does not differentiate W; freeze it")
         # bit-identical to Hadamard.act(Hadamard.exp(ΔW, order), W) (tested)
@@ -150,50 +146,28 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         """Recompute ``ΔW`` from the factors; two small matmuls give the factor gradients."""
         W, L, R = ctx.saved_tensors
         order: int | None = ctx.order
-        if order in (None, 1) and _fk.takes(grad, L, R, W):  # one pass over G and W
-            rows, cols = L.shape[0], R.shape[1]
-            mode = _fk.GRAD_TIMES if order == 1 else _fk.GRAD_TIMES_EXP
-            g_l, g_r = _fk.factor_grads(grad.view(rows, cols), W.view(rows, cols), L, R, mode)
-            return (None, g_l if ctx.needs_input_grad[1] else None,
-                    g_r if ctx.needs_input_grad[2] else None, None)
-        if order == 1:
-            g = grad * W
-        else:
-            delta = (L @ R).view(W.shape)
-            t = delta.exp_() if order is None else _exp_inplace(delta, order - 1)
-            g = t.mul_(W).mul_(grad)
+        need_l, need_r = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if order in (None, 1):  # one operator: a single pass over G and W where compiled
+            mode = _ops.GRAD_TIMES if order == 1 else _ops.GRAD_TIMES_EXP
+            g_l, g_r = _ops.lowrank_factor_grads(grad, W, L, R, mode)
+            return None, (g_l if need_l else None), (g_r if need_r else None), None
+        delta = (L @ R).view(W.shape)
+        g = _exp_inplace(delta, order - 1).mul_(W).mul_(grad)
         gm = g.view(L.shape[0], R.shape[1])
-        return (None, gm @ R.T if ctx.needs_input_grad[1] else None,
-                L.T @ gm if ctx.needs_input_grad[2] else None, None)
+        return None, (gm @ R.T if need_l else None), (L.T @ gm if need_r else None), None
 
 
-def _lowrank_hadamard(
-    W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, order: int | None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``W ⊙ exp((L @ R).view(W.shape))`` (or ``T_k``) with one weight-sized buffer for k ≤ 1.
+def _lowrank_hadamard(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                      order: int | None) -> torch.Tensor:
+    """``W ⊙ exp((L @ R).view(W.shape))`` (or ``T_k``), in one fresh buffer.
 
-    float32 CPU operands with ``k ≤ 1`` go to the compiled kernel (one pass over ``W``; see
-    ``_fused_kernel``), equal to the torch ops below to rounding. Otherwise bit-identical to
-    ``Hadamard.act(Hadamard.exp(ΔW, order), W)``: ``X.add_(1)`` is ``X + 1``.
-    ``out``: a contiguous buffer of ``W``'s shape to hold ``L @ R`` (and, for k ≤ 1, the
-    result; then returned as is) instead of a fresh one.
+    Orders ``None`` and 1 run the ``liegroup::lowrank_form`` operator (the compiled kernel for
+    float32 CPU operands, torch ops elsewhere), which every path that forms ``W'`` shares;
+    higher orders are bit-identical to ``Hadamard.act(Hadamard.exp(ΔW, order), W)``.
     """
     if order in (None, 1):
-        Lc, Rc = L.contiguous(), R.contiguous()
-        if _fk.takes(W, Lc, Rc, *(() if out is None else (out,))):
-            if out is None:
-                return _fk.form(W, Lc, Rc, order == 1).view(W.shape)
-            _fk.form(W, Lc, Rc, order == 1, out)
-            return out
-    delta = (
-        L @ R if out is None else torch.mm(L, R, out=out.view(L.shape[0], R.shape[1]))
-    ).view(W.shape)
-    if order is None:
-        return delta.exp_().mul_(W)
-    if order == 1:
-        return delta.add_(1).mul_(W)
-    return _exp_inplace(delta, order).mul_(W)
+        return _ops.lowrank_form(W, L, R, order == 1)
+    return _exp_inplace((L @ R).view(W.shape), order).mul_(W)
 
 
 def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:
@@ -204,15 +178,7 @@ def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:
     """
     if order is None:
         return Hadamard(tuple(X.shape)).exp(X)
-    if order == 0:
-        return torch.ones_like(X)
-    t = X / order + 1 if order > 1 else X + 1
-    for j in range(order - 1, 0, -1):
-        t.mul_(X)
-        if j > 1:
-            t.div_(j)
-        t.add_(1)
-    return t
+    return _ops.exp_taylor(X, order)
 
 
 class Update(ABC):
@@ -260,9 +226,22 @@ class Update(ABC):
         A hook for updates that, on a matrix ``W`` ``(out, in)``, are a low-rank additive
         correction ``W + L R`` (``L`` ``(out, m)``, ``R`` ``(m, in)``) whose factors cost far
         less than ``W'``: a Linear layer then runs them through
-        :class:`~liegroup.peft.fused_op.LowRankAdaptedOpFunction` (``"additive"``), whose
+        the engine's fused low-rank node (``"additive"``), whose
         backward never forms ``∂L/∂W'``. ``L, R`` are differentiable functions of ``ΔW``.
         Default: ``None``.
+        """
+        return None
+
+    def fused_form(self) -> tuple[str, int | None] | None:
+        """``(name, order)`` when the engine may run this update as a fused low-rank node.
+
+        ``("hadamard", order)`` and ``("additive", None)`` for the shipped updates (exactly
+        those classes, not subclasses, whose ``apply`` may differ); ``None`` (the default) for
+        every other update, which runs through :meth:`apply` / :meth:`apply_lowrank`.
+
+        Example:
+            >>> HadamardExp(1).fused_form(), Additive().fused_form()
+            (('hadamard', 1), ('additive', None))
         """
         return None
 
@@ -322,6 +301,10 @@ class HadamardExp(Update):
         out: torch.Tensor = LowRankHadamardExpFunction.apply(W, L, R, self.order)
         return out
 
+    def fused_form(self) -> tuple[str, int | None] | None:
+        """``("hadamard", order)`` for this class itself (see :meth:`Update.fused_form`)."""
+        return ("hadamard", self.order) if type(self) is HadamardExp else None
+
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``W' ⊙ exp(−ΔW)`` (exact map only)."""
         if self.order is not None:
@@ -352,6 +335,10 @@ class Additive(Update):
     def apply_lowrank(self, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``W + L @ R`` as one ``addmm`` (nothing weight-sized kept for backward)."""
         return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
+
+    def fused_form(self) -> tuple[str, int | None] | None:
+        """``("additive", None)`` for this class itself (see :meth:`Update.fused_form`)."""
+        return ("additive", None) if type(self) is Additive else None
 
     def inverse(self, Wp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``W' − ΔW``."""

@@ -36,10 +36,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from liegroup.errors import ShapeError
-from liegroup.peft import _fused_kernel as _fk
+from liegroup.peft._engine.ops import tucker_factors
 
 __all__ = [
     "FullGenerator",
@@ -358,11 +357,8 @@ class TuckerGenerator(Generator):
         one batched product laid out as the unfolding. When every kernel mode has size 1 (a
         Linear, a 1×1 conv) ``K`` is a scalar and the unfolding is ``(G·K) U₁ᵀ``: one
         ``linear``. Autograd keeps only the factors and core-sized operands, nothing
-        proportional to the weight. With a kernel mode of size > 1 and float32 CPU parameters
-        the product runs as one node, :class:`TuckerFactorsFunction` (the compiled kernel):
-        the torch graph's ~20 ops and backward nodes cost a 3×3 layer 0.2–0.34 ms per step in
-        dispatch, the node 0.13–0.2 ms. (The ``linear`` graph of a Linear or 1×1 conv is as
-        fast as the node or faster, and keeps it.)
+        proportional to the weight. With a kernel mode of size > 1 the product runs as one
+        operator, ``liegroup::tucker_factors`` (one autograd node instead of about twenty).
         """
         # the ParameterList's own dict, in index order: iterating the list costs ~6 µs a call
         us: list[torch.Tensor] = [*self.factors_list._parameters.values()]  # type: ignore[list-item]
@@ -376,63 +372,7 @@ class TuckerGenerator(Generator):
                     k = k * u
                 core = core.reshape(r0, r1) * k
             return left, torch.nn.functional.linear(core, us[1])  # (r₀, C_in) = G Kᵀ U₁ᵀ
-        if _fk.takes_tucker(core, us):
-            L, R = TuckerFactorsFunction.apply(self.scaling, core, *us)
-            return L, R
-        left = us[0] * self.scaling
-        kron = us[2]
-        for u in us[3:]:
-            kron = torch.kron(kron, u)
-        core = torch.nn.functional.linear(core.reshape(r0, r1, -1), kron)  # (r₀, r₁, k…)
-        rest = torch.matmul(us[1], core)  # (r₀, C_in, k…)
-        return left, rest.reshape(r0, -1)
-
-
-class TuckerFactorsFunction(torch.autograd.Function):
-    """:meth:`TuckerGenerator.factors` as one autograd node, by the compiled CPU kernel.
-
-    ``apply(s, G, U₀, …, U_{N−1}) → (s·U₀, unfold₀(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}))`` for float32
-    CPU operands that :func:`~liegroup.peft._fused_kernel.takes_tucker` accepts; forward and
-    backward are each one call into ``_ctucker.c``, where the torch formulation runs about
-    twenty small ops and as many backward nodes (their dispatch, not their arithmetic, was
-    most of what Tucker cost over LoRA per layer and step). Agrees with the torch
-    formulation to float32 rounding; ``L`` bit for bit.
-
-    Example (``factors`` runs this node when the kernel is built, the torch graph otherwise;
-    either way ``L @ R`` is the generator's ``ΔW``):
-        >>> import torch
-        >>> from liegroup.peft import compiled_kernel
-        >>> g = TuckerGenerator(GeneratorSpec(weight_shape=(4, 5, 3), rank=2, scaling=0.5))
-        >>> with torch.no_grad():
-        ...     _ = [p.normal_() for p in g.parameters()]
-        >>> L, R = g.factors()
-        >>> (type(L.grad_fn).__name__ == "TuckerFactorsFunctionBackward") == compiled_kernel()
-        True
-        >>> torch.allclose((L @ R).view(4, 5, 3), g(), atol=1e-5)
-        True
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, scaling: float, core: torch.Tensor, *us: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s·U₀, unfold₀(G ×₁ U₁ ⋯))``; keeps only the core and the factors."""
-        ctx.scaling = scaling
-        ctx.save_for_backward(core, *us)
-        return _fk.tucker(core, list(us), scaling)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, gL: torch.Tensor, gR: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """``∂G`` and every ``∂U_m`` in one kernel call."""
-        core, *us = ctx.saved_tensors
-        g_core, g_us = _fk.tucker_grads(
-            core, us, ctx.scaling, gL.to(torch.float32).contiguous(),
-            gR.to(torch.float32).contiguous(),
-        )
-        need = ctx.needs_input_grad
-        return (None, g_core if need[1] else None,
-                *(g if n else None for g, n in zip(g_us, need[2:], strict=True)))
+        return tucker_factors(core, us, self.scaling)
 
 
 _GENERATORS: dict[str, type[Generator]] = {

@@ -24,14 +24,13 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
+from liegroup.peft._engine import adapted_forward, weights_outside_autocast
 from liegroup.peft.config import LieRAConfig
 from liegroup.peft.functional import (
     Update,
@@ -39,15 +38,7 @@ from liegroup.peft.functional import (
     adapted_weight_lowrank,
     get_update,
 )
-from liegroup.peft.fused_op import (
-    OpGeometry,
-    StepLedger,
-    adapted_op_lowrank,
-    autocast_dtype,
-    weights_outside_autocast,
-)
 from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
-from liegroup.peft.recompute_op import adapted_op_recompute
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
 
@@ -84,12 +75,6 @@ def check_supported(module: nn.Module, name: str = "") -> None:
             f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)} (with their own forward); "
             "exclude it with exclude_modules or narrow target_modules"
         )
-
-
-# The plain autograd path for updates without a fused node keeps W' and the update's own
-# intermediates (a mode-wise conv: a transposed copy of W) — about two weight-sized tensors —
-# from the forward to the backward; allowed when that is ≤ ~3 % of the layer's input + output.
-_KEEP_PLAIN = 64
 
 
 class LieRALayer(nn.Module):
@@ -129,11 +114,6 @@ class LieRALayer(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self._merge_backup: torch.Tensor | None = None
-        # shared by the layers of one LieRAModel (set there); None: the layer's backward
-        # holds one weight-sized buffer at a time
-        self.ledger: StepLedger | None = None
-        self._geometry: OpGeometry | None = None  # a conv's, cached by _fused_input
-        self._geometry_key: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -246,13 +226,6 @@ class LieRALayer(nn.Module):
             raise ValueError(f"no adapter {name!r} in {self.module_name!r}")
         return name
 
-    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if isinstance(base, nn.Linear):
-            return F.linear(x, weight, base.bias)
-        out: torch.Tensor = base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One op on ``W'`` (active adapter), or the base module when disabled/merged/none."""
         if self.merged_adapter is not None:
@@ -274,70 +247,7 @@ class LieRALayer(nn.Module):
             out = self.base_layer(x)
             return out
         name = self.active_adapter
-        gen: Generator = self.generators[name]  # type: ignore[assignment]
-        update = self.updates[name]
-        # the adapter's factors / ΔW / W' in the weight's dtype; autocast only for the op
-        with weights_outside_autocast(x):
-            factors = gen.factors()
-            delta = gen() if factors is None else None
-        fused = self._fused_input(x)
-        if factors is not None:
-            if fused is not None:
-                xin, geometry = fused
-                return adapted_op_lowrank(
-                    xin, self.weight, self.bias, *factors, update, geometry, ledger=self.ledger
-                )
-            with weights_outside_autocast(x):
-                Wp = adapted_weight_lowrank(self.weight, *factors, update)
-            return self._op(x, Wp)
-        assert delta is not None
-        if fused is None or self.weight.requires_grad or autocast_dtype(x, self.weight):
-            with weights_outside_autocast(x):
-                Wp = adapted_weight(self.weight, delta, update)
-            return self._op(x, Wp)
-        if isinstance(self.base_layer, nn.Linear):  # W' = W + L R (mode-wise, both modes)
-            lr = update.additive_factors(self.weight, delta)
-            if lr is not None:
-                return adapted_op_lowrank(fused[0], self.weight, self.bias, *lr, "additive",
-                                          fused[1], ledger=self.ledger)
-        # any other update: W' recomputed in the backward, nothing weight-sized kept — unless
-        # the weight is small next to the activations (then keeping W' and the update's own
-        # intermediates costs ≤ ~3 % of them, and the recompute would only cost time)
-        xin, geometry = fused
-        acts = xin.numel() + geometry.output_numel(xin, self.weight)
-        if _KEEP_PLAIN * self.weight.numel() <= acts:
-            return self._op(x, adapted_weight(self.weight, delta, update))
-        return adapted_op_recompute(xin, self.weight, self.bias, delta, update, geometry)
-
-    def _fused_input(self, x: torch.Tensor) -> tuple[torch.Tensor, OpGeometry] | None:
-        """The op's input and geometry for the fused low-rank path, or ``None`` if it cannot run.
-
-        Not used (the layer then runs ``op(x, W')`` with ``W'`` as an autograd tensor) for
-        unbatched conv inputs, for ``padding="same"`` needing asymmetric padding, or when
-        ``x``'s dtype is neither the weight's nor the autocast dtype the op would run in (the
-        op would refuse it anyway). Under autocast the low-rank node runs the op in the
-        autocast dtype on ``W'`` formed in the weight's (other updates take the plain path).
-        """
-        base = self.base_layer
-        W = self.weight
-        if x.dtype != W.dtype and x.dtype != autocast_dtype(x, W):
-            return None
-        if isinstance(base, nn.Linear):
-            return x, OpGeometry("linear")
-        if x.dim() != W.dim():
-            return None
-        conv = base
-        assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        # the geometry is worked out once per set of conv attributes (every call would cost
-        # µs per layer and step); a changed attribute gives a new key
-        key = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, W.shape)
-        if key != self._geometry_key:
-            self._geometry, self._geometry_key = _conv_geometry(conv, W), key
-        if self._geometry is None:
-            return None
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return x, self._geometry
+        return adapted_forward(self.base_layer, x, self.generators[name], self.updates[name])
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -392,29 +302,6 @@ class LieRALayer(nn.Module):
             f"adapters={list(self.generators)}, active={self.active_adapter!r}, "
             f"merged={self.merged_adapter!r}"
         )
-
-
-def _conv_geometry(conv: nn.Module, W: torch.Tensor) -> OpGeometry | None:
-    """The :class:`OpGeometry` of ``conv``, or ``None`` where the fused path cannot run.
-
-    A non-zeros ``padding_mode`` pads the input before the op (geometry padding 0);
-    ``None`` for ``padding="same"`` that needs asymmetric padding.
-    """
-    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    n = W.dim() - 2
-    dilation = tuple(int(d) for d in conv.dilation)
-    padding: tuple[int, ...]
-    if conv.padding_mode != "zeros" or conv.padding == "valid":
-        padding = (0,) * n
-    elif conv.padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, W.shape[2:], strict=True)]
-        if any(t % 2 for t in total):
-            return None
-        padding = tuple(t // 2 for t in total)
-    else:
-        padding = tuple(int(p) for p in conv.padding)
-    stride = tuple(int(s) for s in conv.stride)
-    return OpGeometry("conv", stride, padding, dilation, int(conv.groups))
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -40,7 +40,6 @@ from torch import nn
 from liegroup._version import __version__
 from liegroup.errors import AdapterStateError, CheckpointError
 from liegroup.peft.config import LieRAConfig
-from liegroup.peft.fused_op import StepLedger
 from liegroup.peft.generators import Generator
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper, check_supported
 
@@ -101,9 +100,6 @@ class LieRAModel(nn.Module):
         self.peft_config: dict[str, LieRAConfig] = {}
         self.active_adapter: str = adapter_name
         self._trainable = True
-        # one ledger for all adapted layers: what full fine-tuning's weight grads would take
-        # by now in a backward is memory the fused layers may use (fused_op.StepLedger)
-        self._ledger = StepLedger()
         self._inject(adapter_name, config)
         self._mark_trainable()
 
@@ -193,8 +189,6 @@ class LieRAModel(nn.Module):
                     layer = LieRALayer(module, name)
                     _set_submodule(self.base_model, name, layer)
                     undo.append(functools.partial(_set_submodule, self.base_model, name, module))
-                if layer.ledger is None:
-                    layer.ledger = self._ledger
                 layer.add_adapter(adapter_name, config)
                 undo.append(functools.partial(layer.delete_adapter, adapter_name))
                 if config.rank_pattern is not None and name in config.rank_pattern:

@@ -1,7 +1,7 @@
 """The adapted op for any update: ``op(x, W')`` with ``W'`` recomputed in the backward.
 
 The low-rank Hadamard and additive updates have their own fused node
-(:mod:`liegroup.peft.fused_op`). Every other variant — mode-wise group adapters on convs,
+(:mod:`.lowrank_node`). Every other variant — mode-wise group adapters on convs,
 block-structured mode-wise generators, dense generators, user-defined updates — forms
 ``W' = update(W, ΔW)`` with differentiable torch ops. Run plainly, the op saves ``W'`` from the
 forward to the backward, and the update's own backward may keep weight-sized intermediates
@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.peft.functional import Update
-from liegroup.peft.fused_op import OpGeometry, _conv_backward, _op_forward
+from liegroup.peft._engine.geometry import OpGeometry, conv_backward, op_forward
 
 __all__ = ["RecomputedWeightOpFunction", "adapted_op_recompute"]
 
@@ -107,7 +106,7 @@ class RecomputedWeightOpFunction(torch.autograd.Function):
         """``op(x, W', bias)``; ``W'`` lives only during the op."""
         with torch.no_grad():
             Wp = form(*tensors)
-            out = _op_forward(x, Wp, bias, op)
+            out = op_forward(x, Wp, bias, op)
         del Wp
         ctx.op, ctx.form = op, form
         ctx.bias_shape = None if bias is None else bias.shape
@@ -135,7 +134,7 @@ class RecomputedWeightOpFunction(torch.autograd.Function):
             G = gy2.T.mm(x2) if need_w else None
             gb = gy2.sum(0) if need_b else None
         else:
-            gx, G, gb = _conv_backward(gy, x, Wp.detach(), op, need_x, need_w, need_b)
+            gx, G, gb = conv_backward(gy, x, Wp.detach(), op, need_x, need_w, need_b)
         grads = iter(
             torch.autograd.grad(Wp, wrt, G, allow_unused=True)  # unused: no gradient (zero)
             if need_w and G is not None else ()
@@ -152,7 +151,7 @@ def adapted_op_recompute(
     W: torch.Tensor,
     bias: torch.Tensor | None,
     delta: Any,
-    update: Update,
+    update: Any,
     op: OpGeometry,
 ) -> torch.Tensor:
     """``op(x, adapted_weight(W, delta, update), bias)`` with nothing weight-sized kept.
@@ -163,7 +162,7 @@ def adapted_op_recompute(
         bias: the op's bias or ``None``.
         delta: the algebra element (a tensor, or the structure a generator returns, e.g.
             ``{mode: ModeFactors}``); gradients flow to its tensors.
-        update: the :class:`Update`.
+        update: the :class:`~liegroup.peft.Update` (``check_delta`` and ``apply``).
         op: the op and its geometry.
 
     Returns:
@@ -176,6 +175,7 @@ def adapted_op_recompute(
     Example:
         >>> import torch
         >>> from liegroup.peft.functional import adapted_weight, get_update
+        >>> from liegroup.peft._engine.geometry import OpGeometry
         >>> x, W = torch.randn(3, 4), torch.randn(2, 4)
         >>> D = torch.full((2, 4), 0.1, requires_grad=True)
         >>> u = get_update("hadamard", None)

@@ -1,0 +1,160 @@
+"""The private engine that runs an adapted layer: ``op(x, W')`` with ``W' = update(W, ΔW)``.
+
+A :class:`~liegroup.peft.LieRALayer` calls :func:`adapted_forward` and nothing else; the
+engine chooses how ``op(x, W')`` runs, so that generators, updates, the layer and the model
+never see an implementation:
+
+* under ``torch.compile`` — plain differentiable torch ops (``W ⊙ exp(L R)``, then the base
+  module's op), which Dynamo traces without a graph break and the compiler fuses, on CPU and
+  CUDA alike;
+* eagerly, for low-rank factors and the shipped updates — one autograd node
+  (:mod:`.lowrank_node`) that keeps no weight-sized tensor beyond what full fine-tuning
+  keeps, forming ``W'`` and the factor gradients through the operators of :mod:`.ops` (the
+  compiled CPU kernel for float32, torch ops elsewhere);
+* eagerly, for any other update — plain autograd when the weight is small next to the
+  activations, else ``W'`` recomputed in the backward (:mod:`.recompute_node`);
+* with ``W`` trainable, under autocast with non-low-rank updates, for unbatched conv inputs —
+  plain autograd on ``W'``.
+
+Every memory constant lives in :mod:`.policy`; the step ledger (CPU only) in :mod:`.ledger`.
+
+Example:
+    >>> import torch
+    >>> from liegroup.peft import LoRAGenerator, GeneratorSpec, get_update
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> gen = LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0))
+    >>> x = torch.randn(2, 4)
+    >>> torch.equal(adapted_forward(lin, x, gen, get_update("hadamard", None)), lin(x))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from liegroup.peft._engine import ledger, ops, policy
+from liegroup.peft._engine.geometry import (
+    autocast_dtype,
+    op_input,
+    weights_outside_autocast,
+)
+from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
+from liegroup.peft._engine.recompute_node import adapted_op_recompute
+
+__all__ = ["adapted_forward", "compiled_kernel", "weights_outside_autocast"]
+
+compiled_kernel = ops.compiled_kernel
+
+
+def base_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base module's own op on ``weight`` (``F.linear`` or the conv's ``_conv_forward``).
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular")
+        >>> x = torch.randn(1, 1, 5)
+        >>> torch.equal(base_op(conv, x, conv.weight), conv(x))
+        True
+    """
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, base.bias)
+    out: torch.Tensor = base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
+    return out
+
+
+def adapted_forward(base: nn.Module, x: torch.Tensor, generator: Any, update: Any) -> torch.Tensor:
+    """``op(x, W')``: the base module's op on ``W' = update(W, generator())``.
+
+    Args:
+        base: the frozen ``nn.Linear`` / ``nn.Conv1d/2d/3d``.
+        x: its input.
+        generator: a :class:`~liegroup.peft.Generator` (``factors()`` → ``(L, R)`` or
+            ``None``; called → ``ΔW``).
+        update: an :class:`~liegroup.peft.Update`.
+
+    Raises:
+        ShapeError: factors (from any generator, a user's included) that do not unfold ``W``,
+            or an algebra element that does not fit the update.
+
+    Example: see the module docstring.
+    """
+    W = base.weight
+    assert isinstance(W, torch.Tensor)
+    with weights_outside_autocast(x):
+        factors = generator.factors()
+        delta = generator() if factors is None else None
+    if factors is not None:
+        ops.check_factors(W, factors[0], factors[1])
+    else:
+        update.check_delta(W, delta)
+    if torch.compiler.is_compiling():
+        with weights_outside_autocast(x):
+            Wp = _traced_weight(W, factors, delta, update)
+        return base_op(base, x, Wp)
+    return _eager_forward(base, x, W, factors, delta, update)
+
+
+def _traced_weight(W: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
+                   delta: Any, update: Any) -> torch.Tensor:
+    """``W'`` in plain differentiable torch ops, for a compiler to trace and fuse."""
+    kind = update.fused_form()
+    if factors is not None:
+        L, R = factors
+        if kind is not None and kind[0] == "additive":
+            return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
+        if kind is None:
+            return update.apply_lowrank(W, L, R)  # type: ignore[no-any-return]
+        delta = (L @ R).view(W.shape)
+    if kind is None:
+        return update.apply(W, delta)  # type: ignore[no-any-return]
+    if kind[0] == "additive":
+        return W + delta
+    order = kind[1]
+    if order is None:
+        return W * torch.exp(delta)
+    t = delta / order + 1 if order > 1 else delta + 1  # Horner, out of place (differentiable)
+    for j in range(order - 1, 0, -1):
+        t = t * delta
+        if j > 1:
+            t = t / j
+        t = t + 1
+    return t * W
+
+
+def _eager_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, delta: Any,
+                   update: Any) -> torch.Tensor:
+    bias = base.bias
+    assert bias is None or isinstance(bias, torch.Tensor)
+    cast = autocast_dtype(x, W)
+    fused = None if x.dtype not in (W.dtype, cast) else op_input(base, x)
+    kind = update.fused_form()
+    if factors is not None:
+        if fused is not None and kind is not None and not W.requires_grad:
+            xin, geometry = fused
+            return adapted_op_lowrank(xin, W, bias, *factors, kind[0], kind[1], geometry,
+                                      ledger.current(W.device))
+        with weights_outside_autocast(x):
+            Wp = update.apply_lowrank(W, *factors)
+        return base_op(base, x, Wp)
+    if fused is None or W.requires_grad or cast is not None:
+        with weights_outside_autocast(x):
+            Wp = update.apply(W, delta)
+        return base_op(base, x, Wp)
+    xin, geometry = fused
+    if geometry.kind == "linear":  # W' = W + L R (mode-wise, both modes): the additive node
+        lr = update.additive_factors(W, delta)
+        if lr is not None:
+            ops.check_factors(W, *lr)
+            return adapted_op_lowrank(xin, W, bias, *lr, "additive", None, geometry,
+                                      ledger.current(W.device))
+    # any other update: W' recomputed in the backward, nothing weight-sized kept — unless the
+    # weight is small next to the activations (then the plain graph costs little memory)
+    acts = xin.numel() + geometry.output_numel(xin, W)
+    if policy.keep_plain_graph(W.numel(), acts):
+        return base_op(base, x, update.apply(W, delta))
+    return adapted_op_recompute(xin, W, bias, delta, update, geometry)

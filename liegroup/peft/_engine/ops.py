@@ -1,0 +1,630 @@
+"""The engine's operators: ``torch.library`` custom ops over the compiled CPU kernel.
+
+Every entry point of ``_cfused.c`` is reached only through one of these ops, and each op
+validates its operands (shapes, dtypes, devices; view bits resolved, memory made contiguous)
+before any raw pointer is read:
+
+* ``liegroup::lowrank_form(W, L, R, first_order)`` → ``W ⊙ exp(L R)`` or ``W ⊙ (1 + L R)``
+  (``L R`` viewed as ``W``'s shape); ``liegroup::lowrank_form_into`` writes it into a given
+  buffer (the engine's workspace);
+* ``liegroup::lowrank_factor_grads(G, M, L, R, mode)`` → ``(G_Δ Rᵀ, Lᵀ G_Δ)`` with
+  ``G_Δ = G ⊙ M`` (mode 0), ``G ⊙ M ⊙ exp(L R)`` (mode 1) or ``G`` (mode 2);
+  ``liegroup::lowrank_factor_grads_`` may use ``G`` as scratch (the engine's own ``∂L/∂W'``);
+* ``liegroup::tucker_factors(core, us, s)`` → ``(s·U₀, unfold₀(G ×₁ U₁ ⋯))`` with its
+  gradient op ``liegroup::tucker_factors_backward`` (registered as its autograd formula).
+
+Each op's default implementation is written in torch ops: it serves CUDA, every dtype other
+than float32, ranks above the kernel's limit, ``LIEGROUP_DISABLE_KERNELS=1`` and installs
+without a compiler. The CPU implementation calls the kernel for float32 operands (the dtype
+and rank checks are the kernel's eligibility; the device dispatch is PyTorch's). Every op has
+a fake implementation, so ``torch.compile`` traces through it without a graph break.
+Kernel and torch implementations agree to float32 rounding (the kernel's ``exp`` is within
+1 ulp); every path of liegroup that forms ``W'`` goes through these ops, so they agree with
+each other bit for bit on one machine and configuration.
+
+Example:
+    >>> import torch
+    >>> W, L, R = torch.ones(2, 3), torch.zeros(2, 1), torch.zeros(1, 3)
+    >>> torch.equal(lowrank_form(W, L, R, False), W)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from liegroup._kernels import load_extension
+from liegroup.errors import DTypeError, ShapeError
+
+__all__ = [
+    "GRAD_PLAIN",
+    "GRAD_TIMES",
+    "GRAD_TIMES_EXP",
+    "check_factors",
+    "compiled_kernel",
+    "exp_taylor",
+    "lowrank_factor_grads",
+    "lowrank_factor_grads_",
+    "lowrank_form",
+    "lowrank_form_into",
+    "tucker_factors",
+]
+
+_k: Any = load_extension("liegroup.peft._engine._cfused")
+_R_MAX: int = int(_k.R_MAX) if _k is not None else 0
+# Work (entries × (rank + 8)) per thread for which the kernel starts a thread of its own.
+_MT_WORK: int = int(_k.MT_WORK) if _k is not None else 0
+# Internal switch for tests: False sends every call to the torch implementation.
+_USE_KERNEL: bool = True
+
+_F32 = torch.float32
+
+GRAD_TIMES = 0  # G_Δ = G ⊙ M
+GRAD_TIMES_EXP = 1  # G_Δ = G ⊙ M ⊙ exp(L R)
+GRAD_PLAIN = 2  # G_Δ = G
+
+
+def compiled_kernel() -> bool:
+    """Whether LieRA's float32 CPU operators run the compiled kernel.
+
+    The kernel (``liegroup/peft/_engine/_cfused.c``, built by ``pip install`` when a C
+    compiler is available) forms ``W ⊙ exp(L·R)`` (and the first-order ``W ⊙ (1 + L·R)``)
+    and the factor gradients in one pass over the weight. ``False`` when it was not built or
+    ``LIEGROUP_DISABLE_KERNELS=1`` is set: then every operator runs its torch
+    implementation, as on CUDA and for other dtypes.
+
+    Example:
+        >>> from liegroup.peft import compiled_kernel
+        >>> isinstance(compiled_kernel(), bool)
+        True
+    """
+    return _k is not None and _USE_KERNEL
+
+
+# ---------------------------------------------------------------------------- validation
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its conjugate/negative view bits applied, in contiguous memory."""
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.is_conj():
+        t = t.resolve_conj()
+    return t.contiguous()
+
+
+def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                   *more: tuple[str, torch.Tensor | None]) -> None:
+    """Raise a typed error unless ``W``, ``L``, ``R`` (and ``more``) fit one low-rank call."""
+    for label, t in (("W", W), ("L", L), ("R", R), *more):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise DTypeError(f"{name}: {label} must be a real floating tensor, got {t.dtype}")
+        if t.dtype != W.dtype:
+            raise DTypeError(f"{name}: {label} is {t.dtype} but W is {W.dtype}; use one dtype")
+        if t.device != W.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but W is on {W.device}")
+    if L.dim() != 2 or R.dim() != 2 or L.shape[1] != R.shape[0]:
+        raise ShapeError(
+            f"{name}: L (rows, r) and R (r, cols) must be matrices of one rank, got L "
+            f"{tuple(L.shape)} and R {tuple(R.shape)}"
+        )
+    n = L.shape[0] * R.shape[1]
+    if n != W.numel():
+        raise ShapeError(
+            f"{name}: L @ R has {L.shape[0]}×{R.shape[1]} = {n} entries but W "
+            f"{tuple(W.shape)} has {W.numel()}; the factors must unfold W"
+        )
+    for label, t in more:
+        if t is not None and t.numel() != n:
+            raise ShapeError(
+                f"{name}: {label} {tuple(t.shape)} must have W's {n} entries"
+            )
+
+
+def check_factors(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> None:
+    """Raise :class:`~liegroup.errors.ShapeError` unless ``L (rows, r) @ R (r, cols)`` unfolds ``W``.
+
+    Also refuses mixed dtypes or devices (:class:`~liegroup.errors.DTypeError`, ``ValueError``).
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     check_factors(torch.zeros(2, 3), torch.zeros(2, 1), torch.zeros(1, 4))
+        ... except ValueError as e:
+        ...     print(type(e).__name__)
+        ShapeError
+    """
+    _check_lowrank("factors", W, L, R)
+
+
+def _kernel_takes(numel: int, r: int, *ts: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: float32 CPU operands, 0 < rank ≤ ``R_MAX``.
+
+    With several intra-op threads the kernel is used only when it gives each of them a full
+    share of work (``_MT_WORK``): below that the torch ops, on torch's thread pool, are as
+    fast.
+    """
+    if _k is None or not _USE_KERNEL or not 0 < r <= _R_MAX:
+        return False
+    nt = torch.get_num_threads()
+    if nt > 1 and numel * (r + 8) < _MT_WORK * nt:
+        return False
+    return all(t.dtype is _F32 and t.is_cpu for t in ts)
+
+
+# ---------------------------------------------------------------------------- torch maths
+def exp_taylor(X: torch.Tensor, order: int | None) -> torch.Tensor:
+    """``exp(X)`` (``order=None``) or ``T_k(X) = Σ_{j≤k} X^j/j!`` in one fresh buffer.
+
+    Horner's rule done in place, the same operations in the same order as
+    :func:`liegroup.groups.taylor_exp` (so bit-identical to it); ``order=0`` gives ones.
+
+    Example:
+        >>> import torch
+        >>> exp_taylor(torch.tensor([1.0]), 2)
+        tensor([2.5000])
+    """
+    if order is None:
+        return torch.exp(X)
+    if order == 0:
+        return torch.ones_like(X)
+    t = X / order + 1 if order > 1 else X + 1
+    for j in range(order - 1, 0, -1):
+        t.mul_(X)
+        if j > 1:
+            t.div_(j)
+        t.add_(1)
+    return t
+
+
+def _form_torch(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+                out: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = L.shape[0], R.shape[1]
+    if out is None:
+        d = L @ R
+    else:
+        d = torch.mm(L, R, out=out.view(rows, cols))
+    d = d.view(W.shape)
+    return (d.add_(1) if first_order else d.exp_()).mul_(W)
+
+
+def _grads_torch(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+                 mode: int, block_rows: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_Δ Rᵀ, Lᵀ G_Δ)``; ``inplace``: ``G`` is scratch (``G_Δ`` formed in it)."""
+    rows, cols = L.shape[0], R.shape[1]
+    Gm = G.reshape(rows, cols)
+    if mode == GRAD_PLAIN:
+        D = Gm
+    elif mode == GRAD_TIMES:
+        assert M is not None
+        D = Gm.mul_(M.reshape(rows, cols)) if inplace else Gm * M.reshape(rows, cols)
+    else:  # G ⊙ M ⊙ exp(L R), per row block so that exp(L_i R) stays in cache
+        assert M is not None
+        D = Gm if inplace else Gm.clone()
+        Mm = M.reshape(rows, cols)
+        step = max(1, min(rows, block_rows))
+        buf = torch.empty((step, cols), dtype=G.dtype, device=G.device)
+        for i in range(0, rows, step):
+            j = min(i + step, rows)
+            t = torch.mm(L[i:j], R, out=buf[: j - i]).exp_()
+            D[i:j].mul_(t.mul_(Mm[i:j]))
+        del buf
+    return D.mm(R.T), L.T.mm(D)
+
+
+# ---------------------------------------------------------------------------- form
+@torch.library.custom_op("liegroup::lowrank_form", mutates_args=())
+def _lowrank_form_op(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                     first_order: bool) -> torch.Tensor:
+    _check_lowrank("lowrank_form", W, L, R)
+    return _form_torch(_plain(W), L, R, first_order, None)
+
+
+@_lowrank_form_op.register_kernel("cpu")
+def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool) -> torch.Tensor:
+    _check_lowrank("lowrank_form", W, L, R)
+    W, L, R = _plain(W), _plain(L), _plain(R)
+    if not _kernel_takes(W.numel(), L.shape[1], W):
+        return _form_torch(W, L, R, first_order, None)
+    out = torch.empty_like(W)
+    _form_kernel(W, L, R, first_order, out)
+    return out
+
+
+@_lowrank_form_op.register_fake
+def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool) -> torch.Tensor:
+    _check_lowrank("lowrank_form", W, L, R)
+    return torch.empty_like(W, memory_format=torch.contiguous_format)
+
+
+def _form_kernel(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+                 out: torch.Tensor) -> None:
+    # operands checked by the op: contiguous float32 CPU, rows·cols entries each
+    _k.form(1 if first_order else 0, L.shape[0], R.shape[1], L.shape[1], W.data_ptr(),
+            L.data_ptr(), R.data_ptr(), out.data_ptr(), torch.get_num_threads())
+
+
+@torch.library.custom_op("liegroup::lowrank_form_into", mutates_args=("out",))
+def _lowrank_form_into_op(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+                          out: torch.Tensor) -> None:
+    _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
+    _check_buffer(out)
+    _form_torch(_plain(W), L, R, first_order, out)
+
+
+@_lowrank_form_into_op.register_kernel("cpu")
+def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+      out: torch.Tensor) -> None:
+    _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
+    _check_buffer(out)
+    W, L, R = _plain(W), _plain(L), _plain(R)
+    if _kernel_takes(W.numel(), L.shape[1], W):
+        _form_kernel(W, L, R, first_order, out)
+    else:
+        _form_torch(W, L, R, first_order, out)
+
+
+@_lowrank_form_into_op.register_fake
+def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+      out: torch.Tensor) -> None:
+    _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
+
+
+def _check_buffer(out: torch.Tensor) -> None:
+    if not out.is_contiguous() or out.is_neg() or out.is_conj():
+        raise ShapeError("lowrank_form_into: out must be a contiguous tensor without view bits")
+
+
+def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W ⊙ exp(L R)`` (or ``W ⊙ (1 + L R)``), ``L R`` viewed as ``W``'s shape; no autograd.
+
+    Args:
+        W: any shape, ``rows·cols`` entries.
+        L: ``(rows, r)``; R: ``(r, cols)``; one floating dtype and device with ``W``.
+        first_order: ``W ⊙ (1 + L R)`` instead of the exponential.
+        out: a contiguous buffer with ``W``'s entries to write into (returned, viewed as
+            ``W``'s shape).
+
+    Raises:
+        ShapeError: factors that do not unfold ``W``, or a bad ``out``.
+        DTypeError: mixed or non-floating dtypes.
+
+    Example:
+        >>> import torch
+        >>> W, L, R = torch.full((2, 2), 2.0), torch.ones(2, 1), torch.ones(1, 2)
+        >>> lowrank_form(W, L, R, first_order=True)
+        tensor([[4., 4.],
+                [4., 4.]])
+    """
+    if out is None:
+        return torch.ops.liegroup.lowrank_form(W, L, R, first_order)
+    torch.ops.liegroup.lowrank_form_into(W, L, R, first_order, out)
+    return out.view(W.shape)
+
+
+# ---------------------------------------------------------------------------- factor grads
+def _check_grads(name: str, G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
+                 R: torch.Tensor, mode: int) -> None:
+    if mode not in (GRAD_TIMES, GRAD_TIMES_EXP, GRAD_PLAIN):
+        raise ValueError(f"{name}: mode must be 0, 1 or 2, got {mode}")
+    if mode != GRAD_PLAIN and M is None:
+        raise ValueError(f"{name}: mode {mode} needs M")
+    _check_lowrank(name, G, L, R, ("M", M))
+
+
+def _grads_kernel(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+                  mode: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not _kernel_takes(G.numel(), L.shape[1], G):
+        return None
+    G, L, R = _plain(G), _plain(L), _plain(R)
+    Mc = None if mode == GRAD_PLAIN or M is None else _plain(M)
+    rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
+    gL = torch.empty((rows, r), dtype=_F32)
+    gR = torch.empty((r, cols), dtype=_F32)
+    _k.grads(mode, rows, cols, r, G.data_ptr(), 0 if Mc is None else Mc.data_ptr(),
+             L.data_ptr(), R.data_ptr(), gL.data_ptr(), gR.data_ptr(), torch.get_num_threads())
+    return gL, gR
+
+
+def _grads_fake(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
+                R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return L.new_empty(L.shape), R.new_empty(R.shape)
+
+
+@torch.library.custom_op("liegroup::lowrank_factor_grads", mutates_args=())
+def _lowrank_factor_grads_op(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
+                             R: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
+    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, mode,
+                        _default_block(L, R), inplace=False)
+
+
+@_lowrank_factor_grads_op.register_kernel("cpu")
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+      mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
+    got = _grads_kernel(G, M, L, R, mode)
+    if got is not None:
+        return got
+    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, mode,
+                        _default_block(L, R), inplace=False)
+
+
+@_lowrank_factor_grads_op.register_fake
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+      mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
+    return _grads_fake(G, M, L, R)
+
+
+@torch.library.custom_op("liegroup::lowrank_factor_grads_", mutates_args=("G",))
+def _lowrank_factor_grads_inplace_op(
+    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+    block_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
+    if not G.is_contiguous() or G.is_neg() or G.is_conj():
+        G = _plain(G)  # a private copy: scratch that is not the caller's
+    return _grads_torch(G, None if M is None else _plain(M), L, R, mode, block_rows,
+                        inplace=True)
+
+
+@_lowrank_factor_grads_inplace_op.register_kernel("cpu")
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+      block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
+    got = _grads_kernel(G, M, L, R, mode)
+    if got is not None:
+        return got
+    if not G.is_contiguous() or G.is_neg() or G.is_conj():
+        G = _plain(G)
+    return _grads_torch(G, None if M is None else _plain(M), L, R, mode, block_rows,
+                        inplace=True)
+
+
+@_lowrank_factor_grads_inplace_op.register_fake
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+      block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
+    return _grads_fake(G, M, L, R)
+
+
+def _default_block(L: torch.Tensor, R: torch.Tensor) -> int:
+    from liegroup.peft._engine.policy import CHUNK_ENTRIES
+
+    return max(1, CHUNK_ENTRIES // max(R.shape[1], 1))
+
+
+def lowrank_factor_grads(
+    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+    scratch: bool = False, block_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_Δ Rᵀ, Lᵀ G_Δ)``: the factor gradients from ``G = ∂L/∂W'``.
+
+    ``G_Δ = G ⊙ M`` (:data:`GRAD_TIMES`), ``G ⊙ M ⊙ exp(L R)`` (:data:`GRAD_TIMES_EXP`) or
+    ``G`` (:data:`GRAD_PLAIN`, ``M`` unused), all read as ``(rows, cols)``.
+
+    Args:
+        G, M: ``rows·cols`` entries each, any shape.
+        L: ``(rows, r)``; R: ``(r, cols)``.
+        mode: one of the three above.
+        scratch: ``G`` may be overwritten (the torch implementation forms ``G_Δ`` in it).
+        block_rows: rows per block of the torch implementation's recomputed ``exp(L_i R)``.
+
+    Returns:
+        ``(∂L/∂L (rows, r), ∂L/∂R (r, cols))``.
+
+    Example:
+        >>> import torch
+        >>> G, L, R = torch.ones(2, 2), torch.ones(2, 1), torch.ones(1, 2)
+        >>> lowrank_factor_grads(G, None, L, R, GRAD_PLAIN)[0]
+        tensor([[2.],
+                [2.]])
+    """
+    if scratch:
+        b = _default_block(L, R) if block_rows is None else block_rows
+        out = torch.ops.liegroup.lowrank_factor_grads_(G, M, L, R, mode, b)
+    else:
+        out = torch.ops.liegroup.lowrank_factor_grads(G, M, L, R, mode)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------- Tucker
+def _check_tucker(core: torch.Tensor, us: Sequence[torch.Tensor]) -> None:
+    if not 2 <= len(us) <= 8:
+        raise ShapeError(f"tucker_factors: 2 to 8 factors, got {len(us)}")
+    for m, u in enumerate(us):
+        if u.dtype != core.dtype or not u.is_floating_point():
+            raise DTypeError(f"tucker_factors: factor {m} is {u.dtype}, the core {core.dtype}")
+        if u.device != core.device:
+            raise ValueError(f"tucker_factors: factor {m} is on {u.device}, the core on "
+                             f"{core.device}")
+        if u.dim() != 2:
+            raise ShapeError(f"tucker_factors: factor {m} must be a matrix, got {tuple(u.shape)}")
+    if core.dim() != len(us) or any(core.shape[m] != u.shape[1] for m, u in enumerate(us)):
+        raise ShapeError(
+            f"tucker_factors: core {tuple(core.shape)} must have the factors' ranks "
+            f"{tuple(u.shape[1] for u in us)}"
+        )
+
+
+def _kron(us: Sequence[torch.Tensor]) -> torch.Tensor:
+    k = us[0]
+    for u in us[1:]:
+        k = torch.kron(k, u)
+    return k
+
+
+def _tucker_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    r0, r1 = core.shape[0], core.shape[1]
+    S = torch.nn.functional.linear(core.reshape(r0, r1, -1), _kron(us[2:]))  # (r₀, r₁, K)
+    return us[0] * s, torch.matmul(us[1], S).reshape(r0, -1)
+
+
+def _tucker_backward_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: float,
+                           gL: torch.Tensor, gR: torch.Tensor) -> list[torch.Tensor]:
+    """``[∂core, ∂U₀, …]`` of :func:`_tucker_torch` in closed form."""
+    r0, r1 = core.shape[0], core.shape[1]
+    n1 = us[1].shape[0]
+    kr = _kron(us[2:])  # (K, Kr)
+    c3 = core.reshape(r0, r1, -1)
+    S = torch.nn.functional.linear(c3, kr)  # (r₀, r₁, K)
+    g3 = gR.reshape(r0, n1, -1)  # (r₀, n₁, K)
+    g_u1 = torch.einsum("aik,ajk->ij", g3, S)
+    gS = torch.matmul(us[1].T, g3)  # (r₀, r₁, K)
+    g_core = torch.matmul(gS, kr).reshape(core.shape)
+    g_kron = torch.einsum("abk,abq->kq", gS, c3)  # (K, Kr)
+    rest = list(us[2:])
+    n = [u.shape[0] for u in rest]
+    r = [u.shape[1] for u in rest]
+    gk = g_kron.reshape(*n, *r)
+    g_rest = [_kron_factor_grad(gk, rest, m) for m in range(len(rest))]
+    return [g_core, gL * s, g_u1, *g_rest]
+
+
+def _kron_factor_grad(gk: torch.Tensor, us: Sequence[torch.Tensor], m: int) -> torch.Tensor:
+    """``∂/∂U_m`` of ``⟨gK, U_a ⊗ U_b ⊗ ⋯⟩`` with ``gK`` laid out as ``(n_a, n_b, …, r_a, …)``."""
+    q = len(us)
+    letters = "abcdefgh"
+    ns, rs = letters[:q], letters[:q].upper()
+    terms = [f"{ns}{rs}"] + [f"{ns[j]}{rs[j]}" for j in range(q) if j != m]
+    spec = ",".join(terms) + f"->{ns[m]}{rs[m]}"
+    return torch.einsum(spec, gk, *[us[j] for j in range(q) if j != m])
+
+
+def _tucker_kernel_takes(core: torch.Tensor, us: Sequence[torch.Tensor]) -> bool:
+    if _k is None or not _USE_KERNEL:
+        return False
+    if any(t.dtype is not _F32 or not t.is_cpu for t in (core, *us)):
+        return False
+    return all(u.shape[1] <= u.shape[0] for u in us[2:])
+
+
+def _tucker_args(core: torch.Tensor, us: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    return (tuple(u.shape[0] for u in us), tuple(core.shape), core.data_ptr(),
+            tuple(u.data_ptr() for u in us))
+
+
+@torch.library.custom_op("liegroup::tucker_factors", mutates_args=())
+def _tucker_factors_op(core: torch.Tensor, us: list[torch.Tensor], s: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tucker(core, us)
+    return _tucker_torch(_plain(core), [_plain(u) for u in us], s)
+
+
+@_tucker_factors_op.register_kernel("cpu")
+def _(core: torch.Tensor, us: list[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tucker(core, us)
+    core, us = _plain(core), [_plain(u) for u in us]
+    if not _tucker_kernel_takes(core, us):
+        return _tucker_torch(core, us, s)
+    n0, r0 = us[0].shape
+    L = torch.empty((n0, r0), dtype=_F32)
+    R = torch.empty((r0, math.prod(u.shape[0] for u in us[1:])), dtype=_F32)
+    _k.tucker(*_tucker_args(core, us), s, L.data_ptr(), R.data_ptr())
+    return L, R
+
+
+@_tucker_factors_op.register_fake
+def _(core: torch.Tensor, us: list[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tucker(core, us)
+    n0, r0 = us[0].shape
+    cols = math.prod(u.shape[0] for u in us[1:])
+    return core.new_empty((n0, r0)), core.new_empty((r0, cols))
+
+
+@torch.library.custom_op("liegroup::tucker_factors_backward", mutates_args=())
+def _tucker_backward_op(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
+                        gR: torch.Tensor) -> list[torch.Tensor]:
+    _check_tucker(core, us)
+    _check_tucker_grads(core, us, gL, gR)
+    return _tucker_backward_torch(_plain(core), [_plain(u) for u in us], s, _plain(gL),
+                                  _plain(gR))
+
+
+@_tucker_backward_op.register_kernel("cpu")
+def _(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
+      gR: torch.Tensor) -> list[torch.Tensor]:
+    _check_tucker(core, us)
+    _check_tucker_grads(core, us, gL, gR)
+    core, us, gL, gR = _plain(core), [_plain(u) for u in us], _plain(gL), _plain(gR)
+    if not _tucker_kernel_takes(core, [*us, gL, gR]):
+        return _tucker_backward_torch(core, us, s, gL, gR)
+    g_core = torch.empty_like(core)
+    g_us = [torch.empty_like(u) for u in us]
+    _k.tucker_grads(*_tucker_args(core, us), s, gL.data_ptr(), gR.data_ptr(),
+                    g_core.data_ptr(), tuple(g.data_ptr() for g in g_us))
+    return [g_core, *g_us]
+
+
+@_tucker_backward_op.register_fake
+def _(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
+      gR: torch.Tensor) -> list[torch.Tensor]:
+    _check_tucker(core, us)
+    return [torch.empty_like(core), *(torch.empty_like(u) for u in us)]
+
+
+def _check_tucker_grads(core: torch.Tensor, us: Sequence[torch.Tensor], gL: torch.Tensor,
+                        gR: torch.Tensor) -> None:
+    n0, r0 = us[0].shape
+    cols = math.prod(u.shape[0] for u in us[1:])
+    if tuple(gL.shape) != (n0, r0) or tuple(gR.shape) != (r0, cols):
+        raise ShapeError(
+            f"tucker_factors_backward: gradients {tuple(gL.shape)}, {tuple(gR.shape)} must "
+            f"have the factors' shapes {(n0, r0)}, {(r0, cols)}"
+        )
+    if gL.dtype != core.dtype or gR.dtype != core.dtype:
+        raise DTypeError("tucker_factors_backward: gradients must have the core's dtype")
+
+
+def _tucker_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    core, us, s = inputs
+    ctx.s, ctx.n = s, len(us)
+    ctx.save_for_backward(core, *us)
+
+
+def _tucker_grad(ctx: Any, gL: torch.Tensor | None, gR: torch.Tensor | None
+                 ) -> tuple[Any, ...]:
+    core, *us = ctx.saved_tensors
+    n0, r0 = us[0].shape
+    cols = math.prod(u.shape[0] for u in us[1:])
+    gL = core.new_zeros((n0, r0)) if gL is None else gL.to(core.dtype)
+    gR = core.new_zeros((r0, cols)) if gR is None else gR.to(core.dtype)
+    g = torch.ops.liegroup.tucker_factors_backward(core, us, ctx.s, gL, gR)
+    return g[0], list(g[1:]), None
+
+
+_tucker_factors_op.register_autograd(_tucker_grad, setup_context=_tucker_setup)
+
+
+def tucker_factors(core: torch.Tensor, us: Sequence[torch.Tensor], scaling: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s·U₀, unfold₀(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}))``, differentiable in ``G`` and every ``U_m``.
+
+    Args:
+        core: ``G`` of shape ``(r₀, …, r_{N−1})``, ``2 ≤ N ≤ 8``.
+        us: ``U_m`` of shape ``(n_m, r_m)``.
+        scaling: ``s``.
+
+    Returns:
+        ``L (n₀, r₀)`` and ``R (r₀, n₁·…·n_{N−1})``: ``L @ R`` is the mode-0 unfolding of
+        ``s·(G ×₀ U₀ ⋯)``.
+
+    Example:
+        >>> import torch
+        >>> core = torch.ones(1, 1, 1)
+        >>> us = [torch.ones(2, 1), torch.ones(3, 1), torch.ones(2, 1)]
+        >>> L, R = tucker_factors(core, us, 0.5)
+        >>> (L @ R).shape
+        torch.Size([2, 6])
+    """
+    L, R = torch.ops.liegroup.tucker_factors(core, list(us), float(scaling))
+    return L, R
