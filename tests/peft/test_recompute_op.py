@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from liegroup.peft import LieRAConfig
+from liegroup.peft._engine import base_op, policy
+from liegroup.peft._engine.geometry import OpGeometry, op_input
+from liegroup.peft._engine.recompute_node import _flatten, adapted_op_recompute
 from liegroup.peft.functional import adapted_weight, get_update
-from liegroup.peft.fused_op import OpGeometry
 from liegroup.peft.layer import LieRALayer
-from liegroup.peft.recompute_op import _flatten, adapted_op_recompute
 
 DT = torch.float64
 
@@ -61,7 +62,8 @@ def _layer(case: str, variant: str, seed: int = 0):
 
 def _reference(layer: LieRALayer, x: torch.Tensor) -> torch.Tensor:
     delta = layer.generators["default"]()
-    return layer._op(x, adapted_weight(layer.weight, delta, layer.updates["default"]))
+    return base_op(layer.base_layer, x,
+                   adapted_weight(layer.weight, delta, layer.updates["default"]))
 
 
 def _wrt(layer: LieRALayer, x: torch.Tensor) -> list[torch.Tensor]:
@@ -103,7 +105,7 @@ def test_gradcheck(variant):
     delta = layer.generators["default"]()
     tensors, rebuild = _flatten(delta)
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    xin, op = layer._fused_input(x)
+    xin, op = op_input(layer.base_layer, x)
     update = layer.updates["default"]
 
     def g(xx, *ts):
@@ -165,11 +167,13 @@ def test_flatten_round_trip():
 
 def test_small_weights_next_to_large_activations_keep_the_plain_path():
     """64·|W| ≤ |x| + |y|: the plain path's kept W' is ≤ ~3 % of the activations; no recompute."""
+    assert policy.KEEP_PLAIN_RATIO == 64
     layer, _ = _layer("conv2d", "so_lowrank")
     n = layer.weight.numel()  # 8·6·3·3 = 432
     for hw, plain in ((5, False), (40, True)):  # |x| + |y| = 2·(6 + 8)·hw²
         x = torch.randn(2, 6, hw, hw, dtype=DT, requires_grad=True)
         assert (64 * n <= 28 * hw * hw) is plain
+        assert policy.keep_plain_graph(n, 28 * hw * hw) is plain
         assert _takes_recompute_path(layer, x) is not plain
         y = layer(x)
         assert torch.allclose(y, _reference(layer, x), rtol=0, atol=1e-12)
@@ -178,7 +182,7 @@ def test_small_weights_next_to_large_activations_keep_the_plain_path():
 @pytest.mark.parametrize("case", ["conv1d_strided", "conv2d", "conv3d_reflect", "linear_3d_input"])
 def test_output_numel(case):
     layer, x = _layer(case, "dense_hadamard")
-    xin, op = layer._fused_input(x)
+    xin, op = op_input(layer.base_layer, x)
     assert op.output_numel(xin, layer.weight) == layer.base_layer(x).numel()
 
 
