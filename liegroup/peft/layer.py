@@ -30,7 +30,7 @@ from torch import nn
 
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
-from liegroup.peft._engine import adapted_forward, weights_outside_autocast
+from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
 from liegroup.peft.config import LieRAConfig
 from liegroup.peft.functional import (
     Update,
@@ -160,6 +160,7 @@ class LieRALayer(nn.Module):
         gen_cls = resolve_generator(config.generator)
         generator = gen_cls(spec)
         update = get_update(config.group, config.order)
+        check_adapter(W, generator, update)  # a generator that does not fit W fails here
         if update.zeros_frozen:
             frac = float((W == 0).sum()) / W.numel()
             if frac > config.zero_warning_fraction:

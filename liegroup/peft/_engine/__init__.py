@@ -45,7 +45,7 @@ from liegroup.peft._engine.geometry import (
 from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
 from liegroup.peft._engine.recompute_node import adapted_op_recompute
 
-__all__ = ["adapted_forward", "compiled_kernel", "weights_outside_autocast"]
+__all__ = ["adapted_forward", "check_adapter", "compiled_kernel", "weights_outside_autocast"]
 
 compiled_kernel = ops.compiled_kernel
 
@@ -85,17 +85,43 @@ def adapted_forward(base: nn.Module, x: torch.Tensor, generator: Any, update: An
     W = base.weight
     assert isinstance(W, torch.Tensor)
     with weights_outside_autocast(x):
-        factors = generator.factors()
-        delta = generator() if factors is None else None
-    if factors is not None:
-        ops.check_factors(W, factors[0], factors[1])
-    else:
-        update.check_delta(W, delta)
+        factors, delta = _algebra_element(W, generator, update)
     if torch.compiler.is_compiling():
         with weights_outside_autocast(x):
             Wp = _traced_weight(W, factors, delta, update)
         return base_op(base, x, Wp)
     return _eager_forward(base, x, W, factors, delta, update)
+
+
+def check_adapter(W: torch.Tensor, generator: Any, update: Any) -> None:
+    """Run ``generator`` once without autograd and check what it gives against ``W``.
+
+    Raises:
+        ShapeError: factors that do not unfold ``W``, or an algebra element that does not fit
+            ``update`` — at the time the adapter is created, not at its first forward (under
+            ``torch.compile`` an error raised while tracing reaches the caller wrapped in
+            Dynamo's own exception).
+
+    Example:
+        >>> import torch
+        >>> from liegroup.peft import LoRAGenerator, GeneratorSpec, get_update
+        >>> gen = LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0))
+        >>> check_adapter(torch.ones(3, 4), gen, get_update("hadamard", None))
+    """
+    with torch.no_grad():
+        _algebra_element(W, generator, update)
+
+
+def _algebra_element(W: torch.Tensor, generator: Any, update: Any
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, Any]:
+    """``(factors, None)`` or ``(None, ΔW)`` from ``generator``, checked against ``W``."""
+    factors = generator.factors()
+    if factors is not None:
+        ops.check_factors(W, factors[0], factors[1])
+        return factors, None
+    delta = generator()
+    update.check_delta(W, delta)
+    return None, delta
 
 
 def _traced_weight(W: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
