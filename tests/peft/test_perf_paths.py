@@ -12,11 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.peft import LieRAConfig
+from liegroup.errors import ShapeError
+from liegroup.peft import GeneratorSpec, LieRAConfig, LoRAGenerator
 from liegroup.peft import functional as fn
-from liegroup.peft import fused_op as fo
+from liegroup.peft._engine import adapted_forward, base_op, policy
+from liegroup.peft._engine import lowrank_node as ln
+from liegroup.peft._engine.geometry import OpGeometry, op_input
+from liegroup.peft._engine.lowrank_node import LowRankAdaptedOpFunction, adapted_op_lowrank
 from liegroup.peft.functional import adapted_weight_lowrank
-from liegroup.peft.fused_op import LowRankAdaptedOpFunction, OpGeometry, adapted_op_lowrank
 from liegroup.peft.layer import LieRALayer
 
 DT = torch.float64
@@ -57,7 +60,12 @@ def _layer(case: str, group: str, exp_map, seed: int = 0):
 def _reference(layer: LieRALayer, x: torch.Tensor) -> torch.Tensor:
     L, R = layer.generators["default"].factors()
     Wp = adapted_weight_lowrank(layer.weight, L, R, layer.updates["default"])
-    return layer._op(x, Wp)
+    return base_op(layer.base_layer, x, Wp)
+
+
+def _force_keep(monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
+    """Make the keep rule (policy.keep_adapted_weight) answer ``keep`` for every layer."""
+    monkeypatch.setattr(policy, "keep_adapted_weight", lambda *a, k=keep: k)
 
 
 def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor):
@@ -66,20 +74,22 @@ def _grads(layer: LieRALayer, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor
     return torch.autograd.grad(y, wrt, gy)
 
 
-@pytest.mark.parametrize("keep", [1 << 30, 0])
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("chunk", [1 << 16, 3])
 @pytest.mark.parametrize(("group", "exp_map"), MAPS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_matches_reference(case, group, exp_map, chunk, keep, monkeypatch):
-    monkeypatch.setattr(fo, "_CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
-    # 1 << 30: W' always recomputed in backward; 0: W' always kept next to ∂L/∂W' (exact map)
-    monkeypatch.setattr(fo, "_KEEP_RATIO", keep)
+    monkeypatch.setattr(policy, "CHUNK_ENTRIES", chunk)  # 3: many row blocks in the backward
+    # False: W' always recomputed in backward; True: W' always kept next to ∂L/∂W' (exact map)
+    _force_keep(monkeypatch, keep)
     layer, x = _layer(case, group, exp_map)
     if layer.bias is not None:
         layer.bias.requires_grad_(True)  # the fused node also returns a bias gradient
     x.requires_grad_(True)
-    assert layer._fused_input(x) is not None or case == "conv2d_same_even_kernel"
+    fused = case != "conv2d_same_even_kernel"
+    assert (op_input(layer.base_layer, x) is not None) is fused
     y = layer(x)
+    assert (type(y.grad_fn).__name__ == "LowRankAdaptedOpFunctionBackward") is fused
     y_ref = _reference(layer, x)
     assert torch.equal(y, y_ref)  # forward: bit for bit
     gy = torch.randn_like(y)
@@ -95,11 +105,11 @@ def test_fused_matches_reference(case, group, exp_map, chunk, keep, monkeypatch)
 @pytest.mark.parametrize("case", ["linear", "conv1d_stride_dil", "conv2d_nonsquare"])
 def test_fused_gradcheck(case, group, exp_map):
     layer, x = _layer(case, group, exp_map)
-    geometry = layer._fused_input(x)
+    geometry = op_input(layer.base_layer, x)
     assert geometry is not None
     xin, op = geometry
     W, b = layer.weight, layer.bias
-    update = layer.updates["default"]
+    name, order = layer.updates["default"].fused_form()
     L0, R0 = (t.detach().clone() for t in layer.generators["default"].factors())
     L0 = L0 + 0.2 * torch.randn_like(L0)
     args = (xin.clone().requires_grad_(True), L0.requires_grad_(True), R0.requires_grad_(True))
@@ -107,7 +117,7 @@ def test_fused_gradcheck(case, group, exp_map):
         args = (*args, b.detach().clone().requires_grad_(True))
 
     def f(xx, lf, rf, *bb):
-        return adapted_op_lowrank(xx, W, bb[0] if bb else None, lf, rf, update, op)
+        return adapted_op_lowrank(xx, W, bb[0] if bb else None, lf, rf, name, order, op, None)
 
     assert torch.autograd.gradcheck(f, args)
 
@@ -127,30 +137,56 @@ def test_fused_keeps_nothing_weight_sized():
 
 def test_fallbacks_give_the_same_forward():
     layer, x = _layer("conv2d_same_even_kernel", "hadamard", "exact")
-    assert layer._fused_input(x) is None  # asymmetric "same" padding
+    assert op_input(layer.base_layer, x) is None  # asymmetric "same" padding
     assert torch.equal(layer(x), _reference(layer, x))
     layer, x = _layer("conv2d", "hadamard", "exact")
-    assert layer._fused_input(x[0]) is None  # unbatched conv input
+    assert op_input(layer.base_layer, x[0]) is None  # unbatched conv input
     assert torch.equal(layer(x[0]), _reference(layer, x[0]))
-    assert layer._fused_input(x.float()) is None  # dtype mismatch: the op's own error path
+    # dtype mismatch: the engine does not enter the fused node; the op's own error comes back
+    with pytest.raises(RuntimeError) as want:
+        layer.base_layer(x.float())
+    with pytest.raises(RuntimeError) as got:
+        layer(x.float())
+    assert str(got.value) == str(want.value)
+
+
+def _lora(W: torch.Tensor, rank: int = 1, seed: int = 0) -> LoRAGenerator:
+    gen = LoRAGenerator(GeneratorSpec(weight_shape=tuple(W.shape), rank=rank, scaling=1.0,
+                                      dtype=W.dtype))
+    with torch.no_grad():
+        gen.B.copy_(torch.randn(gen.B.shape, dtype=W.dtype,
+                                generator=torch.Generator().manual_seed(seed)))
+    return gen
 
 
 def test_trainable_weight_and_custom_update_fall_back():
-    W = torch.randn(3, 4, dtype=DT, requires_grad=True)
-    L = torch.randn(3, 1, dtype=DT, requires_grad=True)
-    R = torch.randn(1, 4, dtype=DT, requires_grad=True)
+    """The engine's entry point runs a trainable W or an update without a fused form as plain
+    autograd on W' (the fused node refuses both)."""
+    lin = nn.Linear(4, 3, bias=False).to(DT)
+    W = lin.weight  # trainable
+    gen = _lora(W)
     x = torch.randn(2, 4, dtype=DT)
-    y = adapted_op_lowrank(x, W, None, L, R, "hadamard", OpGeometry("linear"))
+    hadamard = fn.get_update("hadamard", None)
+    y = adapted_forward(lin, x, gen, hadamard)
+    assert type(y.grad_fn).__name__ != "LowRankAdaptedOpFunctionBackward"
     y.sum().backward()
-    assert W.grad is not None  # took the reference path, which differentiates W
+    assert W.grad is not None and gen.B.grad is not None  # the plain path differentiates W
+    L, R = gen.factors()
+    assert torch.equal(y, x @ adapted_weight_lowrank(W, L, R, hadamard).T)
 
     class Scaled(fn.Additive):
         def apply_lowrank(self, W, L, R):
             return W + 2 * (L @ R).view(W.shape)
 
-    Wf = W.detach()
-    y = adapted_op_lowrank(x, Wf, None, L, R, Scaled(), OpGeometry("linear"))
-    assert torch.allclose(y, x @ (Wf + 2 * L @ R).T)
+    assert Scaled().fused_form() is None  # a subclass may change apply: never fused
+    lin.weight.requires_grad_(False)
+    y = adapted_forward(lin, x, gen, Scaled())
+    assert type(y.grad_fn).__name__ != "LowRankAdaptedOpFunctionBackward"
+    L, R = gen.factors()
+    assert torch.allclose(y, x @ (lin.weight + 2 * L @ R).T)
+    # the shipped update on the frozen weight takes the node
+    y = adapted_forward(lin, x, gen, hadamard)
+    assert type(y.grad_fn).__name__ == "LowRankAdaptedOpFunctionBackward"
 
 
 def test_errors():
@@ -161,12 +197,23 @@ def test_errors():
     W = torch.randn(3, 4, dtype=DT, requires_grad=True)
     L, R = torch.randn(3, 1, dtype=DT), torch.randn(1, 4, dtype=DT)
     x = torch.randn(2, 4, dtype=DT)
+    lin = OpGeometry("linear")
     with pytest.raises(TypeError, match="freeze"):
-        LowRankAdaptedOpFunction.apply(x, W, None, L, R, "hadamard", None, OpGeometry("linear"))
+        LowRankAdaptedOpFunction.apply(x, W, None, L, R, "hadamard", None, lin)
+    with pytest.raises(TypeError, match="freeze"):
+        adapted_op_lowrank(x, W, None, L, R, "hadamard", None, lin, None)
     with pytest.raises(ValueError, match="update"):
-        LowRankAdaptedOpFunction.apply(
-            x, W.detach(), None, L, R, "affine", None, OpGeometry("linear")
-        )
+        LowRankAdaptedOpFunction.apply(x, W.detach(), None, L, R, "affine", None, lin)
+    with pytest.raises(ValueError, match="update"):
+        adapted_op_lowrank(x, W.detach(), None, L, R, "affine", None, lin, None)
+    # the factors are validated before the node runs: L @ R must unfold W
+    with pytest.raises(ShapeError, match="unfold"):
+        adapted_op_lowrank(x, W.detach(), None, L, R[:, :3], "hadamard", None, lin, None)
+    with pytest.raises(ShapeError):
+        adapted_op_lowrank(x, W.detach(), None, L, R.T, "additive", None, lin, None)
+    with pytest.raises(ShapeError):  # ranks of L and R differ
+        adapted_op_lowrank(x, W.detach(), None, L, torch.randn(2, 4, dtype=DT), "hadamard",
+                           None, lin, None)
 
 
 def _saved_weight_sized(layer: LieRALayer, x: torch.Tensor, run=None) -> list[torch.Tensor]:
@@ -192,7 +239,7 @@ def test_keeps_w_prime_only_for_small_weights():
         layer = LieRALayer(base, "c")
         layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"]))
         x = torch.randn(1, 3, hw, hw, dtype=DT, requires_grad=True)
-        assert (7 * hw * hw >= 108 * fo._KEEP_RATIO) is kept
+        assert (7 * hw * hw >= 108 * policy.KEEP_RATIO) is kept
         big = _saved_weight_sized(layer, x)
         assert len(big) == int(kept) and all(t.shape == layer.weight.shape for t in big)
         # no gradient for x and first order: nothing needs W' in the backward
@@ -229,24 +276,29 @@ def test_keep_rule_counts_factors_computed_from_parameters():
         assert _saved_like_weight(layer, x) == 1 + kept, generator  # the frozen W, and W'?
     W = torch.zeros(4, 4, 3, 3)
     L, R = torch.zeros(4, 2), torch.zeros(2, 36, requires_grad=True)
-    assert fo._computed_entries(L, R) == 0  # parameters (leaves) are not extra memory
-    assert fo._computed_entries(L, R * 2) == 72
-    assert fo._keep_second_buffer(W, x, 2500, 0) and not fo._keep_second_buffer(W, x, 2500, 72)
+    assert ln._computed_entries(L, R) == 0  # parameters (leaves) are not extra memory
+    assert ln._computed_entries(L, R * 2) == 72
+    assert ln._keep_second_buffer(W, x, 2500, 0) and not ln._keep_second_buffer(W, x, 2500, 72)
+    assert policy.keep_adapted_weight(144, 8, 5000)  # LoRA: 32·152 = 4864 ≤ 5000
+    assert not policy.keep_adapted_weight(144, 80, 5000)  # Tucker: 32·224 = 7168 > 5000
 
 
 def test_block_buffer_leaves_room_for_computed_factors():
     """The exact map's block buffer takes the keep budget less the computed factors."""
-    W, x, gy = torch.zeros(32, 864), torch.zeros(442368), torch.zeros(442368)
-    assert fo._block_rows(W, 864, x, gy, 0) == 32  # 884736 // 32 = 27648 = all 32 rows
-    assert fo._block_rows(W, 864, x, gy, 7168) == (27648 - 7168) // 864
-    assert fo._block_rows(W, 864, x, gy, 10**9) == 32 * 864 // 16 // 864  # floor: 1/16 of W
+    W, acts = 32 * 864, 2 * 442368  # the weight's entries; x + gy
+    assert policy.block_rows(W, 864, acts, 0) == 32  # 884736 // 32 = 27648 = all 32 rows
+    assert policy.block_rows(W, 864, acts, 7168) == (27648 - 7168) // 864
+    assert policy.block_rows(W, 864, acts, 10**9) == 32 * 864 // 16 // 864  # floor: 1/16 of W
+    # at most CHUNK_ENTRIES per block (in cache), and at least one row
+    assert policy.block_rows(1 << 24, 1024, 1 << 40, 0) == policy.CHUNK_ENTRIES // 1024
+    assert policy.block_rows(10, 1 << 20, 0, 10**9) == 1
 
 
-@pytest.mark.parametrize("keep", [1 << 30, 0])
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("case", ["linear", "linear_nobias"])
 def test_additive_linear_factor_route(case, keep, monkeypatch):
     """Additive Linear: ∂L/∂L = gyᵀ(x Rᵀ), ∂L/∂R = (gy L)ᵀ x, no ∂L/∂W' formed; same grads."""
-    monkeypatch.setattr(fo, "_KEEP_RATIO", keep)
+    _force_keep(monkeypatch, keep)
     layer, x = _layer(case, "additive", "exact")
     if layer.bias is not None:
         layer.bias.requires_grad_(True)
@@ -254,11 +306,11 @@ def test_additive_linear_factor_route(case, keep, monkeypatch):
     y_ref = _reference(layer, x)
     gy = torch.randn_like(y_ref)
     want = _grads(layer, x, y_ref, gy)
-    real = fo._factor_grads
+    real = ln._factor_grads
     for route in (True, False):
-        monkeypatch.setattr(fo, "_factor_route", lambda *a, r=route: r)
+        monkeypatch.setattr(ln, "_factor_route", lambda *a, r=route: r)
         calls = []
-        monkeypatch.setattr(fo, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
+        monkeypatch.setattr(ln, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
         y = layer(x)
         assert torch.equal(y, y_ref)
         got = _grads(layer, x, y, gy)
@@ -272,8 +324,8 @@ def test_factor_route_rule():
     """Through the activations when 2Nm(n₀ + n₁) < N n₀ n₁ + 2 n₀ n₁ m, and W's own shape."""
     W = torch.zeros(1024, 1024)
     L, R = torch.zeros(1024, 32), torch.zeros(32, 1024)
-    assert fo._factor_route(W, L, R, torch.zeros(2048, 1024))
-    assert not fo._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
+    assert ln._factor_route(W, L, R, torch.zeros(2048, 1024))
+    assert not ln._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
                                 torch.zeros(2048, 1024))
-    assert not fo._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
+    assert not ln._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
                                 torch.zeros(8, 1024))  # another layout of L @ R
