@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from liegroup.errors import ShapeError
-from liegroup.peft._engine.ops import tucker_factors
+from liegroup.peft._engine import tucker_factors
 
 __all__ = [
     "FullGenerator",

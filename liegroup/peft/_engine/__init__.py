@@ -45,9 +45,16 @@ from liegroup.peft._engine.geometry import (
 from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
 from liegroup.peft._engine.recompute_node import adapted_op_recompute
 
-__all__ = ["adapted_forward", "check_adapter", "compiled_kernel", "weights_outside_autocast"]
+__all__ = [
+    "adapted_forward",
+    "check_adapter",
+    "compiled_kernel",
+    "tucker_factors",
+    "weights_outside_autocast",
+]
 
 compiled_kernel = ops.compiled_kernel
+tucker_factors = ops.tucker_factors
 
 
 def base_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -133,10 +140,10 @@ def _traced_weight(W: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] |
         if kind is not None and kind[0] == "additive":
             return torch.addmm(W.reshape(L.shape[0], R.shape[1]), L, R).view(W.shape)
         if kind is None:
-            return update.apply_lowrank(W, L, R)  # type: ignore[no-any-return]
+            return update.apply_lowrank(W, L, R)
         delta = (L @ R).view(W.shape)
     if kind is None:
-        return update.apply(W, delta)  # type: ignore[no-any-return]
+        return update.apply(W, delta)
     if kind[0] == "additive":
         return W + delta
     order = kind[1]
@@ -175,8 +182,8 @@ def _eager_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
     if geometry.kind == "linear":  # W' = W + L R (mode-wise, both modes): the additive node
         lr = update.additive_factors(W, delta)
         if lr is not None:
-            ops.check_factors(W, *lr)
-            return adapted_op_lowrank(xin, W, bias, *lr, "additive", None, geometry,
+            L, R = lr
+            return adapted_op_lowrank(xin, W, bias, L, R, "additive", None, geometry,
                                       ledger.current(W.device))
     # any other update: W' recomputed in the backward, nothing weight-sized kept — unless the
     # weight is small next to the activations (then the plain graph costs little memory)

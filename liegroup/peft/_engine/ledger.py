@@ -54,7 +54,7 @@ class StepLedger:
         self._users: dict[int, weakref.finalize] = {}  # id(weight) → its finalizer
 
     def workspace(self, shape: tuple[int, ...], weight: torch.Tensor) -> torch.Tensor:
-        """A contiguous scratch tensor of ``shape`` in ``weight``'s dtype; valid until the next call.
+        """A contiguous scratch tensor of ``shape`` in ``weight``'s dtype (until the next call).
 
         Example:
             >>> import torch
@@ -122,7 +122,7 @@ _local = threading.local()
 
 
 def current(device: torch.device) -> StepLedger | None:
-    """This thread's ledger for a CPU op, ``None`` for any other device.
+    """The calling thread's ledger for a CPU op, ``None`` for any other device.
 
     Example:
         >>> import torch

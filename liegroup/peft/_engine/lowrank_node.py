@@ -13,6 +13,7 @@ cheaper than forming ``∂L/∂W'``. See ``docs/performance.md`` for the design 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from liegroup.peft._engine.geometry import (
     conv_backward,
     op_forward,
 )
-from liegroup.peft._engine.ledger import StepLedger
+from liegroup.peft._engine.ledger import StepLedger, current
 
 __all__ = ["LowRankAdaptedOpFunction", "adapted_op_lowrank"]
 
@@ -54,12 +55,12 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
     (:func:`_factor_route`): ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, and ``G`` is
     never formed (the mode-wise Linear comes here through :meth:`Update.additive_factors`).
 
-    With a ledger (this thread's :class:`~liegroup.peft._engine.ledger.StepLedger`, CPU) a
-    transient ``W'`` is formed in the ledger's reused workspace instead of a fresh buffer (a kept ``W'`` is
-    formed in a buffer of its own), and a layer whose weight is no larger than the gradients full
-    fine-tuning would hold by now (``ledger.allows``) recomputes ``W'`` once and keeps it next
-    to ``∂L/∂W'``: the exact map's ``G ⊙ W'`` is then one multiply (no blocked second
-    ``exp``) and a conv forms ``∂L/∂x``, ``∂L/∂W'``, ``∂L/∂b`` in one call.
+    With a ledger (the thread's :class:`~liegroup.peft._engine.ledger.StepLedger`, CPU) a
+    transient ``W'`` is formed in the ledger's reused workspace instead of a fresh buffer (a
+    kept ``W'`` is formed in a buffer of its own), and a layer whose weight is no larger than
+    the gradients full fine-tuning would hold by now (``ledger.allows``) recomputes ``W'`` once
+    and keeps it next to ``∂L/∂W'``: the exact map's ``G ⊙ W'`` is then one multiply (no
+    blocked second ``exp``) and a conv forms ``∂L/∂x``, ``∂L/∂W'``, ``∂L/∂b`` in one call.
 
     Extra work against full fine-tuning: the rank-r products and the element-wise map (twice
     when ``∂L/∂x`` is needed and ``W'`` was not kept) — a few passes over the weight, small
@@ -136,6 +137,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
                 kept = Wc if keep else None
                 del Wc
         ctx.update, ctx.order, ctx.op, ctx.keep, ctx.ledger = update, order, op, keep, ledger
+        ctx.thread = threading.get_ident()
         ctx.computed = computed
         ctx.save_for_backward(x, W, L, R, kept)
         del kept
@@ -155,7 +157,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         G: torch.Tensor | None = None  # ∂L/∂W'
         Wp: torch.Tensor | None = kept  # W' from the forward (small weights), else None
         exact = update == "hadamard" and order is None
-        ledger: StepLedger | None = ctx.ledger
+        ledger = _backward_ledger(ctx, W)
         if ctx.cast is not None:
             return _backward_autocast(ctx, gy, x, W, L, R, kept)
 
@@ -250,8 +252,9 @@ def _backward_autocast(
         gb = gb.view(ctx.bias_shape).to(ctx.bias_dtype)
     if gx is not None and gx.dtype != ctx.x_dtype:
         gx = gx.to(ctx.x_dtype)
-    if ctx.ledger is not None:
-        ctx.ledger.backward_done(W.numel())
+    ledger = _backward_ledger(ctx, W)
+    if ledger is not None:
+        ledger.backward_done(W.numel())
     return gx, None, gb, g_l, g_r, None, None, None, None, None
 
 
@@ -272,6 +275,17 @@ def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.T
 def _computed_entries(L: torch.Tensor, R: torch.Tensor) -> int:
     """Entries of the factors computed from parameters (saved by the node: extra memory)."""
     return sum(f.numel() for f in (L, R) if f.grad_fn is not None)
+
+
+def _backward_ledger(ctx: Any, W: torch.Tensor) -> StepLedger | None:
+    """The forward's ledger, or this thread's when the backward runs on another thread.
+
+    The workspace is one buffer per thread: a backward on another thread (a user's, or a
+    device thread) must not write into the buffer the forward's thread may be using.
+    """
+    if ctx.ledger is None or threading.get_ident() == ctx.thread:
+        return ctx.ledger
+    return current(W.device)
 
 
 def _keep_second_buffer(W: torch.Tensor, x: torch.Tensor, y_numel: int, computed: int) -> bool:
@@ -311,7 +325,7 @@ def _factor_grads(
     Wm = W.reshape(rows, cols)
     for i in range(0, rows, step):
         j = min(i + step, rows)
-        t = ops.exp_taylor(L[i:j] @ R, order - 1)  # type: ignore[operator]
+        t = ops.exp_taylor(L[i:j] @ R, order - 1)
         Gm[i:j].mul_(t.mul_(Wm[i:j]))
     del t  # freed before the factor gradients exist: not part of the node's peak
     return (Gm.mm(R.T) if need_l else None), (L.T.mm(Gm) if need_r else None)

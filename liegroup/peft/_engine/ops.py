@@ -48,9 +48,7 @@ __all__ = [
     "compiled_kernel",
     "exp_taylor",
     "lowrank_factor_grads",
-    "lowrank_factor_grads_",
     "lowrank_form",
-    "lowrank_form_into",
     "tucker_factors",
 ]
 
@@ -128,7 +126,7 @@ def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
 
 
 def check_factors(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> None:
-    """Raise :class:`~liegroup.errors.ShapeError` unless ``L (rows, r) @ R (r, cols)`` unfolds ``W``.
+    """Raise :class:`~liegroup.errors.ShapeError` unless ``L (rows, r) @ R (r, cols)`` unfolds W.
 
     Also refuses mixed dtypes or devices (:class:`~liegroup.errors.DTypeError`, ``ValueError``).
 
@@ -186,11 +184,7 @@ def exp_taylor(X: torch.Tensor, order: int | None) -> torch.Tensor:
 def _form_torch(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
                 out: torch.Tensor | None) -> torch.Tensor:
     rows, cols = L.shape[0], R.shape[1]
-    if out is None:
-        d = L @ R
-    else:
-        d = torch.mm(L, R, out=out.view(rows, cols))
-    d = d.view(W.shape)
+    d = (L @ R if out is None else torch.mm(L, R, out=out.view(rows, cols))).view(W.shape)
     return (d.add_(1) if first_order else d.exp_()).mul_(W)
 
 
