@@ -14,9 +14,12 @@ import pytest
 import torch
 from torch import nn
 
+import liegroup.peft._engine as engine
 from liegroup.peft import LieRAConfig, get_peft_model
+from liegroup.peft._engine import base_op, ledger, ops
+from liegroup.peft._engine.geometry import autocast_dtype, op_input, weights_outside_autocast
+from liegroup.peft._engine.ledger import StepLedger
 from liegroup.peft.functional import adapted_weight_lowrank
-from liegroup.peft.fused_op import autocast_dtype
 from liegroup.peft.layer import LieRALayer
 
 BF16 = torch.bfloat16
@@ -30,6 +33,16 @@ CASES = {
     "conv3d": (lambda: nn.Conv3d(4, 6, 3, padding=1, bias=False), (1, 4, 5, 6, 5)),
 }
 MAPS = [("hadamard", "exact"), ("hadamard", "first_order"), ("additive", "exact")]
+NODE = "LowRankAdaptedOpFunctionBackward"
+
+
+@pytest.fixture
+def fresh_ledger(monkeypatch: pytest.MonkeyPatch) -> StepLedger:
+    """This thread's CPU ledger, new for the test (no credit or workspace from earlier tests)."""
+    lg = StepLedger()
+    monkeypatch.setattr(ledger._local, "ledger", lg, raising=False)
+    assert ledger.current(torch.device("cpu")) is lg
+    return lg
 
 
 def _layer(case: str, group: str, exp_map: str, generator: str = "lora") -> LieRALayer:
@@ -55,7 +68,7 @@ def _reference(layer: LieRALayer, x: torch.Tensor) -> torch.Tensor:
     L, R = layer.generators["default"].factors()
     Wp = adapted_weight_lowrank(layer.weight, L, R, layer.updates["default"])
     with torch.autocast("cpu", dtype=BF16):
-        return layer._op(x, Wp)
+        return base_op(layer.base_layer, x, Wp)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, BF16])
@@ -65,8 +78,9 @@ def test_fused_node_under_autocast_matches_plain_autocast(case, group, exp_map, 
     layer = _layer(case, group, exp_map)
     x = torch.randn(CASES[case][1]).to(x_dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=BF16):
-        assert layer._fused_input(x) is not None  # the node runs, not the plain path
+        assert op_input(layer.base_layer, x) is not None
         y = layer(x)
+    assert type(y.grad_fn).__name__ == NODE  # the node runs, not the plain path
     y_ref = _reference(layer, x)
     assert y.dtype == BF16 and torch.equal(y, y_ref)
     gy = torch.randn_like(y)
@@ -81,8 +95,8 @@ def test_fused_node_under_autocast_matches_plain_autocast(case, group, exp_map, 
 
 
 @pytest.mark.parametrize("generator", ["lora", "tucker"])
-def test_model_under_autocast_uses_the_ledger_and_matches(generator):
-    """A model (shared ledger, credit, workspaces for both dtypes) against the plain path."""
+def test_model_under_autocast_uses_the_ledger_and_matches(generator, fresh_ledger, monkeypatch):
+    """A model (this thread's ledger: credit, the float32 workspace) against the plain path."""
     def net() -> nn.Module:
         torch.manual_seed(1)
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
@@ -97,18 +111,24 @@ def test_model_under_autocast_uses_the_ledger_and_matches(generator):
             for p in m.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn_like(p))
-    for mod in plain.modules():
-        if isinstance(mod, LieRALayer):
-            mod._fused_input = lambda x: None  # type: ignore[method-assign]
+    sizes = sum(layer.weight.numel() for _, layer in fused.lie_layers())
     x = torch.randn(4, 3, 6, 6)
     for _ in range(2):  # the second step runs with the credit of the first
         outs = []
         for m in (fused, plain):
             m.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=BF16):
-                y = m(x)
-            y.float().square().sum().backward()
+            with monkeypatch.context() as mp:
+                if m is plain:  # no op geometry: every layer takes the plain autograd path
+                    mp.setattr(engine, "op_input", lambda base, x: None)
+                with torch.autocast("cpu", dtype=BF16):
+                    y = m(x)
+                assert (type(y.grad_fn).__name__ == "AddmmBackward0") is (m is plain)
+                y.float().square().sum().backward()
             outs.append((y, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+            if m is fused:  # the fused layers ran on this thread's ledger
+                assert fresh_ledger.credit == sizes and fresh_ledger.in_backward
+                assert fresh_ledger.held(torch.float32) > 0  # W' formed in float32
+                assert fresh_ledger.held(BF16) == 0  # the op's bf16 copy is its own
         (y1, g1), (y2, g2) = outs
         assert torch.equal(y1, y2)
         for n in g1:
@@ -158,7 +178,7 @@ def test_weights_are_formed_outside_autocast():
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
         assert torch.equal(layer.adapted_weight(), Wp)  # float32, as outside autocast
-        y_ref = layer._op(x, Wp)  # autocast casts the float32 W' for the op
+        y_ref = base_op(layer.base_layer, x, Wp)  # autocast casts the float32 W' for the op
     assert y.dtype == BF16 and torch.equal(y, y_ref)
 
 
@@ -169,6 +189,13 @@ def test_autocast_dtype_rule():
         assert autocast_dtype(x, W) == BF16
         assert autocast_dtype(x.double(), W.double()) is None  # autocast leaves float64 alone
         assert autocast_dtype(x.to(BF16), W.to(BF16)) is None
+        assert (W @ W.T).dtype == BF16
+        with weights_outside_autocast(x):  # the adapter's W' is formed in the weight's dtype
+            assert (W @ W.T).dtype == torch.float32
+            assert autocast_dtype(x, W) is None
+        assert (W @ W.T).dtype == BF16  # autocast is back for the op
+    with weights_outside_autocast(x):  # outside autocast: nothing changes
+        assert (W @ W.T).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("case", ["linear", "conv2d"])
@@ -191,10 +218,11 @@ def test_bias_only_gradient_under_autocast(case):
 def test_autocast_factor_gradients_without_the_kernel(case, group, exp_map, monkeypatch):
     """The torch path of the factor gradients (the kernel off, as on CUDA) takes the bf16
     ∂L/∂W' cast to float32 once and gives the kernel path's gradients to float32 rounding."""
-    from liegroup.peft import _fused_kernel as fk
+    if ops._k is None:
+        pytest.skip("compiled kernel not built or LIEGROUP_DISABLE_KERNELS=1: nothing to compare")
 
     def grads(kernel: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(fk, "_USE_KERNEL", kernel)
+        monkeypatch.setattr(ops, "_USE_KERNEL", kernel)
         layer = _layer(case, group, exp_map)
         x = torch.randn(CASES[case][1])
         with torch.autocast("cpu", dtype=BF16):
