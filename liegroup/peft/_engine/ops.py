@@ -7,8 +7,8 @@ before any raw pointer is read:
 * ``liegroup::lowrank_form(W, L, R, first_order)`` → ``W ⊙ exp(L R)`` or ``W ⊙ (1 + L R)``
   (``L R`` viewed as ``W``'s shape); ``liegroup::lowrank_form_into`` writes it into a given
   buffer (the engine's workspace);
-* ``liegroup::lowrank_factor_grads(G, M, L, R, mode)`` → ``(G_Δ Rᵀ, Lᵀ G_Δ)`` with
-  ``G_Δ = G ⊙ M`` (mode 0), ``G ⊙ M ⊙ exp(L R)`` (mode 1) or ``G`` (mode 2);
+* ``liegroup::lowrank_factor_grads(G, M, L, R, rule)`` → ``(G_Δ Rᵀ, Lᵀ G_Δ)`` with
+  ``G_Δ = G ⊙ M`` (rule 0), ``G ⊙ M ⊙ exp(L R)`` (rule 1) or ``G`` (rule 2);
   ``liegroup::lowrank_factor_grads_`` may use ``G`` as scratch (the engine's own ``∂L/∂W'``);
 * ``liegroup::tucker_factors(core, us, s)`` → ``(s·U₀, unfold₀(G ×₁ U₁ ⋯))`` with its
   gradient op ``liegroup::tucker_factors_backward`` (registered as its autograd formula).
@@ -189,13 +189,13 @@ def _form_torch(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: 
 
 
 def _grads_torch(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
-                 mode: int, block_rows: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 rule: int, block_rows: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G_Δ Rᵀ, Lᵀ G_Δ)``; ``inplace``: ``G`` is scratch (``G_Δ`` formed in it)."""
     rows, cols = L.shape[0], R.shape[1]
     Gm = G.reshape(rows, cols)
-    if mode == GRAD_PLAIN:
+    if rule == GRAD_PLAIN:
         D = Gm
-    elif mode == GRAD_TIMES:
+    elif rule == GRAD_TIMES:
         assert M is not None
         D = Gm.mul_(M.reshape(rows, cols)) if inplace else Gm * M.reshape(rows, cols)
     else:  # G ⊙ M ⊙ exp(L R), per row block so that exp(L_i R) stays in cache
@@ -305,24 +305,24 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
 
 # ---------------------------------------------------------------------------- factor grads
 def _check_grads(name: str, G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
-                 R: torch.Tensor, mode: int) -> None:
-    if mode not in (GRAD_TIMES, GRAD_TIMES_EXP, GRAD_PLAIN):
-        raise ValueError(f"{name}: mode must be 0, 1 or 2, got {mode}")
-    if mode != GRAD_PLAIN and M is None:
-        raise ValueError(f"{name}: mode {mode} needs M")
+                 R: torch.Tensor, rule: int) -> None:
+    if rule not in (GRAD_TIMES, GRAD_TIMES_EXP, GRAD_PLAIN):
+        raise ValueError(f"{name}: rule must be 0, 1 or 2, got {rule}")
+    if rule != GRAD_PLAIN and M is None:
+        raise ValueError(f"{name}: rule {rule} needs M")
     _check_lowrank(name, G, L, R, ("M", M))
 
 
 def _grads_kernel(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
-                  mode: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  rule: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not _kernel_takes(G.numel(), L.shape[1], G):
         return None
     G, L, R = _plain(G), _plain(L), _plain(R)
-    Mc = None if mode == GRAD_PLAIN or M is None else _plain(M)
+    Mc = None if rule == GRAD_PLAIN or M is None else _plain(M)
     rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
     gL = torch.empty((rows, r), dtype=_F32)
     gR = torch.empty((r, cols), dtype=_F32)
-    _k.grads(mode, rows, cols, r, G.data_ptr(), 0 if Mc is None else Mc.data_ptr(),
+    _k.grads(rule, rows, cols, r, G.data_ptr(), 0 if Mc is None else Mc.data_ptr(),
              L.data_ptr(), R.data_ptr(), gL.data_ptr(), gR.data_ptr(), torch.get_num_threads())
     return gL, gR
 
@@ -334,59 +334,59 @@ def _grads_fake(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
 
 @torch.library.custom_op("liegroup::lowrank_factor_grads", mutates_args=())
 def _lowrank_factor_grads_op(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
-                             R: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
-    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, mode,
+                             R: torch.Tensor, rule: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, rule)
+    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, rule,
                         _default_block(L, R), inplace=False)
 
 
 @_lowrank_factor_grads_op.register_kernel("cpu")
 def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
-      mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
-    got = _grads_kernel(G, M, L, R, mode)
+      rule: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, rule)
+    got = _grads_kernel(G, M, L, R, rule)
     if got is not None:
         return got
-    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, mode,
+    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, rule,
                         _default_block(L, R), inplace=False)
 
 
 @_lowrank_factor_grads_op.register_fake
 def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
-      mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads", G, M, L, R, mode)
+      rule: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_grads("lowrank_factor_grads", G, M, L, R, rule)
     return _grads_fake(G, M, L, R)
 
 
 @torch.library.custom_op("liegroup::lowrank_factor_grads_", mutates_args=("G",))
 def _lowrank_factor_grads_inplace_op(
-    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, rule: int,
     block_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
+    _check_grads("lowrank_factor_grads_", G, M, L, R, rule)
     if not G.is_contiguous() or G.is_neg() or G.is_conj():
         G = _plain(G)  # a private copy: scratch that is not the caller's
-    return _grads_torch(G, None if M is None else _plain(M), L, R, mode, block_rows,
+    return _grads_torch(G, None if M is None else _plain(M), L, R, rule, block_rows,
                         inplace=True)
 
 
 @_lowrank_factor_grads_inplace_op.register_kernel("cpu")
-def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, rule: int,
       block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
-    got = _grads_kernel(G, M, L, R, mode)
+    _check_grads("lowrank_factor_grads_", G, M, L, R, rule)
+    got = _grads_kernel(G, M, L, R, rule)
     if got is not None:
         return got
     if not G.is_contiguous() or G.is_neg() or G.is_conj():
         G = _plain(G)
-    return _grads_torch(G, None if M is None else _plain(M), L, R, mode, block_rows,
+    return _grads_torch(G, None if M is None else _plain(M), L, R, rule, block_rows,
                         inplace=True)
 
 
 @_lowrank_factor_grads_inplace_op.register_fake
-def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+def _(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, rule: int,
       block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_grads("lowrank_factor_grads_", G, M, L, R, mode)
+    _check_grads("lowrank_factor_grads_", G, M, L, R, rule)
     return _grads_fake(G, M, L, R)
 
 
@@ -397,7 +397,7 @@ def _default_block(L: torch.Tensor, R: torch.Tensor) -> int:
 
 
 def lowrank_factor_grads(
-    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, mode: int,
+    G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, rule: int,
     scratch: bool = False, block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G_Δ Rᵀ, Lᵀ G_Δ)``: the factor gradients from ``G = ∂L/∂W'``.
@@ -408,7 +408,7 @@ def lowrank_factor_grads(
     Args:
         G, M: ``rows·cols`` entries each, any shape.
         L: ``(rows, r)``; R: ``(r, cols)``.
-        mode: one of the three above.
+        rule: one of the three above.
         scratch: ``G`` may be overwritten (the torch implementation forms ``G_Δ`` in it).
         block_rows: rows per block of the torch implementation's recomputed ``exp(L_i R)``.
 
@@ -424,9 +424,9 @@ def lowrank_factor_grads(
     """
     if scratch:
         b = _default_block(L, R) if block_rows is None else block_rows
-        out = torch.ops.liegroup.lowrank_factor_grads_(G, M, L, R, mode, b)
+        out = torch.ops.liegroup.lowrank_factor_grads_(G, M, L, R, rule, b)
     else:
-        out = torch.ops.liegroup.lowrank_factor_grads(G, M, L, R, mode)
+        out = torch.ops.liegroup.lowrank_factor_grads(G, M, L, R, rule)
     return out[0], out[1]
 
 
@@ -449,7 +449,10 @@ def _check_tucker(core: torch.Tensor, us: Sequence[torch.Tensor]) -> None:
         )
 
 
-def _kron(us: Sequence[torch.Tensor]) -> torch.Tensor:
+def _kron(us: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``U_a ⊗ U_b ⊗ ⋯`` (``[[1]]`` for no factor: a Linear's weight has no kernel modes)."""
+    if not us:
+        return like.new_ones((1, 1))
     k = us[0]
     for u in us[1:]:
         k = torch.kron(k, u)
@@ -459,7 +462,7 @@ def _kron(us: Sequence[torch.Tensor]) -> torch.Tensor:
 def _tucker_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     r0, r1 = core.shape[0], core.shape[1]
-    S = torch.nn.functional.linear(core.reshape(r0, r1, -1), _kron(us[2:]))  # (r₀, r₁, K)
+    S = torch.nn.functional.linear(core.reshape(r0, r1, -1), _kron(us[2:], core))  # (r₀, r₁, K)
     return us[0] * s, torch.matmul(us[1], S).reshape(r0, -1)
 
 
@@ -468,18 +471,18 @@ def _tucker_backward_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: fl
     """``[∂core, ∂U₀, …]`` of :func:`_tucker_torch` in closed form."""
     r0, r1 = core.shape[0], core.shape[1]
     n1 = us[1].shape[0]
-    kr = _kron(us[2:])  # (K, Kr)
+    kr = _kron(us[2:], core)  # (K, Kr)
     c3 = core.reshape(r0, r1, -1)
     S = torch.nn.functional.linear(c3, kr)  # (r₀, r₁, K)
     g3 = gR.reshape(r0, n1, -1)  # (r₀, n₁, K)
     g_u1 = torch.einsum("aik,ajk->ij", g3, S)
     gS = torch.matmul(us[1].T, g3)  # (r₀, r₁, K)
     g_core = torch.matmul(gS, kr).reshape(core.shape)
-    g_kron = torch.einsum("abk,abq->kq", gS, c3)  # (K, Kr)
     rest = list(us[2:])
-    n = [u.shape[0] for u in rest]
-    r = [u.shape[1] for u in rest]
-    gk = g_kron.reshape(*n, *r)
+    if not rest:  # a Linear's weight: no kernel modes
+        return [g_core, gL * s, g_u1]
+    g_kron = torch.einsum("abk,abq->kq", gS, c3)  # (K, Kr)
+    gk = g_kron.reshape(*(u.shape[0] for u in rest), *(u.shape[1] for u in rest))
     g_rest = [_kron_factor_grad(gk, rest, m) for m in range(len(rest))]
     return [g_core, gL * s, g_u1, *g_rest]
 

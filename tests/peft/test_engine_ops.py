@@ -1,0 +1,245 @@
+"""The engine's custom operators: registration, validation before any raw memory, view bits.
+
+* ``torch.library.opcheck`` passes for every operator (schema, fake implementation, autograd
+  registration, dispatch), with the compiled kernel and without it;
+* factors, gradients and buffers of inconsistent shapes, mixed dtypes or non-floating dtypes
+  raise typed errors from every operator, kernel or not, before anything is computed;
+* negative-view and non-contiguous operands give the values of their plain copies;
+* layering: generator, layer and model files reach the engine only through its entry module.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+import liegroup.peft._engine as engine
+from liegroup.errors import DTypeError, ShapeError
+from liegroup.peft._engine import ops
+
+KERNEL_STATES = [
+    pytest.param(True, id="kernel"),
+    pytest.param(False, id="torch"),
+]
+
+
+@pytest.fixture(params=KERNEL_STATES)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with the compiled kernel (skipped when absent) and with the torch path."""
+    use = bool(request.param)
+    if use and ops._k is None:
+        pytest.skip("the compiled kernel is not built or LIEGROUP_DISABLE_KERNELS is set")
+    monkeypatch.setattr(ops, "_USE_KERNEL", use)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the kernel takes any size
+    return use
+
+
+def _factors(rows: int = 6, r: int = 3, cols: int = 10, dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(rows, cols, generator=g, dtype=dtype)
+    L = 0.3 * torch.randn(rows, r, generator=g, dtype=dtype)
+    R = 0.3 * torch.randn(r, cols, generator=g, dtype=dtype)
+    return W, L, R
+
+
+# ------------------------------------------------------------------------------ opcheck
+def test_opcheck_lowrank_form(kernel: bool) -> None:
+    W, L, R = _factors()
+    for first in (False, True):
+        torch.library.opcheck(torch.ops.liegroup.lowrank_form.default, (W, L, R, first))
+        torch.library.opcheck(torch.ops.liegroup.lowrank_form_into.default,
+                              (W, L, R, first, torch.empty_like(W)))
+
+
+def test_opcheck_factor_grads(kernel: bool) -> None:
+    W, L, R = _factors()
+    G = torch.randn_like(W)
+    for mode, M in ((ops.GRAD_TIMES, W), (ops.GRAD_TIMES_EXP, W), (ops.GRAD_PLAIN, None)):
+        torch.library.opcheck(torch.ops.liegroup.lowrank_factor_grads.default, (G, M, L, R, mode))
+        torch.library.opcheck(torch.ops.liegroup.lowrank_factor_grads_.default,
+                              (G.clone(), M, L, R, mode, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_tucker_factors_with_autograd(kernel: bool, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    core = torch.randn(2, 3, 2, 2, generator=g, dtype=dtype, requires_grad=True)
+    us = [torch.randn(n, r, generator=g, dtype=dtype, requires_grad=True)
+          for n, r in ((5, 2), (4, 3), (3, 2), (3, 2))]
+    torch.library.opcheck(torch.ops.liegroup.tucker_factors.default, (core, us, 0.5))
+
+
+def test_tucker_torch_backward_is_the_gradient_of_its_forward() -> None:
+    """The closed-form backward of the torch implementation against float64 gradcheck."""
+    g = torch.Generator().manual_seed(2)
+    for shape, ranks in (((4, 3), (2, 2)), ((4, 3, 3), (2, 2, 2)), ((3, 2, 3, 2), (2, 2, 2, 1))):
+        core = torch.randn(*ranks, generator=g, dtype=torch.float64, requires_grad=True)
+        us = [torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True)
+              for n, r in zip(shape, ranks, strict=True)]
+        assert torch.autograd.gradcheck(
+            lambda c, *u: ops.tucker_factors(c, u, 0.7), (core, *us)
+        )
+
+
+# ------------------------------------------------------------------------------ validation
+BAD_FACTORS = [
+    pytest.param((6, 3), (3, 9), ShapeError, id="cols-short"),  # reads past R, past W
+    pytest.param((5, 3), (3, 10), ShapeError, id="rows-short"),
+    pytest.param((6, 3), (2, 10), ShapeError, id="rank-mismatch"),
+    pytest.param((6, 3, 1), (3, 10), ShapeError, id="L-not-a-matrix"),
+    pytest.param((12, 3), (3, 5), None, id="other-unfolding-ok"),  # same entries: allowed
+]
+
+
+@pytest.mark.parametrize(("lshape", "rshape", "err"), BAD_FACTORS)
+def test_every_operator_checks_the_factor_shapes(kernel: bool, lshape: tuple[int, ...],
+                                                 rshape: tuple[int, ...],
+                                                 err: type[Exception] | None) -> None:
+    W = torch.randn(6, 10)
+    L, R = torch.randn(*lshape), torch.randn(*rshape)
+    calls = [
+        lambda: ops.lowrank_form(W, L, R),
+        lambda: ops.lowrank_form(W, L, R, out=torch.empty(60)),
+        lambda: ops.lowrank_factor_grads(W, W, L, R, ops.GRAD_TIMES_EXP),
+        lambda: ops.lowrank_factor_grads(W.clone(), W, L, R, ops.GRAD_TIMES, scratch=True),
+        lambda: ops.check_factors(W, L, R),
+    ]
+    for call in calls:
+        if err is None:
+            call()
+        else:
+            with pytest.raises(err, match="entries|rank|matrices"):
+                call()
+
+
+def test_operators_refuse_mixed_or_integer_dtypes_and_short_buffers(kernel: bool) -> None:
+    W, L, R = _factors()
+    with pytest.raises(DTypeError):
+        ops.lowrank_form(W, L.double(), R)
+    with pytest.raises(DTypeError):
+        ops.lowrank_form(W.to(torch.int32), L.to(torch.int32), R.to(torch.int32))
+    with pytest.raises(ShapeError):
+        ops.lowrank_form(W, L, R, out=torch.empty(W.numel() - 1))
+    with pytest.raises(ShapeError):
+        ops.lowrank_form(W, L, R, out=torch.empty(W.shape[1], W.shape[0]).T)  # not contiguous
+    with pytest.raises(ShapeError):
+        ops.lowrank_factor_grads(W, W[:-1], L, R, ops.GRAD_TIMES)
+    with pytest.raises(ValueError, match="needs M"):
+        ops.lowrank_factor_grads(W, None, L, R, ops.GRAD_TIMES)
+    with pytest.raises(ValueError, match="rule"):
+        ops.lowrank_factor_grads(W, W, L, R, 7)
+
+
+def test_tucker_operator_refuses_inconsistent_cores_and_gradients(kernel: bool) -> None:
+    core = torch.randn(2, 2, 2)
+    us = [torch.randn(4, 2), torch.randn(3, 2), torch.randn(3, 2)]
+    with pytest.raises(ShapeError, match="ranks"):
+        ops.tucker_factors(torch.randn(2, 3, 2), us, 1.0)
+    with pytest.raises(ShapeError, match="2 to 8"):
+        ops.tucker_factors(torch.randn(2), us[:1], 1.0)
+    with pytest.raises(DTypeError):
+        ops.tucker_factors(core.double(), us, 1.0)
+    with pytest.raises(ShapeError, match="gradients"):
+        torch.ops.liegroup.tucker_factors_backward(core, us, 1.0, torch.zeros(4, 2),
+                                                   torch.zeros(2, 8))
+
+
+def test_a_model_whose_generator_returns_bad_factors_raises_before_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fused node and the plain path check the factors; the kernel is never entered."""
+    from liegroup.peft import LieRAConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(10, 6)),
+                           LieRAConfig(rank=3, target_modules=["0"]))
+    gen = model.base_model[0].generators["default"]
+    calls: list[str] = []
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            calls.append(name)
+            raise AssertionError("the kernel was entered")
+
+    monkeypatch.setattr(ops, "_k", Spy())
+    monkeypatch.setattr(gen, "factors", lambda: (torch.zeros(6, 3), torch.zeros(3, 9)))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ShapeError):
+            model(torch.randn(2, 10))
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------ view bits
+def test_negative_view_and_strided_operands_give_their_plain_values(kernel: bool) -> None:
+    W, L, R = _factors()
+    neg_R = torch.complex(torch.zeros_like(R), -R).conj().imag  # a negative view of R
+    assert neg_R.is_neg() and torch.equal(neg_R.resolve_neg(), R)
+    strided_L = torch.randn(L.shape[1], L.shape[0]).T.copy_(L)  # the values of L, transposed
+    assert not strided_L.is_contiguous()
+    want = ops.lowrank_form(W, L, R)
+    assert torch.equal(ops.lowrank_form(W, strided_L, neg_R), want)
+    G = torch.randn_like(W)
+    want_g = ops.lowrank_factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP)
+    got_g = ops.lowrank_factor_grads(G.T.contiguous().T, W, strided_L, neg_R,
+                                     ops.GRAD_TIMES_EXP)
+    for a, b in zip(want_g, got_g, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scratch_gradient_op_leaves_a_caller_view_untouched(kernel: bool) -> None:
+    """A non-contiguous ``G`` is copied before the torch implementation writes into it."""
+    W, L, R = _factors()
+    base = torch.randn(W.shape[1], W.shape[0])
+    G = base.T
+    before = base.clone()
+    ops.lowrank_factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP, scratch=True)
+    assert torch.equal(base, before)
+
+
+def test_kernel_and_torch_implementations_agree_to_float32_rounding() -> None:
+    if ops._k is None:
+        pytest.skip("the compiled kernel is not built or LIEGROUP_DISABLE_KERNELS is set")
+    W, L, R = _factors(rows=37, r=5, cols=123)
+    u = torch.finfo(torch.float32).eps / 2
+    ref = ops._form_torch(W.double(), L.double(), R.double(), False, None)
+    got = ops.lowrank_form(W, L, R)
+    # |Σ_r L R| is summed with ≤ r roundings and exp within 1 ulp; W ⊙ exp(·) one more
+    bound = (L.abs() @ R.abs()).double() * (L.shape[1] + 1) * u + 3 * u
+    assert bool(((got.double() - ref).abs() <= ref.abs() * bound.view_as(ref)).all())
+
+
+# ------------------------------------------------------------------------------ layering
+PEFT = pathlib.Path(engine.__file__).parent.parent
+ENGINE_PUBLIC = set(engine.__all__)
+
+
+@pytest.mark.parametrize("name", ["generators.py", "layer.py", "model.py", "adalora.py",
+                                  "modewise.py", "config.py", "init.py"])
+def test_method_files_reach_the_engine_only_through_its_entry_module(name: str) -> None:
+    tree = ast.parse((PEFT / name).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            mod = node.module
+            assert not mod.startswith("liegroup.peft._engine."), f"{name} imports {mod}"
+            if mod == "liegroup.peft._engine":
+                names = {a.name for a in node.names}
+                assert names <= ENGINE_PUBLIC, f"{name} imports {names - ENGINE_PUBLIC}"
+            if mod == "liegroup.peft":
+                names = {a.name for a in node.names}
+                assert "_engine" not in names, f"{name} imports the engine's modules"
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                assert not a.name.startswith("liegroup.peft._engine."), f"{name}: {a.name}"
+
+
+def test_one_file_holds_the_memory_policy() -> None:
+    """No other engine or method file defines a keep/block ratio constant of its own."""
+    for path in PEFT.rglob("*.py"):
+        if path.name == "policy.py":
+            continue
+        text = path.read_text()
+        for token in ("_KEEP_RATIO", "_KEEP_PLAIN", "_CHUNK_ENTRIES", "// 32"):
+            assert token not in text, f"{path.relative_to(PEFT)} has {token!r}"
