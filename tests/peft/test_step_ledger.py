@@ -1,7 +1,8 @@
-"""The model-level StepLedger: a shared W' workspace and a second backward buffer on credit.
+"""The per-thread StepLedger: a shared W' workspace and a second backward buffer on credit.
 
-Inside a :class:`LieRAModel` the adapted layers share one :class:`StepLedger`. Two things
-follow, and both must leave every value and gradient as the reference path gives it:
+The adapted layers that run on a thread (CPU) share that thread's :class:`StepLedger`
+(``ledger.current``); no model wires it. Two things follow, and both must leave every value
+and gradient as the reference path gives it:
 
 * a transient ``W'`` (forward, backward recompute) lives in one reused workspace; a ``W'``
   kept for the backward is copied out of it, so later layers cannot overwrite it;
@@ -13,6 +14,7 @@ follow, and both must leave every value and gradient as the reference path gives
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import threading
 
@@ -21,13 +23,29 @@ import torch
 from torch import nn
 
 from liegroup.peft import LieRAConfig, get_peft_model
-from liegroup.peft import fused_op as fo
+from liegroup.peft._engine import base_op, ledger, policy
+from liegroup.peft._engine import lowrank_node as ln
+from liegroup.peft._engine.ledger import StepLedger
 from liegroup.peft.functional import adapted_weight_lowrank
-from liegroup.peft.fused_op import StepLedger
 
 DT = torch.float64
 MAPS = [("hadamard", "exact"), ("hadamard", "first_order"), ("hadamard", 2),
         ("additive", "exact")]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def lg(monkeypatch: pytest.MonkeyPatch) -> StepLedger:
+    """This thread's CPU ledger, new for each test (no credit or workspace from earlier ones)."""
+    fresh = StepLedger()
+    monkeypatch.setattr(ledger._local, "ledger", fresh, raising=False)
+    assert ledger.current(CPU) is fresh
+    return fresh
+
+
+def _force_keep(monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
+    """Make the keep rule (policy.keep_adapted_weight) answer ``keep`` for every layer."""
+    monkeypatch.setattr(policy, "keep_adapted_weight", lambda *a, k=keep: k)
 
 
 def _net(kind: str, group: str, exp_map, seed: int = 0):
@@ -56,8 +74,8 @@ def _reference(model, x: torch.Tensor) -> torch.Tensor:
     for module in model.base_model:
         if hasattr(module, "generators"):
             L, R = module.generators["default"].factors()
-            h = module._op(h, adapted_weight_lowrank(module.weight, L, R,
-                                                     module.updates["default"]))
+            h = base_op(module.base_layer, h, adapted_weight_lowrank(module.weight, L, R,
+                                                                     module.updates["default"]))
         else:
             h = module(h)
     return h
@@ -71,7 +89,7 @@ def _grads(model, x, y, gy):
 def _spy_second_buffer(monkeypatch) -> list[bool]:
     """Per adapted-layer backward, in order: was W' available next to ∂L/∂W'?"""
     seen: list[bool] = []
-    real = fo.LowRankAdaptedOpFunction.backward
+    real = ln.LowRankAdaptedOpFunction.backward
 
     def spy(ctx, gy):
         before = ctx.ledger.credit if ctx.ledger is not None else 0
@@ -79,17 +97,17 @@ def _spy_second_buffer(monkeypatch) -> list[bool]:
         seen.append(ctx.keep or (ctx.ledger is not None and W.numel() <= before))
         return real(ctx, gy)
 
-    monkeypatch.setattr(fo.LowRankAdaptedOpFunction, "backward", staticmethod(spy))
+    monkeypatch.setattr(ln.LowRankAdaptedOpFunction, "backward", staticmethod(spy))
     return seen
 
 
-@pytest.mark.parametrize("keep", [1 << 30, 0])
+@pytest.mark.parametrize("keep", [False, True], ids=["workspace", "keep"])
 @pytest.mark.parametrize(("group", "exp_map"), MAPS)
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_model_paths_match_reference(kind, group, exp_map, keep, monkeypatch):
-    # 1 << 30: no W' kept from the forward (all in the workspace; the ledger decides the
-    # backward); 0: every W' kept, so it must survive the later layers' use of the workspace
-    monkeypatch.setattr(fo, "_KEEP_RATIO", keep)
+    # False: no W' kept from the forward (all in the workspace; the ledger decides the
+    # backward); True: every W' kept, so it must survive the later layers' use of the workspace
+    _force_keep(monkeypatch, keep)
     model, x = _net(kind, group, exp_map)
     y = model(x)
     y_ref = _reference(model, x)
@@ -104,8 +122,8 @@ def test_model_paths_match_reference(kind, group, exp_map, keep, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_second_buffer_only_on_credit(kind, monkeypatch):
-    monkeypatch.setattr(fo, "_KEEP_RATIO", 1 << 30)
+def test_second_buffer_only_on_credit(kind, monkeypatch, lg):
+    _force_keep(monkeypatch, False)
     model, x = _net(kind, "hadamard", "exact")
     sizes = [layer.weight.numel() for _, layer in model.lie_layers()][::-1]  # backward order
     credit = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -116,7 +134,7 @@ def test_second_buffer_only_on_credit(kind, monkeypatch):
         seen.clear()
         model(x).sum().backward()
         assert seen == expected  # same decisions every step: the credit was reset
-    assert model._ledger.credit == sum(sizes)
+    assert lg.credit == sum(sizes)
 
 
 def test_ledger_counts_and_resets():
@@ -132,51 +150,130 @@ def test_ledger_counts_and_resets():
     assert ledger.credit == 3
 
 
-def test_workspace_is_reused_per_thread_device_dtype():
-    ledger = StepLedger()
+def test_workspace_is_reused_per_dtype():
+    lg = StepLedger()
     W = torch.zeros(4, 6)
-    a = ledger.workspace((4, 6), W)
-    b = ledger.workspace((2, 5), W)
+    a = lg.workspace((4, 6), W)
+    b = lg.workspace((2, 5), W)
     assert a.shape == (4, 6) and b.shape == (2, 5) and a.data_ptr() == b.data_ptr()
-    assert ledger.workspace((4, 6), W) is a  # a shape's view is made once
-    c = ledger.workspace((8, 2, 2, 2), W)  # grows: a new buffer, the old one dropped
+    assert lg.workspace((4, 6), W) is a  # a shape's view is made once
+    assert lg.held(torch.float32) == 24 and lg.held(torch.float64) == 0
+    c = lg.workspace((8, 2, 2, 2), W)  # grows: a new buffer, the old one dropped
     assert c.shape == (8, 2, 2, 2) and c.is_contiguous()
-    assert ledger.workspace((4, 6), W).data_ptr() == c.data_ptr()
+    assert lg.workspace((4, 6), W).data_ptr() == c.data_ptr()
     # no view of the smaller buffer survives (it would keep that buffer alive)
-    assert all(v.data_ptr() == c.data_ptr() for v in ledger._views.values())
-    assert ledger.workspace((2, 2), W.double()).dtype == torch.float64
-    other: list[int] = []
-    t = threading.Thread(target=lambda: other.append(ledger.workspace((4, 6), W).data_ptr()))
+    assert all(v.data_ptr() == c.data_ptr() for v in lg._views.values())
+    W64 = W.double()
+    d = lg.workspace((2, 2), W64)
+    assert d.dtype == torch.float64 and lg.held(torch.float64) == 4
+    lg.release(torch.float64)  # one dtype only
+    assert lg.held(torch.float64) == 0 and lg.held(torch.float32) == 64
+    assert all(k[0] == torch.float32 for k in lg._views)
+    lg.release()
+    assert not lg._views and lg.held(torch.float32) == 0
+    assert lg.workspace((1, 1), W).numel() == 1
+
+
+def test_one_ledger_per_thread_cpu_only(lg):
+    """Each thread has its own ledger (so its own workspace); other devices have none."""
+    assert ledger.current(CPU) is lg
+    W = torch.zeros(4, 6)
+    mine = lg.workspace((4, 6), W).data_ptr()
+    other: list[object] = []
+
+    def run() -> None:
+        theirs = ledger.current(CPU)
+        assert theirs is not None
+        other.extend([theirs, theirs is ledger.current(CPU),
+                      theirs.workspace((4, 6), W).data_ptr()])
+
+    t = threading.Thread(target=run)
     t.start()
     t.join()
-    assert other[0] != c.data_ptr()  # another thread never shares a buffer
-    ledger.release()
-    assert not ledger._views and ledger.workspace((1, 1), W).numel() == 1
+    theirs, stable, ptr = other
+    assert theirs is not lg and stable  # one per thread, the same on every call
+    assert ptr != mine  # another thread never shares a buffer
+    assert ledger.current(CPU) is lg
+    # CUDA (and any other device): no ledger, so no workspace and no credit
+    assert ledger.current(torch.device("cuda")) is None
+    assert ledger.current(torch.device("meta")) is None
 
 
-def test_pickled_and_copied_models_carry_no_workspace():
+def test_workspace_is_freed_with_the_last_weight_that_used_it():
+    lg = StepLedger()
+    W1, W2 = torch.zeros(4, 6), torch.zeros(3, 3)
+    lg.workspace((4, 6), W1)
+    lg.workspace((3, 3), W2)
+    lg.workspace((3, 3), W2)  # a weight is counted once
+    assert lg.held(torch.float32) == 24
+    del W1
+    gc.collect()
+    assert lg.held(torch.float32) == 24  # W2 still uses it
+    del W2
+    gc.collect()
+    assert lg.held(torch.float32) == 0 and not lg._views
+    W3 = torch.zeros(2, 2)  # a new user starts a new buffer
+    assert lg.workspace((2, 2), W3).numel() == 4 and lg.held(torch.float32) == 4
+
+
+def test_workspace_of_a_model_is_freed_with_the_model(lg):
     model, x = _net("conv", "hadamard", "exact")
     model(x).sum().backward()
-    assert model._ledger._buffers  # the step left its workspace
+    assert lg.held(torch.float64) > 0  # the step left its workspace
+    del model
+    gc.collect()
+    assert lg.held(torch.float64) == 0
+
+
+def test_copied_and_saved_models_hold_no_ledger(lg):
+    """The ledger is the thread's, not the model's: a deep copy or a saved model carries
+    neither a ledger nor a workspace, and runs on the ledger of the thread that runs it."""
+    model, x = _net("conv", "hadamard", "exact")
+    model(x).sum().backward()
+    assert lg.held(torch.float64) > 0
+    assert not any(isinstance(v, StepLedger) for m in model.modules() for v in vars(m).values())
     clone = copy.deepcopy(model)
-    assert clone._ledger._buffers == {} and clone._ledger is not model._ledger
-    assert {id(layer.ledger) for _, layer in clone.lie_layers()} == {id(clone._ledger)}
     blob = io.BytesIO()
     torch.save(model, blob)
     size = blob.tell()
-    model._ledger.release()
+    lg.release()
     blob2 = io.BytesIO()
     torch.save(model, blob2)
-    assert size == blob2.tell()  # the workspace is not in the pickle
+    assert size == blob2.tell()  # no workspace in the pickle
     assert torch.equal(clone(x), model(x))
 
 
-def test_model_layers_share_one_ledger():
-    model, _ = _net("conv", "hadamard", "exact")
-    ledgers = {id(layer.ledger) for _, layer in model.lie_layers()}
-    assert ledgers == {id(model._ledger)}
+def test_model_layers_share_this_threads_ledger(lg):
+    """Every adapted layer of every model on this thread counts on the thread's one ledger."""
+    model, x = _net("conv", "hadamard", "exact")
     model.add_adapter("second", LieRAConfig(rank=1, target_modules=["0"]))
-    assert {id(layer.ledger) for _, layer in model.lie_layers()} == {id(model._ledger)}
+    other, _ = _net("linear", "hadamard", "exact", seed=1)
+    sizes = sum(layer.weight.numel() for _, layer in model.lie_layers())
+    model(x).sum().backward()
+    assert lg.credit == sizes
+    model.set_adapter("second")  # on layer "0" only: the others run their base module
+    model(x).sum().backward()  # a new step, on the same ledger
+    assert lg.credit == model.base_model[0].weight.numel()
+    model.set_adapter("default")
+    # a second model's forward starts a new step of the same (thread's) ledger
+    y = other(torch.randn(4, 7, dtype=DT))
+    assert lg.credit == 0 and not lg.in_backward
+    y.sum().backward()
+    assert lg.credit == sum(layer.weight.numel() for _, layer in other.lie_layers())
+    # on another thread the same model counts on that thread's ledger, not this one
+    seen: list[StepLedger | None] = []
+
+    def run() -> None:
+        model(x).sum().backward()
+        seen.append(ledger.current(CPU))
+
+    before = lg.credit
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    (theirs,) = seen
+    assert theirs is not None and theirs is not lg and theirs.credit == sizes
+    assert lg.credit == before
 
 
 @pytest.mark.parametrize("exp_map", ["exact", "first_order"])
@@ -198,7 +295,8 @@ def test_linear_on_permuted_activations(exp_map):
             y = model(h)
         else:
             L, R = layer.generators["default"].factors()
-            y = layer._op(h, adapted_weight_lowrank(layer.weight, L, R, layer.updates["default"]))
+            y = base_op(layer.base_layer, h,
+                        adapted_weight_lowrank(layer.weight, L, R, layer.updates["default"]))
         y = y.permute(0, 3, 1, 2)  # ∂L/∂y arrives strided
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.autograd.grad(y, [x, *params], gy)
@@ -209,27 +307,26 @@ def test_linear_on_permuted_activations(exp_map):
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_uncovered_backward_holds_one_weight_buffer(kind, monkeypatch):
+def test_uncovered_backward_holds_one_weight_buffer(kind, monkeypatch, lg):
     """Without credit (a one-layer model) the workspace never lives next to ∂L/∂W'."""
-    monkeypatch.setattr(fo, "_KEEP_RATIO", 1 << 30)
+    _force_keep(monkeypatch, False)
     torch.manual_seed(0)
     base = nn.Conv2d(4, 6, 3, padding=1) if kind == "conv" else nn.Linear(5, 7)
     model = get_peft_model(nn.Sequential(base.to(DT)), LieRAConfig(rank=2, target_modules=["0"]))
     x = torch.randn(*((2, 4, 5, 5) if kind == "conv" else (3, 5)), dtype=DT, requires_grad=True)
     W = model.lie_layers()[0][1].weight
     y = model(x)
-    assert model._ledger.held(W) == W.numel()  # the forward's W' lives in the workspace
+    assert lg.held(W.dtype) == W.numel()  # the forward's W' lives in the workspace
     live: list[int] = []
-    real = fo._factor_grads
+    real = ln._factor_grads
 
     def spy(G, *args):
-        live.append(model._ledger.held(W))  # while ∂L/∂W' exists
-        same = model._ledger.held(W) and G.data_ptr() == model._ledger.workspace(
-            G.shape, W).data_ptr()
+        live.append(lg.held(W.dtype))  # while ∂L/∂W' exists
+        same = lg.held(W.dtype) and G.data_ptr() == lg.workspace(G.shape, W).data_ptr()
         live.append(int(bool(same)))
         return real(G, *args)
 
-    monkeypatch.setattr(fo, "_factor_grads", spy)
+    monkeypatch.setattr(ln, "_factor_grads", spy)
     y.sum().backward()
     held, g_in_workspace = live
     # a conv frees the workspace before ∂L/∂W'; a Linear writes ∂L/∂W' into it: one buffer
