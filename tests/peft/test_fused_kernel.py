@@ -1,6 +1,12 @@
-"""The compiled CPU kernel of LieRA's low-rank Hadamard update (liegroup/peft/_cfused.c).
+"""The compiled CPU kernel of LieRA's low-rank Hadamard update (liegroup/peft/_engine/_cfused.c).
 
-* it is built in this install and reports the ``_USE_KERNEL`` switch;
+It is reached only through the ``torch.library`` operators of ``liegroup.peft._engine.ops``
+(``lowrank_form``, ``lowrank_factor_grads``); the accuracy tests call those operators and check
+first that the kernel takes the call (``ops._kernel_takes``), or count the calls that reach it
+(a spy in place of ``ops._k``).
+
+* it is built in this install (unless ``LIEGROUP_DISABLE_KERNELS=1``) and reports the
+  ``_USE_KERNEL`` switch;
 * its ``exp`` is within 1 ulp of the float64 exponential on every instruction-set body this
   CPU has, with exact inf / 0 / NaN / 1 where they are due and correctly rounded subnormal
   results away from rounding midpoints;
@@ -10,10 +16,17 @@
   vector tails, the two-vector main loop, the rank passes and the column panels of the
   gradient kernel and R_MAX;
 * ``form`` is bit-identical across thread counts; gradients stay within their bound;
-* what the kernel does not take (rank R_MAX + 1, float64, non-contiguous) runs the torch path
-  and is still right; the library's paths (adapted_weight_lowrank, the fused layer node, a
-  LieRA model's backward) reach the kernel for float32 CPU only and agree with the torch path;
-* bad raw arguments raise ValueError; NaN and inf propagate to exactly the entries they touch.
+* what the kernel does not take (rank R_MAX + 1, float64) runs the torch path and is still
+  right; non-contiguous or negated views are made plain by the operator first; the library's
+  paths (adapted_weight_lowrank, the fused layer node, a LieRA model's backward) reach the
+  kernel for float32 CPU only and agree with the torch path;
+* the operators refuse bad operands with typed errors before the kernel reads a pointer; bad
+  raw arguments to the kernel raise ValueError; NaN and inf propagate to exactly the entries
+  they touch (kernel and torch implementation alike).
+
+The bound tests of ``form`` and the factor gradients, and the non-finite tests, also run the
+operators' torch implementation (the ``torch`` case, as on CUDA), so they run without the
+kernel too.
 """
 
 from __future__ import annotations
@@ -32,16 +45,22 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from liegroup._kernels import kernels_disabled
+from liegroup.errors import DTypeError, ShapeError
 from liegroup.peft import LieRAConfig, compiled_kernel, get_peft_model
-from liegroup.peft import _fused_kernel as FK  # noqa: N812
+from liegroup.peft._engine import ops
+from liegroup.peft._engine.geometry import OpGeometry
+from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
 from liegroup.peft.functional import adapted_weight_lowrank
-from liegroup.peft.fused_op import OpGeometry, adapted_op_lowrank
 from liegroup.peft.layer import LieRALayer
 
 U32 = 2.0**-24  # float32 unit roundoff
 U64 = 2.0**-53
 ISAS = ["baseline", "avx2", "avx512"]
-R_MAX = FK._R_MAX
+# the kernel's rank limit (without the kernel every rank takes the torch path; 256 is what
+# _cfused.c reports)
+R_MAX = ops._R_MAX or 256
+NO_KERNEL = "compiled kernel absent (not built, or LIEGROUP_DISABLE_KERNELS=1)"
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -55,17 +74,20 @@ def grow(x: torch.Tensor, *eps: float) -> torch.Tensor:
 
 
 def _need_kernel() -> None:
-    if FK._k is None:
-        pytest.skip("compiled kernel not built (test_kernel_is_built fails)")
+    if ops._k is None:
+        pytest.skip(NO_KERNEL)
 
 
 # --------------------------------------------------------------------------- fixtures
 class KernelSpy:
-    """Stands in for ``_fused_kernel._k``: counts the calls that reach the kernel."""
+    """Stands in for ``ops._k``: counts the calls that reach the kernel.
+
+    Without the kernel (``kernel=None``) it is not installed and its counts stay 0: the
+    tests that only assert that no call reaches the kernel still run.
+    """
 
     def __init__(self, kernel: Any) -> None:
         self._k = kernel
-        self.R_MAX = kernel.R_MAX
         self.forms = 0
         self.grads_calls = 0
 
@@ -77,32 +99,69 @@ class KernelSpy:
         self.grads_calls += 1
         return self._k.grads(*args)
 
-    def isa(self, *args: Any) -> Any:
-        return self._k.isa(*args)
+    def __getattr__(self, name: str) -> Any:  # R_MAX, MT_WORK, isa, tucker, ...
+        return getattr(self._k, name)
 
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> KernelSpy:
-    _need_kernel()
-    s = KernelSpy(FK._k)
-    monkeypatch.setattr(FK, "_k", s)
+    s = KernelSpy(ops._k)
+    if ops._k is not None:
+        monkeypatch.setattr(ops, "_k", s)
     return s
+
+
+def _set_isa(name: str) -> None:
+    try:
+        ops._k.isa(name)
+    except ValueError:
+        ops._k.isa("auto")
+        pytest.skip(f"this CPU lacks {name}")
+    assert ops._k.isa() == name
 
 
 @pytest.fixture(params=ISAS)
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each instruction-set body of the kernel this CPU has."""
     _need_kernel()
     name: str = request.param
     try:
-        FK._k.isa(name)
-    except ValueError:
-        FK._k.isa("auto")
-        pytest.skip(f"this CPU lacks {name}")
-    try:
-        assert FK._k.isa() == name
+        _set_isa(name)
         yield name
     finally:
-        FK._k.isa("auto")
+        ops._k.isa("auto")
+
+
+@pytest.fixture(params=[*ISAS, "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each kernel body, and the operators' torch implementation (runs without the kernel)."""
+    name: str = request.param
+    if name == "torch":
+        monkeypatch.setattr(ops, "_USE_KERNEL", False)
+        yield name
+        return
+    _need_kernel()
+    try:
+        _set_isa(name)
+        yield name
+    finally:
+        ops._k.isa("auto")
+
+
+def form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``ops.lowrank_form``, checking that the kernel takes the call when it is switched on."""
+    if ops.compiled_kernel():
+        assert ops._kernel_takes(W.numel(), L.shape[1], W, L, R)
+    return ops.lowrank_form(W, L, R, first_order, out)
+
+
+def factor_grads(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+                 mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.lowrank_factor_grads`` (G left as it is), checking that the kernel takes it."""
+    if ops.compiled_kernel():
+        assert ops._kernel_takes(G.numel(), L.shape[1], G, L, R)
+    return ops.lowrank_factor_grads(G, M, L, R, mode)
 
 
 @pytest.fixture
@@ -169,10 +228,10 @@ def grads_ref_and_bound(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor
     rows, r, cols = L.shape[0], L.shape[1], R.shape[1]
     G64, L64, R64 = G.double(), L.double(), R.double()
     S = L64.abs() @ R64.abs()
-    if mode == FK.GRAD_PLAIN:
+    if mode == ops.GRAD_PLAIN:
         gd = G64
         eta = torch.zeros_like(G64)
-    elif mode == FK.GRAD_TIMES:
+    elif mode == ops.GRAD_TIMES:
         assert M is not None
         gd = G64 * M.double()
         eta = torch.full_like(G64, U32)
@@ -206,37 +265,49 @@ def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, wha
 
 
 # --------------------------------------------------------------------------- 1. built, switch
+@pytest.mark.skipif(kernels_disabled(), reason="LIEGROUP_DISABLE_KERNELS=1 turns the kernel off")
 def test_kernel_is_built() -> None:
     # the project's install compiles the extension; a silently failed (optional) build must
     # not go unnoticed
-    assert FK._k is not None, "liegroup/peft/_cfused.c was not compiled"
-    assert FK._k is importlib.import_module("liegroup.peft._cfused")
-    assert compiled_kernel()
-    assert R_MAX == FK._k.R_MAX >= 64
-    assert FK._k.isa() in ("baseline", "avx2", "avx512")
+    assert ops._k is not None, "liegroup/peft/_engine/_cfused.c was not compiled"
+    assert ops._k is importlib.import_module("liegroup.peft._engine._cfused")
+    assert compiled_kernel() and ops.compiled_kernel()
+    assert R_MAX == ops._k.R_MAX >= 64
+    assert ops._MT_WORK == ops._k.MT_WORK > 0
+    assert ops._k.isa() in ("baseline", "avx2", "avx512")
+
+
+@pytest.mark.skipif(not kernels_disabled(), reason="only with LIEGROUP_DISABLE_KERNELS=1")
+def test_disable_switch_turns_the_kernel_off() -> None:
+    assert ops._k is None and not compiled_kernel() and not ops.compiled_kernel()
+    assert ops._R_MAX == 0 and ops._MT_WORK == 0
+    W, L, R = _factors(3, 4, 2, 0)
+    assert not ops._kernel_takes(W.numel(), 2, W, L, R)
+    ref, bound = form_ref_and_bound(W, L, R, False)  # the torch implementation serves
+    assert_within(ops.lowrank_form(W, L, R), ref, bound, "torch")
 
 
 def test_compiled_kernel_reports_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FK, "_USE_KERNEL", False)
+    monkeypatch.setattr(ops, "_USE_KERNEL", False)
     assert not compiled_kernel()
     W, L, R = _factors(3, 4, 2, 0)
-    assert not FK.takes(W, L, R)
+    assert not ops._kernel_takes(W.numel(), 2, W, L, R)
 
 
 def test_isa_rejects_unknown_names() -> None:
     _need_kernel()
     try:
         with pytest.raises(ValueError, match="not available"):
-            FK._k.isa("sse9")
+            ops._k.isa("sse9")
     finally:
-        FK._k.isa("auto")
+        ops._k.isa("auto")
 
 
 # --------------------------------------------------------------------------- 2. exp accuracy
 def _kernel_exp(x: np.ndarray) -> np.ndarray:
     """exp(x) through form: W = 1, L = 1 (the rank-1 sum 0 + 1·x is x exactly)."""
     X = torch.from_numpy(x.astype(np.float32))[None].contiguous()
-    out = FK.form(torch.ones(1, X.shape[1]), torch.ones(1, 1), X, False)
+    out = form(torch.ones(1, X.shape[1]), torch.ones(1, 1), X, False)
     return out.numpy()[0].astype(np.float64)
 
 
@@ -299,24 +370,35 @@ RANKS = [1, 3, 8, 9, 17, R_MAX]
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["exact", "first"])
 @pytest.mark.parametrize("r", RANKS)
-def test_form_matches_float64_within_derived_bound(isa: str, r: int, first_order: bool) -> None:
+def test_form_matches_float64_within_derived_bound(path: str, r: int, first_order: bool) -> None:
     for i, rows in enumerate(ROWS):
         for j, cols in enumerate(COLS):
             W, L, R = _factors(rows, cols, r, 100 * i + j + r)
-            out = FK.form(W, L, R, first_order)
+            out = form(W, L, R, first_order)
             ref, bound = form_ref_and_bound(W, L, R, first_order)
-            assert_within(out, ref, bound, f"{isa} rows={rows} cols={cols} r={r}")
+            assert_within(out, ref, bound, f"{path} rows={rows} cols={cols} r={r}")
 
 
-def test_form_writes_into_out_and_leaves_operands() -> None:
-    _need_kernel()
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+def test_form_writes_into_out_and_leaves_operands(monkeypatch: pytest.MonkeyPatch,
+                                                  spy: KernelSpy, use_kernel: bool) -> None:
+    if use_kernel:
+        _need_kernel()
+    monkeypatch.setattr(ops, "_USE_KERNEL", use_kernel)
     W, L, R = _factors(5, 37, 4, 3)
     W0, L0, R0 = W.clone(), L.clone(), R.clone()
-    out = torch.full((5, 37), float("nan"))
-    got = FK.form(W, L, R, False, out)
-    assert got is out
-    assert torch.equal(out, FK.form(W, L, R, False))
+    want = form(W, L, R, False)
+    for shape in ((5, 37), (185,)):  # out: any contiguous buffer with W's entries
+        out = torch.full(shape, float("nan"))
+        got = form(W, L, R, False, out)
+        assert got.shape == W.shape and got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, want)
     assert torch.equal(W, W0) and torch.equal(L, L0) and torch.equal(R, R0)
+    assert spy.forms == (3 if use_kernel else 0)
+    with pytest.raises(ShapeError, match="contiguous"):
+        ops.lowrank_form(W, L, R, False, torch.empty(37, 5).T)
+    with pytest.raises(ShapeError):
+        ops.lowrank_form(W, L, R, False, torch.empty(5, 36))
 
 
 @settings(max_examples=40, deadline=None)
@@ -327,28 +409,28 @@ def test_form_property_random_shapes(rows: int, cols: int, r: int, first_order: 
                                      scale: float) -> None:
     _need_kernel()
     W, L, R = _factors(rows, cols, r, seed, scale)
-    out = FK.form(W, L, R, first_order)
+    out = form(W, L, R, first_order)
     ref, bound = form_ref_and_bound(W, L, R, first_order)
     assert_within(out, ref, bound, f"rows={rows} cols={cols} r={r}")
 
 
 # --------------------------------------------------------------------------- 4. factor grads
-MODES = [FK.GRAD_TIMES, FK.GRAD_TIMES_EXP, FK.GRAD_PLAIN]
+MODES = [ops.GRAD_TIMES, ops.GRAD_TIMES_EXP, ops.GRAD_PLAIN]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=["times", "times_exp", "plain"])
-def test_factor_grads_match_float64_within_derived_bound(isa: str, mode: int) -> None:
+def test_factor_grads_match_float64_within_derived_bound(path: str, mode: int) -> None:
     shapes = [(1, 1, 1), (3, 5, 2), (2, 17, 8), (7, 33, 9), (10, 1000, 3), (9, 600, 17),
               (4, 40, R_MAX), (13, 515, 16), (5, 4615, 8), (17, 2100, 3), (6, 2101, 17)]
     for n, (rows, cols, r) in enumerate(shapes):
         W, L, R = _factors(rows, cols, r, 7 * n + mode)
         G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(n))
         G0 = G.clone()
-        M = None if mode == FK.GRAD_PLAIN else W
-        gL, gR = FK.factor_grads(G, M, L, R, mode)
+        M = None if mode == ops.GRAD_PLAIN else W
+        gL, gR = factor_grads(G, M, L, R, mode)
         assert torch.equal(G, G0)
         refL, refR, bL, bR = grads_ref_and_bound(G, M, L, R, mode)
-        where = f"{isa} mode={mode} rows={rows} cols={cols} r={r}"
+        where = f"{path} mode={mode} rows={rows} cols={cols} r={r}"
         assert_within(gL, refL, bL, "gL " + where)
         assert_within(gR, refR, bR, "gR " + where)
 
@@ -357,13 +439,13 @@ def test_factor_grads_is_deterministic_for_a_thread_count() -> None:
     _need_kernel()
     W, L, R = _factors(64, 700, 11, 5)
     G = torch.randn(64, 700)
-    a = FK.factor_grads(G, W, L, R, FK.GRAD_TIMES_EXP)
-    b = FK.factor_grads(G, W, L, R, FK.GRAD_TIMES_EXP)
+    a = factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP)
+    b = factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # --------------------------------------------------------------------------- 5. threads
-def test_threads_form_bit_identical_grads_within_bound(threads: None) -> None:
+def test_threads_form_bit_identical_grads_within_bound(threads: None, spy: KernelSpy) -> None:
     _need_kernel()
     rows, cols = 512, 4608  # rows·cols·(r + 8) ≫ 4·2^21: split over 4 threads
     for r in (8, 12):  # one rank pass; rank groups on a shared G_Δ buffer (r > 8)
@@ -372,52 +454,83 @@ def test_threads_form_bit_identical_grads_within_bound(threads: None) -> None:
         res = {}
         for nt in (1, 4):
             torch.set_num_threads(nt)
-            res[nt] = (FK.form(W, L, R, False), FK.form(W, L, R, True),
-                       *FK.factor_grads(G, W, L, R, FK.GRAD_TIMES_EXP))
+            before = (spy.forms, spy.grads_calls)
+            res[nt] = (form(W, L, R, False), form(W, L, R, True),
+                       *factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP))
+            assert (spy.forms, spy.grads_calls) == (before[0] + 2, before[1] + 1)  # the kernel
         for q in (0, 1):
             assert torch.equal(res[1][q], res[4][q])
-        refL, refR, bL, bR = grads_ref_and_bound(G, W, L, R, FK.GRAD_TIMES_EXP)
+        refL, refR, bL, bR = grads_ref_and_bound(G, W, L, R, ops.GRAD_TIMES_EXP)
         for nt in (1, 4):
             assert_within(res[nt][2], refL, bL, f"gL threads={nt} r={r}")
             assert_within(res[nt][3], refR, bR, f"gR threads={nt} r={r}")
 
 
 # --------------------------------------------------------------------------- 6. fallback
-def test_takes_only_float32_cpu_contiguous_rank_up_to_r_max() -> None:
+def test_kernel_takes_only_float32_cpu_rank_up_to_r_max() -> None:
     _need_kernel()
     W, L, R = _factors(4, 6, 3, 1)
-    assert FK.takes(W, L, R)
-    assert not FK.takes(W.double(), L.double(), R.double())
-    assert not FK.takes(W, L.double(), R)
-    assert not FK.takes(W.T.contiguous().T, L, R)
-    assert not FK.takes(W, L.T.contiguous().T, R)
-    assert not FK.takes(W, L, R.T.contiguous().T)
+
+    def takes(*ts: torch.Tensor) -> bool:
+        return ops._kernel_takes(ts[0].numel(), ts[1].shape[1], *ts)
+
+    assert takes(W, L, R)
+    assert not takes(W.double(), L.double(), R.double())
+    assert not takes(W, L.double(), R)
+    assert not takes(torch.empty(4, 6, device="meta"), L, R)  # not on the CPU
     Wb, Lb, Rb = _factors(2, 5, R_MAX + 1, 1)
-    assert not FK.takes(Wb, Lb, Rb)
-    assert FK.takes(Wb, Lb[:, :R_MAX].contiguous(), Rb[:R_MAX].contiguous())
-    assert not FK.takes(W, L[:, :0].contiguous(), R[:0].contiguous())
+    assert not takes(Wb, Lb, Rb)
+    assert takes(Wb, Lb[:, :R_MAX].contiguous(), Rb[:R_MAX].contiguous())
+    assert not takes(W, L[:, :0].contiguous(), R[:0].contiguous())
 
 
-def test_takes_leaves_small_weights_to_torch_threads(threads: None) -> None:
+def test_views_are_made_plain_before_the_kernel_reads_them(spy: KernelSpy) -> None:
+    """Non-contiguous operands and negated views (a conjugate/negative bit the kernel cannot
+    see) are resolved into contiguous memory by the operator, then the kernel runs on them:
+    the same values bit for bit as the plain operands."""
+    _need_kernel()
+    W, L, R = _factors(4, 6, 3, 1)
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    want = form(W, L, R, False)
+    want_g = factor_grads(G, W, L, R, ops.GRAD_TIMES_EXP)
+    n = spy.forms, spy.grads_calls
+    views = [
+        (W.T.contiguous().T, L, R),  # non-contiguous W
+        (W, L.T.contiguous().T, R.T.contiguous().T),  # non-contiguous factors
+        ((-W)._neg_view(), L, R),  # a negative-bit view of W
+        (W, (-L)._neg_view(), R),
+    ]
+    for Wv, Lv, Rv in views:
+        assert torch.equal(form(Wv, Lv, Rv, False), want)
+        gL, gR = factor_grads(G.T.contiguous().T, Wv, Lv, Rv, ops.GRAD_TIMES_EXP)
+        assert torch.equal(gL, want_g[0]) and torch.equal(gR, want_g[1])
+    assert (spy.forms, spy.grads_calls) == (n[0] + len(views), n[1] + len(views))
+
+
+def test_kernel_leaves_small_weights_to_torch_threads(threads: None) -> None:
     # with several intra-op threads the kernel (which starts its own threads per call) is
     # used only when every thread gets a full share of work; smaller weights keep torch's
     # thread-pooled ops (the per-thread share is MT_WORK entries x (rank + 8))
     _need_kernel()
     r = 8
     per_row = 512 * (r + 8)
-    rows_needed = -(-FK._MT_WORK * 2 // per_row)  # ceil: a full share for each of 2 threads
+    rows_needed = -(-ops._MT_WORK * 2 // per_row)  # ceil: a full share for each of 2 threads
     W, L, R = (torch.zeros(rows_needed, 512), torch.zeros(rows_needed, r), torch.zeros(r, 512))
     Ws, Ls = W[: rows_needed - 1].contiguous(), L[: rows_needed - 1].contiguous()
+
+    def takes(*ts: torch.Tensor) -> bool:
+        return ops._kernel_takes(ts[0].numel(), ts[1].shape[1], *ts)
+
     torch.set_num_threads(1)
-    assert FK.takes(Ws, Ls, R) and FK.takes(W, L, R)
+    assert takes(Ws, Ls, R) and takes(W, L, R)
     torch.set_num_threads(2)
-    assert FK.takes(W, L, R)
-    assert not FK.takes(Ws, Ls, R)
+    assert takes(W, L, R)
+    assert not takes(Ws, Ls, R)
 
 
 @pytest.mark.parametrize("order", [None, 1], ids=["exact", "first"])
 def test_fallback_paths_are_right(spy: KernelSpy, order: int | None) -> None:
-    # rank R_MAX + 1 (float32) and a non-contiguous W: the torch path, within form's bound
+    # rank R_MAX + 1 (float32): the torch path, within form's bound
     W, L, R = _factors(3, 40, R_MAX + 1, 2, scale=0.3)
     Wn = torch.randn(40, 3).T  # (3, 40), not contiguous
     for Wc in (W, Wn):
@@ -448,7 +561,7 @@ def test_fallback_fused_layer_rank_above_r_max(spy: KernelSpy) -> None:
     W, L, R = _factors(3, 40, R_MAX + 1, 4, scale=0.3)
     L.requires_grad_(True)
     R.requires_grad_(True)
-    y = adapted_op_lowrank(x, W, None, L, R, "hadamard", OpGeometry("linear"))
+    y = adapted_op_lowrank(x, W, None, L, R, "hadamard", None, OpGeometry("linear"), None)
     assert torch.equal(y, F.linear(x, adapted_weight_lowrank(W, L, R)))
     y.square().sum().backward()
     assert spy.forms == 0 and spy.grads_calls == 0
@@ -462,15 +575,43 @@ def test_fallback_fused_layer_rank_above_r_max(spy: KernelSpy) -> None:
         assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4
 
 
+def test_operators_refuse_bad_operands_before_the_kernel(spy: KernelSpy) -> None:
+    """Shapes, dtypes and modes are checked by the operator; nothing reaches the kernel."""
+    W, L, R = _factors(3, 4, 2, 0)
+    G = torch.randn(3, 4)
+    with pytest.raises(ShapeError, match="unfold"):
+        ops.lowrank_form(W, L, R[:, :3])
+    with pytest.raises(ShapeError):
+        ops.lowrank_form(W, L, R.T)  # ranks differ
+    with pytest.raises(ShapeError):
+        ops.lowrank_form(W, L[:, 0], R)  # not a matrix
+    with pytest.raises(DTypeError):
+        ops.lowrank_form(W, L.double(), R)
+    with pytest.raises(DTypeError):
+        ops.lowrank_form(W.int(), L.int(), R.int())
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        ops.lowrank_factor_grads(G, W, L, R, 3)
+    with pytest.raises(ValueError, match="needs M"):
+        ops.lowrank_factor_grads(G, None, L, R, ops.GRAD_TIMES_EXP)
+    with pytest.raises(ShapeError):
+        ops.lowrank_factor_grads(G, W[:, :3], L, R, ops.GRAD_TIMES)
+    with pytest.raises(ShapeError):
+        ops.lowrank_factor_grads(G[:, :3], W, L, R, ops.GRAD_TIMES, scratch=True)
+    with pytest.raises(ShapeError, match="unfold"):
+        ops.check_factors(W, L, R[:, :3])
+    assert spy.forms == 0 and spy.grads_calls == 0
+
+
 # --------------------------------------------------------------------------- 7. integration
 @pytest.mark.parametrize("order", [None, 1], ids=["exact", "first"])
 def test_adapted_weight_kernel_vs_torch_path(monkeypatch: pytest.MonkeyPatch, spy: KernelSpy,
                                              order: int | None) -> None:
+    _need_kernel()
     W = torch.randn(8, 3, 3, 3)
     _, L, R = _factors(8, 27, 5, 9)
     on = adapted_weight_lowrank(W, L, R, order=order)
     assert spy.forms == 1
-    monkeypatch.setattr(FK, "_USE_KERNEL", False)
+    monkeypatch.setattr(ops, "_USE_KERNEL", False)
     off = adapted_weight_lowrank(W, L, R, order=order)
     assert spy.forms == 1
     ref, bound = form_ref_and_bound(W.view(8, 27), L, R, order == 1)
@@ -484,6 +625,9 @@ def test_adapted_weight_kernel_vs_torch_path(monkeypatch: pytest.MonkeyPatch, sp
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_fused_layer_forward_is_bit_identical(spy: KernelSpy, kind: str,
                                               order: int | None) -> None:
+    """The node's forward is the op on adapted_weight_lowrank's W', bit for bit (kernel or
+    torch implementation: both paths form W' through one operator)."""
+    kernel = ops._k is not None
     gen = torch.Generator().manual_seed(21)
     if kind == "linear":
         x, W = torch.randn(6, 37, generator=gen), torch.randn(19, 37, generator=gen)
@@ -497,18 +641,18 @@ def test_fused_layer_forward_is_bit_identical(spy: KernelSpy, kind: str,
     _, L, R = _factors(rows, cols, 4, 22)
     L.requires_grad_(True)
     R.requires_grad_(True)
-    y = adapted_op_lowrank(x, W, bias, L, R, "hadamard", op, order=order)
+    y = adapted_op_lowrank(x, W, bias, L, R, "hadamard", order, op, None)
     n = spy.forms
-    assert n >= 1
+    assert (n >= 1) is kernel
     Wp = adapted_weight_lowrank(W, L, R, order=order)
-    assert spy.forms == n + 1
+    assert spy.forms == n + int(kernel)
     if kind == "linear":
         want = F.linear(x, Wp, bias)
     else:
         want = F.conv2d(x, Wp, bias, (2, 1), (1, 1), (1, 1), 1)
     assert torch.equal(y, want)
     y.sum().backward()
-    assert spy.grads_calls >= 1
+    assert (spy.grads_calls >= 1) is kernel
 
 
 def _conv_model(exp_map: str, dtype: torch.dtype) -> tuple[nn.Module, LieRALayer]:
@@ -535,11 +679,12 @@ def test_model_gradients_kernel_vs_torch_path(monkeypatch: pytest.MonkeyPatch, s
     gradients of that G; |G| ≤ (1 + γ_N)·conv_weight_grad(|x|, |c|), N = batch·H·W terms.
     B's gradient is s·gL rounded once in both: |fl(s a) − fl(s b)| ≤ |s||a − b| + u|s|(|a| + |b|).
     """
+    _need_kernel()
     x = torch.randn(3, 3, 7, 7, generator=torch.Generator().manual_seed(33))
     c = torch.randn(3, 8, 7, 7, generator=torch.Generator().manual_seed(34))
     grads = []
     for use in (True, False):
-        monkeypatch.setattr(FK, "_USE_KERNEL", use)
+        monkeypatch.setattr(ops, "_USE_KERNEL", use)
         model, layer = _conv_model(exp_map, torch.float32)
         before = (spy.forms, spy.grads_calls)
         (model(x) * c).sum().backward()
@@ -578,6 +723,7 @@ def test_model_gradients_kernel_vs_torch_path(monkeypatch: pytest.MonkeyPatch, s
 
 
 def test_model_float64_does_not_reach_the_kernel(spy: KernelSpy) -> None:
+    _need_kernel()
     model, _ = _conv_model("exact", torch.float64)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     model(x).square().sum().backward()
@@ -590,7 +736,7 @@ def test_model_float64_does_not_reach_the_kernel(spy: KernelSpy) -> None:
 # --------------------------------------------------------------------------- 8. bad arguments
 def test_raw_module_rejects_bad_arguments() -> None:
     _need_kernel()
-    k = FK._k
+    k = ops._k
     W, L, R = _factors(2, 3, 2, 0)
     out = torch.empty(2, 3)
     gL, gR = torch.empty(2, 2), torch.empty(2, 3)
@@ -620,22 +766,22 @@ def test_raw_module_rejects_bad_arguments() -> None:
 
 
 # --------------------------------------------------------------------------- 9. non-finite
-def test_nan_in_l_poisons_exactly_its_row(isa: str) -> None:
+def test_nan_in_l_poisons_exactly_its_row(path: str) -> None:
     for cols in (5, 33, 1000):
         W, L, R = _factors(6, cols, 9, cols)
         L[3, 4] = float("nan")
         for first_order in (False, True):
-            out = FK.form(W, L, R, first_order)
+            out = form(W, L, R, first_order)
             assert bool(torch.isnan(out[3]).all())
             rest = torch.cat([out[:3], out[4:]])
             assert bool(torch.isfinite(rest).all())
 
 
-def test_inf_in_w_gives_signed_inf_at_that_entry(isa: str) -> None:
+def test_inf_in_w_gives_signed_inf_at_that_entry(path: str) -> None:
     W, L, R = _factors(4, 37, 3, 8)
     W[1, 2], W[2, 36] = float("inf"), float("-inf")
     for first_order in (False, True):
-        out = FK.form(W, L, R, first_order)
+        out = form(W, L, R, first_order)
         factor = (L.double() @ R.double()) + 1 if first_order else torch.ones(4, 37)
         assert float(out[1, 2]) == math.copysign(math.inf, float(factor[1, 2]))
         assert float(out[2, 36]) == math.copysign(math.inf, -float(factor[2, 36]))
