@@ -7,6 +7,14 @@ evaluated from ``z = θ²`` as its Taylor polynomial below the switch of
 divisions on the series side, so neither branch of ``torch.where`` produces inf/NaN and the
 gradient through ``z = ω·ω`` is finite at ``ω = 0``.
 
+``sin θ/θ`` vanishes at ``θ = π``, where its relative condition number in ``θ`` is
+``≈ π/|π − θ|``: evaluated as ``sin(θ)`` the rounding of ``θ = sqrt(z)`` (up to 1 ulp for a
+vectorised CPU ``sqrt``) would be amplified by it (10⁶ u in float32 at ``π − θ = 10⁻⁶``).
+For ``θ ∈ [π/2, 3π/2]`` it is evaluated as ``sin(π − θ)/θ`` with
+``π − θ = (π² − z)/(π + θ)`` instead, from ``z`` itself: ``π²`` is carried as a sum of two
+numbers of the dtype, ``π²_hi − z`` is exact there (Sterbenz), and ``θ`` only enters the
+well-conditioned sum ``π + θ`` — a few ``u`` relative at every ``z``.
+
 Example:
     >>> import torch
     >>> from liegroup.groups._coeffs import coefficient
@@ -18,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,6 +38,21 @@ __all__ = ["coefficient", "series"]
 
 def _sinc(t: torch.Tensor) -> torch.Tensor:
     return torch.sin(t) / t
+
+
+# π² = hi + lo per dtype: hi is π² rounded to the dtype, lo the rest rounded to it.
+_PI2: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (float.fromhex("0x1.3bd3cc9be45dep+3"), float.fromhex("0x1.692b71366cc04p-51")),
+    torch.float32: (float.fromhex("0x1.3bd3ccp+3"), float.fromhex("0x1.37c8bcp-22")),
+}
+
+
+def _sinc_z(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``sin θ/θ`` at ``θ = t = sqrt(z)``, cancellation-free near ``π`` (module docstring)."""
+    hi, lo = _PI2[z.dtype]
+    d = ((hi - z) + lo) / (math.pi + t)  # π − θ, from z
+    near = (z >= 0.25 * hi) & (z <= 2.25 * hi)  # θ ∈ [π/2, 3π/2]: |π − θ| ≤ π/2
+    return torch.sin(torch.where(near, d, t)) / t
 
 
 def _cosc(t: torch.Tensor) -> torch.Tensor:
@@ -100,4 +124,6 @@ def coefficient(name: str, z: torch.Tensor) -> torch.Tensor:
     thr = _floats(name, z.dtype)[1]
     small = z < thr * thr
     z_safe = torch.where(small, torch.full_like(z, 4 * thr * thr), z)
-    return torch.where(small, series(name, z), _DIRECT[name](torch.sqrt(z_safe)))
+    t = torch.sqrt(z_safe)
+    closed = _sinc_z(t, z_safe) if name == "sinc" else _DIRECT[name](t)
+    return torch.where(small, series(name, z), closed)
