@@ -63,7 +63,7 @@ def _model(layer: str, gen: str, emap: str, seed: int = 0) -> nn.Module:
     cfg = LieRAConfig(rank=2, target_modules=["body"], generator=gen, **MAPS[emap])
     model = get_peft_model(_Net(make()), cfg)
     with torch.no_grad():  # away from the identity, so that every gradient is non-trivial
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(0.3 * torch.randn_like(p))
     model.train()

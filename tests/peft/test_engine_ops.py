@@ -112,7 +112,7 @@ def test_every_operator_checks_the_factor_shapes(kernel: bool, lshape: tuple[int
         if err is None:
             call()
         else:
-            with pytest.raises(err, match="entries|rank|matrices"):
+            with pytest.raises(err, match=r"entries|rank|matrices"):
                 call()
 
 
