@@ -21,11 +21,25 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
+_COMPILED_CHECK = (
+    "liegroup: an input failed a value check (a non-finite entry, or one outside the map's "
+    "domain) inside a torch.compile'd graph; run the same call eagerly for the typed error "
+    "that names the entries"
+)
+
+
 def offending(bad: torch.Tensor, limit: int = 5) -> tuple[int, list[list[int]]] | None:
     """``None`` if no entry of the boolean mask ``bad`` is set, else (count, first indices).
 
-    The one place that turns a failed check into what an error message names.
+    The one place that turns a failed check into what an error message names. Inside a
+    ``torch.compile``'d graph a value cannot decide Python control flow without a graph
+    break: the check becomes an assertion in the graph (``torch._assert_async``), which
+    raises a ``RuntimeError`` when the compiled code runs on a bad input, and this returns
+    ``None``.
     """
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()), _COMPILED_CHECK)
+        return None
     if not bool(bad.any()):
         return None
     return int(bad.sum()), bad.nonzero()[:limit].tolist()
