@@ -553,7 +553,7 @@ def _(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
     _check_tucker(core, us)
     _check_tucker_grads(core, us, gL, gR)
     core, us, gL, gR = _plain(core), [_plain(u) for u in us], _plain(gL), _plain(gR)
-    if not _tucker_kernel_takes(core, [*us, gL, gR]):
+    if not _tucker_kernel_takes(core, us):  # gL, gR: the core's dtype and device (checked)
         return _tucker_backward_torch(core, us, s, gL, gR)
     g_core = torch.empty_like(core)
     g_us = [torch.empty_like(u) for u in us]
@@ -580,6 +580,8 @@ def _check_tucker_grads(core: torch.Tensor, us: Sequence[torch.Tensor], gL: torc
         )
     if gL.dtype != core.dtype or gR.dtype != core.dtype:
         raise DTypeError("tucker_factors_backward: gradients must have the core's dtype")
+    if gL.device != core.device or gR.device != core.device:
+        raise ValueError("tucker_factors_backward: gradients must be on the core's device")
 
 
 def _tucker_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
