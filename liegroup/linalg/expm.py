@@ -27,23 +27,36 @@ are replaced by their exact values ``e^{2^{-j}a_ii}`` and
 ``2^{-j}a_{i,i+1}·e^{(λ+μ)/2}·sinh((μ−λ)/2)/((μ−λ)/2)`` (Al-Mohy & Higham 2009 §5), which
 removes the cancellation that ruins ``[[1, b], [0, −1]]``-type inputs.
 
-Batch invariance: every decision depends on one matrix only and every matrix goes through the
-same calls alone or in a batch: for ``n ≤ 8`` one pass in the top degree's form with
-per-matrix coefficients (elementwise IEEE products and sums), above that one evaluation per
-degree on its gathered members; squaring ``k`` on the members with ``s > k``; no sort. CPU
-batched ``matmul`` and LU are computed matrix by matrix (measured bit-identical for any batch
-size; LU above ``n = 128`` is looped explicitly), and the elementwise functions used are
-position-independent (``torch.sinh`` is not, so ``sinh(x)/x`` goes through ``expm1``).
-Batches of up to 32 matrices on the CPU run the elementwise steps (norms for ``n ≤ 8``, the
-``n ≤ 8`` Padé combinations) in numpy on zero-copy views — the same IEEE operations in the
-same order, so the same bits at a third of the per-call cost. So a matrix gives the same
-bits alone or in any batch.
+Batch invariance. The compiled kernel (below) computes one matrix at a time with a fixed
+sequence of operations, so there a matrix gives the same bits alone or in any batch, by
+construction. The torch path makes the same per-matrix decisions and sends every matrix
+through the same calls alone or in a batch: for ``n ≤ 8`` one pass in the top degree's form
+with per-matrix coefficients (elementwise IEEE products and sums), above that one evaluation
+per degree on its gathered members; squaring ``k`` on the members with ``s > k``; no sort;
+``sinh(x)/x`` through ``expm1`` (``torch.sinh`` rounds differently in its vectorised loop and
+its scalar tail). Batches of up to 32 matrices on the CPU run the elementwise steps (norms for
+``n ≤ 8``, the ``n ≤ 8`` Padé combinations) in numpy on zero-copy views — the same IEEE
+operations in the same order as torch's, at a third of the per-call cost. But its batched
+``matmul`` and LU are the BLAS/LAPACK library's, which may choose other kernels, with other
+rounding, for other batch sizes (MKL does on AMD Zen 4): on the torch path a matrix's result
+alone and in a batch agree to rounding (both within the accuracy bound), not bit for bit.
 
 On the CPU, float32/float64 matrices up to ``n = 64`` go through a compiled kernel
 (``liegroup/linalg/_cexpm.c``, built by ``pip install`` where a C compiler is available; see
-:func:`compiled_kernel`): the same algorithm and decisions, one matrix at a time in C (batch
-invariant by construction), forward, backward and :func:`expm_frechet`. Everything else (CUDA,
-larger ``n``, installs without the kernel) runs the torch code below.
+:func:`compiled_kernel`): the same algorithm and decisions, one matrix at a time in C,
+forward, backward and :func:`expm_frechet`. Everything else (CUDA, larger ``n``, installs
+without the kernel, ``LIEGROUP_DISABLE_KERNELS=1``) runs the torch code below.
+
+Operators: ``torch.ops.liegroup.expm`` (``A ↦ (exp(A), ms)``, ``ms`` the per-matrix degree
+and squarings), ``torch.ops.liegroup.expm_backward`` (``L(Aᵀ, G)`` with those) and
+``torch.ops.liegroup.expm_frechet`` (``(exp(A), L(A, E))``) are ``torch.library`` custom
+operators: the torch path is their implementation for every device, the kernel their CPU one
+where it is loaded (PyTorch's dispatcher chooses), with fake implementations so that
+``torch.compile(expm, fullgraph=True)`` traces without a graph break, and ``expm``'s autograd
+formula registered on the operator. Each checks its operands (dtype, shape, the ``(m, s)``
+table) before any data is read and resolves negative/conjugate view bits. Eager calls on plain
+CPU tensors that the kernel takes run the operator's CPU implementation directly (the
+dispatcher's own cost, ~10 µs, exceeds a 3 × 3 exponential's).
 
 The Fréchet derivative ``L(A, E) = ∫₀¹ e^{(1−t)A} E e^{tA} dt`` is computed alongside
 (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4), with the same
@@ -63,15 +76,16 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import itertools
+import math
 from typing import Any, overload
 
 import numpy as np
 import torch
 
+from liegroup._kernels import load_extension
 from liegroup._validation import check_finite
-from liegroup.errors import NonFiniteError, ShapeError
+from liegroup.errors import DomainError, DTypeError, NonFiniteError, ShapeError
 from liegroup.linalg._common import (
     _LOOP_SOLVE_N,
     check_square,
@@ -88,11 +102,7 @@ from liegroup.linalg._expm_decide import (
     _decide,
 )
 
-_ckernel: Any
-try:  # built by `pip install` where a C compiler is available (setup.py, optional)
-    _ckernel = importlib.import_module("liegroup.linalg._cexpm")
-except ImportError:  # pragma: no cover - installs without a compiler
-    _ckernel = None
+_ckernel: Any = load_extension("liegroup.linalg._cexpm")
 
 __all__ = ["compiled_kernel", "expm", "expm_frechet"]
 
@@ -100,6 +110,8 @@ __all__ = ["compiled_kernel", "expm", "expm_frechet"]
 _KERNEL_N_MAX: int = int(_ckernel.N_MAX) if _ckernel is not None else 0
 # Internal switch: False sends every call through the torch path (tests compare the two).
 _USE_KERNEL: bool = True
+# Internal switch: False sends eager CPU calls through the dispatcher too (see _direct).
+_EAGER_DIRECT: bool = True
 
 
 def compiled_kernel() -> bool:
@@ -107,8 +119,8 @@ def compiled_kernel() -> bool:
 
     The kernel (``liegroup/linalg/_cexpm.c``, built by ``pip install`` when a C compiler is
     available) takes float32/float64 CPU matrices up to ``n = 64``; everything else (CUDA,
-    larger matrices, installs without a compiler) runs the torch path, with the same
-    algorithm and accuracy guarantees. See ``docs/linalg.md``.
+    larger matrices, installs without a compiler, ``LIEGROUP_DISABLE_KERNELS=1``) runs the
+    torch path, with the same algorithm and accuracy guarantees. See ``docs/linalg.md``.
 
     Example:
         >>> from liegroup.linalg import compiled_kernel
@@ -116,16 +128,6 @@ def compiled_kernel() -> bool:
         True
     """
     return _ckernel is not None and _USE_KERNEL
-
-
-def _kernel_takes(A: torch.Tensor) -> bool:
-    """Whether ``A`` (already in its working dtype or float16/bfloat16) goes to the kernel."""
-    return (
-        _USE_KERNEL
-        and _ckernel is not None
-        and 0 < A.shape[-1] <= _KERNEL_N_MAX
-        and A.device.type == "cpu"
-    )
 
 
 def _kernel_code(dt: torch.dtype) -> int:
@@ -141,69 +143,98 @@ def _kernel_failed(bad: int, A: torch.Tensor, name: str) -> None:
 
 
 def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
-    """``exp`` of a C-contiguous ``(B, n, n)`` CPU batch by the kernel.
+    """``exp`` by the kernel of a checked operand (see :func:`_operand`) with ``0 < n ≤ N_MAX``.
 
-    ``ms`` (``int32 (B, 2)``), when given, receives each matrix's degree and total scaling.
+    ``A`` is read as C-contiguous ``(B, n, n)`` whatever its batch shape; the result has
+    ``A``'s shape. ``ms`` (``int32 (B, 2)``), when given, receives each matrix's degree and
+    total scaling.
     """
-    X = torch.empty_like(A)
-    bad = _ckernel.expm(
-        A.data_ptr(),
-        X.data_ptr(),
-        0 if ms is None else ms.data_ptr(),
-        A.shape[0],
-        A.shape[-1],
-        _kernel_code(A.dtype),
-    )
-    if bad >= 0:
-        _kernel_failed(bad, A, "A")
+    n = A.shape[-1]
+    X = torch.empty(A.shape, dtype=A.dtype)
+    B = A.numel() // (n * n)
+    if B:
+        bad = _ckernel.expm(
+            A.data_ptr(), X.data_ptr(), 0 if ms is None else ms.data_ptr(), B, n,
+            _kernel_code(A.dtype),
+        )
+        if bad >= 0:
+            _kernel_failed(bad, A, "A")
     return X
 
 
-class _ExpmKernel(torch.autograd.Function):
-    """:func:`expm` by the compiled kernel; backward ``L(Aᵀ, G)`` by the kernel too.
+def _kernel_expm_backward(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    """``L(Aᵀ, G)`` by the kernel with the forward's ``(m, s)``, reading ``A`` transposed.
 
-    Takes ``A`` of any batch shape and layout (reshaped inside, so the graph holds this one
-    node: each view node would cost a few µs of a single small matrix's backward).
+    Checked operands (see :func:`_operand`, :func:`_check_ms`): ``A``, ``G`` C-contiguous of
+    one shape, ``0 < n ≤ N_MAX``; ``ms`` valid for ``A``'s dtype.
+    """
+    n = A.shape[-1]
+    L = torch.empty(A.shape, dtype=A.dtype)
+    if ms.shape[0]:
+        _ckernel.frechet(
+            A.data_ptr(), G.data_ptr(), 0, L.data_ptr(), ms.data_ptr(), ms.shape[0], n,
+            _kernel_code(A.dtype), 3,
+        )
+    return L
+
+
+# The kernel takes these operands without a dispatcher round trip (see _direct): a dense CPU
+# tensor with or without autograd keys, and no functorch, Python-subclass or view-bit keys.
+def _plain_keys() -> tuple[Any, Any, Any]:
+    with torch.inference_mode():
+        inference = torch._C._dispatch_keys(torch.empty(0))
+    return (
+        torch._C._dispatch_keys(torch.empty(0)),
+        torch._C._dispatch_keys(torch.empty(0).requires_grad_()),
+        inference,
+    )
+
+
+_PLAIN_KEYS = _plain_keys()
+
+
+def _direct(A: torch.Tensor) -> bool:
+    """Whether an eager call may run the ``liegroup::expm`` CPU kernel without the dispatcher.
+
+    Exactly the calls the dispatcher would send to that kernel with nothing else in the way:
+    plain CPU float32/float64 tensors (no subclass, functorch wrapper, negative/conjugate view
+    bit), ``0 < n ≤ N_MAX``, no ``TorchDispatchMode`` active, not under ``torch.compile``.
+    It saves the dispatcher's ~10 µs (~20 µs with autograd) per call, more than a whole 3 × 3
+    exponential takes; everything else goes through ``torch.ops.liegroup.expm``.
+    """
+    if not (_EAGER_DIRECT and _USE_KERNEL and _ckernel is not None):
+        return False
+    if not (0 < A.shape[-1] <= _KERNEL_N_MAX and A.dtype in _OP_DTYPES):
+        return False
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    k = torch._C._dispatch_keys(A)
+    return k == _PLAIN_KEYS[0] or k == _PLAIN_KEYS[1] or k == _PLAIN_KEYS[2]
+
+
+class _ExpmKernel(torch.autograd.Function):
+    """Eager :func:`expm` by the kernel with autograd, without the dispatcher.
+
+    What ``torch.ops.liegroup.expm`` and its autograd formula compute, for the calls
+    :func:`_direct` admits. Takes ``A`` of any batch shape and layout (read as C-contiguous
+    ``(B, n, n)`` inside, so the graph holds this one node: each view node would cost a few
+    µs of a single small matrix's backward).
     """
 
     @staticmethod
     def forward(ctx: Any, A: torch.Tensor) -> torch.Tensor:
+        Ak = A if A.is_contiguous() else A.contiguous()
         n = A.shape[-1]
-        Ak = A.reshape(-1, n, n).contiguous()
-        ms = torch.empty((Ak.shape[0], 2), dtype=torch.int32)
+        ms = torch.empty((A.numel() // (n * n), 2), dtype=torch.int32)
         X = _kernel_expm(Ak, ms)
         ctx.save_for_backward(A)
         ctx.ms = ms
-        return X.view(A.shape)
+        return X
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
         (A,) = ctx.saved_tensors
-        ms = ctx.ms
-        n = A.shape[-1]
-        if torch.is_grad_enabled():
-            # a differentiable backward (double backward): the torch ops, same (m, s)
-            msn = ms.numpy().astype(np.int64)
-            Ab, Gb = A.reshape(-1, n, n), G.reshape(-1, n, n)
-            return _frechet_core(Ab.mT, Gb, msn[:, 0], msn[:, 1])[1].reshape(A.shape)
-        # the kernel needs C-contiguous data only, not a (B, n, n) view: no reshapes for
-        # contiguous operands (each op is ~1 µs of a small matrix's ~20 µs backward)
-        Ak = A if A.is_contiguous() else A.contiguous()
-        Gc = G if G.is_contiguous() else G.contiguous()
-        L = torch.empty(A.shape, dtype=A.dtype)
-        # L(Aᵀ, G) with the forward's (m, s), reading A (C-contiguous) transposed
-        _ckernel.frechet(
-            Ak.data_ptr(),
-            Gc.data_ptr(),
-            0,
-            L.data_ptr(),
-            ms.data_ptr(),
-            ms.shape[0],
-            n,
-            _kernel_code(Ak.dtype),
-            3,
-        )
-        return L
+        return _expm_backward(A, G, ctx.ms)
 
 
 # --------------------------------------------------------------------------- Padé
@@ -685,29 +716,258 @@ def _frechet_core(
     return R, L
 
 
-# --------------------------------------------------------------------------- autograd
-class _Expm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, A: torch.Tensor) -> torch.Tensor:
-        X, m, s = _expm_core(A)
-        ctx.save_for_backward(A)
-        ctx.ms = (m, s)
-        return X
-
-    @staticmethod
-    def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
-        (A,) = ctx.saved_tensors
-        m, s = ctx.ms
-        # <G, L(A, E)> = <L(Aᵀ, G), E>
-        return _frechet_core(A.mT, G, m, s)[1]
+# --------------------------------------------------------------------------- operators
+# torch.ops.liegroup.expm / expm_backward / expm_frechet: the entry points of this module as
+# torch.library operators. Their default implementation is the torch path above (every
+# device); where the compiled kernel is loaded, the CPU implementation runs it (and falls back
+# to the torch path for n > N_MAX or with _USE_KERNEL off). Fake implementations let
+# torch.compile trace expm without a graph break; expm's autograd formula is the Fréchet
+# derivative L(Aᵀ, G) with the forward's degree and scaling.
+_OP_DTYPES = (torch.float32, torch.float64)
+# Degrees expm chooses per dtype, and a bound on the total number of squarings (the prescaling
+# of a float64 norm near 2^1024 plus the θ scaling is far below it): what expm_backward accepts.
+_M_OK = {dt: np.isin(np.arange(14), _CONSTS[dt].degs) for dt in _OP_DTYPES}
+_S_MAX = 4096
 
 
+def _operand(A: object, name: str, op: str) -> torch.Tensor:
+    """Check an operand of the ``liegroup::`` operators before any pointer is read.
+
+    A float32/float64 tensor ``(..., n, n)``; returned C-contiguous with its negative and
+    conjugate view bits resolved (the raw data of a ``.neg()``/``.conj()`` view holds the
+    un-negated values).
+    """
+    if not isinstance(A, torch.Tensor):
+        raise DTypeError(f"{op}: {name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in _OP_DTYPES:
+        raise DTypeError(f"{op}: {name} must be float32 or float64, got {A.dtype}")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ShapeError(
+            f"{op}: {name} must have shape (*batch, n, n), got {tuple(A.shape)}"
+        )
+    if A.is_conj():
+        A = A.resolve_conj()
+    if A.is_neg():
+        A = A.resolve_neg()
+    return A if A.is_contiguous() else A.contiguous()
+
+
+def _operands(
+    A: object, G: object, op: str, second: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_operand` for ``A`` and ``G``, which must agree in shape, dtype and device."""
+    A = _operand(A, "A", op)
+    G = _operand(G, second, op)
+    if G.shape != A.shape:
+        raise ShapeError(
+            f"{op}: A and {second} must have the same shape, got {tuple(A.shape)} and "
+            f"{tuple(G.shape)}"
+        )
+    if G.dtype != A.dtype or G.device != A.device:
+        raise DTypeError(
+            f"{op}: A and {second} must have the same dtype and device, got "
+            f"{A.dtype}/{A.device} and {G.dtype}/{G.device}"
+        )
+    return A, G
+
+
+def _batch(A: torch.Tensor) -> int:
+    return math.prod(A.shape[:-2])
+
+
+def _check_ms(ms: object, B: int, dt: torch.dtype, op: str) -> torch.Tensor:
+    """Check the ``(m, s)`` table of :func:`expm`'s forward.
+
+    ``int32 (B, 2)`` on the CPU, a degree that ``expm`` uses for ``dt`` and
+    ``0 ≤ s ≤ _S_MAX`` in every row.
+    """
+    if not isinstance(ms, torch.Tensor) or ms.dtype != torch.int32 or ms.device.type != "cpu":
+        what = f"{ms.dtype} on {ms.device}" if isinstance(ms, torch.Tensor) else type(ms).__name__
+        raise DTypeError(f"{op}: ms must be an int32 CPU tensor, got {what}")
+    if tuple(ms.shape) != (B, 2):
+        raise ShapeError(f"{op}: ms must have shape ({B}, 2), got {tuple(ms.shape)}")
+    ms = ms.resolve_neg().contiguous()
+    if B:
+        v = ms.numpy().astype(np.uint32)  # negative entries wrap to huge values
+        m, s = v[:, 0], v[:, 1]
+        if not ((m < 14).all() and _M_OK[dt][np.minimum(m, 13)].all() and (s <= _S_MAX).all()):
+            raise DomainError(
+                f"{op}: ms holds a degree or scaling that expm never chooses for {dt} "
+                "(degrees " + ", ".join(map(str, _CONSTS[dt].degs)) + f", 0 ≤ s ≤ {_S_MAX})"
+            )
+    return ms
+
+
+def _kernel_takes(A: torch.Tensor) -> bool:
+    """Whether a checked CPU operand goes to the kernel (else the torch path)."""
+    return _USE_KERNEL and _ckernel is not None and 0 < A.shape[-1] <= _KERNEL_N_MAX
+
+
+def _expm_torch(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(A), ms)`` of a checked operand by the torch path."""
+    n, B = A.shape[-1], _batch(A)
+    if B == 0 or n == 0:
+        return torch.empty_like(A), torch.zeros((B, 2), dtype=torch.int32)
+    X, m, s = _expm_core(A.reshape(B, n, n))
+    ms = torch.from_numpy(np.stack([m, s], axis=1).astype(np.int32))
+    return X.reshape(A.shape).contiguous(), ms
+
+
+@torch.library.custom_op(
+    "liegroup::expm", mutates_args=(), schema="(Tensor A) -> (Tensor, Tensor)"
+)
+def _expm_op(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(A), ms)`` for ``A (..., n, n)`` float32/float64.
+
+    ``ms``: ``int32 (B, 2)`` on the CPU, each matrix's Padé degree and total number of
+    squarings (what the backward needs).
+    """
+    return _expm_torch(_operand(A, "A", "liegroup::expm"))
+
+
+@_expm_op.register_fake
+def _expm_fake(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _operand(A, "A", "liegroup::expm")
+    return A.new_empty(A.shape), torch.empty((_batch(A), 2), dtype=torch.int32)
+
+
+def _expm_backward_torch(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    n, B = A.shape[-1], _batch(A)
+    if B == 0 or n == 0:
+        return torch.zeros_like(A)
+    v = ms.numpy().astype(np.int64)
+    L = _frechet_core(A.reshape(B, n, n).mT, G.reshape(B, n, n), v[:, 0], v[:, 1])[1]
+    return L.reshape(A.shape).contiguous()
+
+
+@torch.library.custom_op(
+    "liegroup::expm_backward", mutates_args=(), schema="(Tensor A, Tensor G, Tensor ms) -> Tensor"
+)
+def _expm_backward_op(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    """``L(Aᵀ, G)`` per matrix with the degrees and scalings ``ms`` of ``liegroup::expm(A)``."""
+    A, G = _operands(A, G, "liegroup::expm_backward", "G")
+    ms = _check_ms(ms, _batch(A), A.dtype, "liegroup::expm_backward")
+    return _expm_backward_torch(A, G, ms)
+
+
+@_expm_backward_op.register_fake
+def _expm_backward_fake(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    _operands(A, G, "liegroup::expm_backward", "G")
+    return A.new_empty(A.shape)
+
+
+def _traced(A: torch.Tensor) -> bool:
+    """Whether ``A`` is being traced (torch.compile, fake or functional tensors, a mode)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._dispatch_keys(A).has(torch._C.DispatchKey.Python)
+    )
+
+
+def _expm_backward(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    """``∂⟨G, exp(A)⟩/∂A = L(Aᵀ, G)`` with the forward's ``(m, s)``; ``A`` as given to expm."""
+    if torch.is_grad_enabled() and not _traced(A):
+        # a differentiable backward (double backward): the torch ops, same (m, s)
+        n = A.shape[-1]
+        v = ms.numpy().astype(np.int64)
+        L = _frechet_core(A.reshape(-1, n, n).mT, G.reshape(-1, n, n), v[:, 0], v[:, 1])[1]
+        return L.reshape(A.shape)
+    if _direct(A) and _direct(G):
+        A, G = _operands(A, G, "liegroup::expm_backward", "G")
+        return _kernel_expm_backward(A, G, ms)
+    return _expm_backward_op(A, G, ms)
+
+
+def _expm_setup(ctx: Any, inputs: tuple[torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _expm_grad(ctx: Any, gX: torch.Tensor | None, gms: torch.Tensor | None) -> torch.Tensor | None:
+    A, ms = ctx.saved_tensors
+    return None if gX is None else _expm_backward(A, gX, ms)
+
+
+_expm_op.register_autograd(_expm_grad, setup_context=_expm_setup)
+
+
+def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, B = A.shape[-1], _batch(A)
+    if B == 0 or n == 0:
+        return torch.zeros_like(A), torch.zeros_like(A)
+    Af, Ef = A.reshape(B, n, n), E.reshape(B, n, n)
+    _, m, s, s0, _ = _decide(Af)
+    X, L = _frechet_core(Af, Ef, m, s + s0)
+    return X.reshape(A.shape).contiguous(), L.reshape(A.shape).contiguous()
+
+
+def _kernel_frechet(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(A), L(A, E))`` by the kernel (checked operands, ``0 < n ≤ N_MAX``)."""
+    n = A.shape[-1]
+    X, L = torch.empty_like(A), torch.empty_like(A)
+    B = _batch(A)
+    if B:
+        bad = _ckernel.frechet(
+            A.data_ptr(), E.data_ptr(), X.data_ptr(), L.data_ptr(), 0, B, n,
+            _kernel_code(A.dtype), 0,
+        )
+        if bad >= 0:
+            _kernel_failed(bad, A, "A")
+    return X, L
+
+
+@torch.library.custom_op(
+    "liegroup::expm_frechet", mutates_args=(), schema="(Tensor A, Tensor E) -> (Tensor, Tensor)"
+)
+def _frechet_op(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(A), L(A, E))`` per matrix (no autograd: differentiable calls use torch ops)."""
+    return _frechet_torch(*_operands(A, E, "liegroup::expm_frechet", "E"))
+
+
+@_frechet_op.register_fake
+def _frechet_fake(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _operands(A, E, "liegroup::expm_frechet", "E")
+    return A.new_empty(A.shape), A.new_empty(A.shape)
+
+
+if _ckernel is not None:
+
+    @_expm_op.register_kernel("cpu")
+    def _expm_cpu(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A = _operand(A, "A", "liegroup::expm")
+        if not _kernel_takes(A):
+            return _expm_torch(A)
+        ms = torch.empty((_batch(A), 2), dtype=torch.int32)
+        return _kernel_expm(A, ms), ms
+
+    @_expm_backward_op.register_kernel("cpu")
+    def _expm_backward_cpu(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        A, G = _operands(A, G, "liegroup::expm_backward", "G")
+        ms = _check_ms(ms, _batch(A), A.dtype, "liegroup::expm_backward")
+        if not _kernel_takes(A):
+            return _expm_backward_torch(A, G, ms)
+        return _kernel_expm_backward(A, G, ms)
+
+    @_frechet_op.register_kernel("cpu")
+    def _frechet_cpu(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A, E = _operands(A, E, "liegroup::expm_frechet", "E")
+        if not _kernel_takes(A):
+            return _frechet_torch(A, E)
+        return _kernel_frechet(A, E)
+
+
+# --------------------------------------------------------------------------- public
 def expm(A: torch.Tensor) -> torch.Tensor:
     """Matrix exponential ``exp(A) = Σ_k A^k / k!`` of each matrix of a batch.
 
-    Accurate to the conditioning of the problem (relative error ≈ κ_exp(A)·u), batch-invariant
-    (a matrix gives the same bits alone or in any batch) and differentiable: the backward pass
-    is the Fréchet derivative ``L(Aᵀ, G)`` (see the module docstring).
+    Accurate to the conditioning of the problem (relative error ≈ κ_exp(A)·u) and
+    differentiable: the backward pass is the Fréchet derivative ``L(Aᵀ, G)`` (see the module
+    docstring). Batch-invariant bit for bit where the compiled kernel runs (CPU, float32 and
+    float64, ``n ≤ 64``: :func:`compiled_kernel`); on the torch path (CUDA, larger ``n``,
+    installs without the kernel) a matrix's result alone and in a batch agree to rounding
+    (both within the accuracy above), as the batched products of the underlying BLAS may
+    round differently for different batch sizes. Traceable by ``torch.compile`` (it is the
+    operator ``torch.ops.liegroup.expm``).
 
     Args:
         A: real tensor ``(..., n, n)`` of float32 or float64. float16/bfloat16 inputs are
@@ -732,26 +992,14 @@ def expm(A: torch.Tensor) -> torch.Tensor:
     """
     A = check_square(A, "A", finite=False)  # non-finite entries are caught from the norms
     wd = working_dtype(A.dtype)
-    n = A.shape[-1]
-    if _kernel_takes(A):
-        if A.numel() == 0:
-            return torch.empty_like(A)
-        Aw = A if A.dtype == wd else A.to(wd)
+    Aw = A if A.dtype == wd else A.to(wd)
+    if _direct(Aw):
         if Aw.requires_grad and torch.is_grad_enabled():
-            Xk = _ExpmKernel.apply(Aw)
+            X = _ExpmKernel.apply(Aw)
         else:
-            Xk = _kernel_expm(Aw.detach().reshape(-1, n, n).contiguous(), None).view(A.shape)
-        return Xk if Xk.dtype == A.dtype else Xk.to(A.dtype)
-    Af, batch = flat(A if A.dtype == wd else A.to(wd))
-    if Af.shape[0] == 0 or n == 0:
-        return torch.empty_like(A)
-    if not Af.requires_grad:
-        X = _expm_core(Af)[0]
-    elif torch.is_grad_enabled():
-        X = _Expm.apply(Af)
+            X = _kernel_expm(_operand(Aw, "A", "liegroup::expm"), None)
     else:
-        X = _expm_core(Af.detach())[0]
-    X = X.reshape(*batch, n, n)
+        X = _expm_op(Aw)[0]
     return X if X.dtype == A.dtype else X.to(A.dtype)
 
 
@@ -803,38 +1051,20 @@ def expm_frechet(
     wd = working_dtype(dtype)
     A, E = torch.broadcast_tensors(A.to(wd), E.to(wd))
     n = A.shape[-1]
-    Af, batch = flat(A)
-    Ef, _ = flat(E)
-    if Af.shape[0] == 0 or n == 0:
-        z = torch.zeros(A.shape, dtype=dtype, device=A.device)
-        return (z, z.clone()) if return_expm else z
-    grad = torch.is_grad_enabled() and (Af.requires_grad or Ef.requires_grad)
-    if not grad and _kernel_takes(Af):
-        # the kernel (autograd through expm_frechet itself uses the torch ops below)
-        Ak, Ek = Af.detach().contiguous(), Ef.detach().contiguous()
-        L = torch.empty_like(Ak)
-        Xk = torch.empty_like(Ak) if return_expm else None
-        bad = _ckernel.frechet(
-            Ak.data_ptr(),
-            Ek.data_ptr(),
-            0 if Xk is None else Xk.data_ptr(),
-            L.data_ptr(),
-            0,
-            Ak.shape[0],
-            n,
-            _kernel_code(Ak.dtype),
-            0,
-        )
-        if bad >= 0:
-            _kernel_failed(bad, Ak, "A")
-        L = L.reshape(*batch, n, n).to(dtype)
-        if Xk is not None:
-            return Xk.reshape(*batch, n, n).to(dtype), L
-        return L
-    with torch.no_grad():
-        _, m, s, s0, _ = _decide(Af.detach())
-    X, L = _frechet_core(Af, Ef, m, s + s0)
-    L = L.reshape(*batch, n, n).to(dtype)
-    if return_expm:
-        return X.reshape(*batch, n, n).to(dtype), L
-    return L
+    if torch.is_grad_enabled() and (A.requires_grad or E.requires_grad):
+        # autograd through expm_frechet itself: the differentiable torch ops
+        Af, _ = flat(A)
+        Ef, _ = flat(E)
+        if Af.shape[0] == 0 or n == 0:
+            X = L = torch.zeros(A.shape, dtype=wd, device=A.device)
+        else:
+            with torch.no_grad():
+                _, m, s, s0, _ = _decide(Af.detach())
+            Xf, Lf = _frechet_core(Af, Ef, m, s + s0)
+            X, L = Xf.reshape(A.shape), Lf.reshape(A.shape)
+    elif _direct(A) and _direct(E):
+        X, L = _kernel_frechet(*_operands(A, E, "liegroup::expm_frechet", "E"))
+    else:
+        X, L = _frechet_op(A, E)
+    L = L.to(dtype)
+    return (X.to(dtype), L) if return_expm else L
