@@ -6,7 +6,9 @@
 * the single-matrix scalar decision code agrees with the vectorised one, on matrices and on
   synthetic statistics placed exactly on and next to every threshold;
 * a mixed batch (several degrees, scalings, triangular members) gives the same bits as each
-  matrix alone, forward and backward (stronger than the 4-ulp batch-invariance test);
+  matrix alone, forward and backward, on the compiled kernel's path (one matrix at a time in
+  C); on the torch path, whose batched BLAS products may round differently for different
+  batch sizes, the two agree within twice its accuracy bound;
 * non-finite input is caught from the norms (no separate full scan), and finite input whose
   column sums overflow is prescaled instead of rejected.
 """
@@ -23,6 +25,8 @@ import torch
 from liegroup.errors import NonFiniteError
 from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
+from tests.conftest import eps
+from tests.linalg_cases import assert_rounding_close
 from tests.test_linalg_ckernel import ExpmPath
 
 DTYPES = [torch.float64, torch.float32]
@@ -155,25 +159,37 @@ def test_clog2_exact() -> None:
 
 # --------------------------------------------------------------------------- grouped evaluation
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_batch_bitwise_equal_to_alone(dtype: torch.dtype, expm_path: ExpmPath) -> None:
+def test_mixed_batch_equal_to_alone(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     A = _mixed(5, 120, seed=8, dtype=dtype)
     _, m, s, s0, _ = EX._decide(A)
     assert len(set(m.tolist())) >= 3 and len(set((s + s0).tolist())) >= 3
     full = expm(A)
     assert torch.isfinite(full).all((-2, -1)).float().mean() > 0.9  # a few overflow (e^4000)
-    for i in range(A.shape[0]):
-        torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0, equal_nan=True)
+    alone = torch.stack([expm(A[i]) for i in range(A.shape[0])])
+    if expm_path.kernel:
+        torch.testing.assert_close(alone, full, rtol=0, atol=0, equal_nan=True)
+        expm_path.check_used()
+    else:
+        assert assert_rounding_close(alone, full, A, eps(dtype)) >= A.shape[0] // 2
 
 
-def test_mixed_batch_backward_bitwise_equal_to_alone(expm_path: ExpmPath) -> None:
+def test_mixed_batch_backward_equal_to_alone(expm_path: ExpmPath) -> None:
     A = _mixed(4, 40, seed=9, dtype=torch.float64)
     G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     Ar = A.clone().requires_grad_()
     (grad,) = torch.autograd.grad(expm(Ar), Ar, G)
+    alone = []
     for i in range(A.shape[0]):
         a = A[i].clone().requires_grad_()
-        (g1,) = torch.autograd.grad(expm(a), a, G[i])
-        torch.testing.assert_close(g1, grad[i], rtol=0, atol=0, equal_nan=True)
+        alone.append(torch.autograd.grad(expm(a), a, G[i])[0])
+    if expm_path.kernel:
+        torch.testing.assert_close(torch.stack(alone), grad, rtol=0, atol=0, equal_nan=True)
+        expm_path.check_used()
+    else:
+        informative = assert_rounding_close(
+            torch.stack(alone), grad, A, eps(torch.float64), grad_of=G
+        )
+        assert informative >= A.shape[0] // 2
 
 
 # --------------------------------------------------------------------------- validation

@@ -1,12 +1,17 @@
 """The speed paths of linalg.expm keep its guarantees.
 
 * n ≤ 8: every matrix is evaluated in the top degree's form with its own coefficients (zeros
-  for the terms its degree lacks) — the same approximant r_m as the per-degree evaluation,
-  and bit-identical alone or in any batch;
+  for the terms its degree lacks) — the same approximant r_m as the per-degree evaluation;
+* a matrix alone and in any batch: the same bits on the compiled kernel's path (one matrix at
+  a time in C); on the torch path, whose batched BLAS products may round differently for
+  different batch sizes, agreement within twice its accuracy bound
+  (tests.linalg_cases.assert_rounding_close);
 * the exact guard norms for n ≤ 4 (elementwise row-vector walk) agree with the BLAS walk;
 * triangular inputs: the exact superdiagonal uses sinh(x)/x by expm1, because torch.sinh
   rounds differently in its vectorised loop and its scalar tail (a matrix's result would
-  depend on its place in the batch).
+  depend on its place in the batch); the exact diagonal and superdiagonal are elementwise
+  functions of the matrix's own entries, the same bits at any place in the batch on both
+  paths.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 
 from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
+from tests.conftest import eps
+from tests.linalg_cases import assert_rounding_close
 from tests.test_linalg_ckernel import ExpmPath
 
 EXPM = importlib.import_module("liegroup.linalg.expm")
@@ -54,24 +61,27 @@ def test_small_path_equals_per_degree_pade(dtype: torch.dtype, n: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [2, 3, 4, 6, 8, 9])
-def test_small_and_grouped_paths_bitwise_batch_invariant(
+def test_small_and_grouped_paths_batch_invariant(
     dtype: torch.dtype, n: int, expm_path: ExpmPath
 ) -> None:
     A = _mixed(n, 90, seed=10 + n, dtype=dtype)
     _, m, s, _, _ = EX._decide(A)
     assert len(set(m.tolist())) >= 2 and s.max() > 0
     full = expm(A)
-    for i in range(A.shape[0]):
-        torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0, equal_nan=True)
+    alone = torch.stack([expm(A[i]) for i in range(A.shape[0])])
     # and in a reversed batch of a different size
     part = expm(A[5:].flip(0)).flip(0)
-    torch.testing.assert_close(part, full[5:], rtol=0, atol=0, equal_nan=True)
+    if expm_path.kernel:  # one matrix at a time in C: the same bits by construction
+        torch.testing.assert_close(alone, full, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(part, full[5:], rtol=0, atol=0, equal_nan=True)
+        expm_path.check_used()
+    else:
+        assert assert_rounding_close(alone, full, A, eps(dtype)) >= A.shape[0] // 2
+        assert_rounding_close(part, full[5:], A[5:], eps(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triangular_superdiagonal_bitwise_batch_invariant(
-    dtype: torch.dtype, expm_path: ExpmPath
-) -> None:
+def test_triangular_superdiagonal_batch_invariant(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     # diagonals close together (|μ − λ|/2 in [1e-2, 1)): the sinh(x)/x branch of the exact
     # superdiagonal, for members at every position of the vector loop and its tail
     gen = torch.Generator().manual_seed(2)
@@ -80,8 +90,16 @@ def test_triangular_superdiagonal_bitwise_batch_invariant(
     A.diagonal(dim1=-2, dim2=-1).copy_(d + 0.3 * torch.rand(67, 4, generator=gen))
     A = A.to(dtype)
     full = expm(A)
-    for i in range(A.shape[0]):
-        torch.testing.assert_close(expm(A[i]), full[i], rtol=0, atol=0)
+    alone = torch.stack([expm(A[i]) for i in range(A.shape[0])])
+    if expm_path.kernel:
+        torch.testing.assert_close(alone, full, rtol=0, atol=0)
+    else:
+        assert_rounding_close(alone, full, A, eps(dtype))
+    # the exact diagonal and superdiagonal: elementwise in the matrix's own entries
+    for k in (0, 1):
+        d_alone = alone.diagonal(offset=k, dim1=-2, dim2=-1)
+        torch.testing.assert_close(d_alone, full.diagonal(offset=k, dim1=-2, dim2=-1), rtol=0,
+                                   atol=0)
 
 
 def test_sinhc_accurate() -> None:
@@ -150,15 +168,19 @@ def test_pade_small_numpy_and_torch_paths_bitwise_equal(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [3, 5, 16, 33])
-def test_small_batches_bitwise_equal_to_large(
-    dtype: torch.dtype, n: int, expm_path: ExpmPath
-) -> None:
+def test_small_batches_equal_to_large(dtype: torch.dtype, n: int, expm_path: ExpmPath) -> None:
     # batch sizes on both sides of _NP_BATCH (and a single matrix), mixed degrees, scalings
-    # and triangular members; n = 16, 33 also check the one-call solve above n = 8
+    # and triangular members; n = 16, 33 also check the one-call solve above n = 8. The
+    # kernel: the same bits; the torch path: within twice its accuracy bound.
     A = _mixed(n, 70, seed=50 + n, dtype=dtype)
     full = expm(A)
     for lo, hi in [(0, 1), (5, 6), (2, 9), (20, 20 + EX._NP_BATCH), (1, 70)]:
-        torch.testing.assert_close(expm(A[lo:hi]), full[lo:hi], rtol=0, atol=0, equal_nan=True)
+        if expm_path.kernel:
+            torch.testing.assert_close(
+                expm(A[lo:hi]), full[lo:hi], rtol=0, atol=0, equal_nan=True
+            )
+        else:
+            assert_rounding_close(expm(A[lo:hi]), full[lo:hi], A[lo:hi], eps(dtype))
 
 
 def test_cdiv_exact_against_integer_division() -> None:
