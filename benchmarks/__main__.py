@@ -5,8 +5,11 @@ Options: ``--quick`` (smaller inputs, fewer rounds), ``--threads T`` (pinned, de
 ``"LieRA lora"``; full fine-tuning always runs), ``--layer-batch B`` (single layers' batch,
 default 16), ``--optimizer adamw`` (default ``sgd``, without momentum), ``--autocast bf16``
 (forward and loss under CPU bfloat16 autocast, as training on a GPU runs; float32 weights and
-optimizer), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
-``DIR/bench-cpu[-bf16][-adamw][-quick].md`` and ``.json`` and prints the tables.
+optimizer), ``--compile`` (every method, full fine-tuning too, also timed through
+``torch.compile(module, fullgraph=True)`` in the same interleaved rounds: compiled ratio to
+compiled full fine-tuning and compiled / eager of the same method; compile time excluded;
+memory stays the eager step's), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
+``DIR/bench-cpu[-bf16][-adamw][-compile][-quick].md`` and ``.json`` and prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
 
@@ -27,6 +30,7 @@ from benchmarks.suite import (
     OPTIMIZERS,
     bench_memory,
     bench_time,
+    bench_time_compiled,
     cases,
     memory_in_this_process,
     method_names,
@@ -36,6 +40,7 @@ from benchmarks.suite import (
 )
 
 TIME_LIMIT, MEM_LIMIT, MAP_LIMIT = 1.10, 1.05, 1.05
+COMPILED_LIMIT = 1.0  # compiled / eager of the same method: compiling must not slow it
 DENSE_FRAC = 0.5  # LieRA rows training at least this fraction of the weights are baselines
 MODEWISE_GROUPS = ("so", "gl", "sl")
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sgd (no momentum; default) or adamw")
     ap.add_argument("--autocast", choices=["bf16"], default=None,
                     help="forward and loss under torch.autocast('cpu', torch.bfloat16)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every method under torch.compile(fullgraph=True)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
@@ -96,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float32" + (", forward under bf16 autocast" if args.autocast else ""),
         "optimizer": OPTIMIZERS[args.optimizer], "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
+        "compiled": args.compile,
     }
     results: dict[str, dict] = {}
     for case in selected:
         print(f"... {case.label}", file=sys.stderr, flush=True)
-        ratios, notes, ntrain, per_round = bench_time(case, rounds, steps)
+        if args.compile:
+            ratios, notes, ntrain, per_round, crows = bench_time_compiled(case, rounds, steps)
+        else:
+            ratios, notes, ntrain, per_round = bench_time(case, rounds, steps)
+            crows = {}
         extra = ["--methods", args.methods] if args.methods else []
         if args.layer_batch:
             extra += ["--layer-batch", str(args.layer_batch)]
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             if mm is not None and full_mem:
                 row["step_mem"] = mm[0] / full_mem[0]
                 row["total_mem"] = mm[1] / full_mem[1]
+            if m in crows:
+                row["compiled"] = crows[m]
             rows[m] = row
         results[case.name] = {"label": case.label, "rows": rows, "stress": case.stress}
         print(render(meta | {"load_avg_end": os.getloadavg()}, {case.name: results[case.name]}),
@@ -129,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     os.makedirs(args.out, exist_ok=True)
     name = "bench-cpu" + ("-bf16" if args.autocast else "") + (
-        "" if args.optimizer == "sgd" else f"-{args.optimizer}") + ("-quick" if args.quick else "")
+        "" if args.optimizer == "sgd" else f"-{args.optimizer}") + (
+        "-compile" if args.compile else "") + ("-quick" if args.quick else "")
     stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:
         f.write(md)
@@ -151,13 +166,29 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         "of the two maps' ratio in the same round.",
         "",
     ]
+    compiled = bool(meta.get("compiled"))
+    if compiled:
+        lines[0] += (
+            " Compiled: every method (full fine-tuning too) also runs its module through "
+            "torch.compile(module, fullgraph=True) (inductor; the optimizer step eager) in the "
+            "same interleaved rounds — *compiled step time* is its ratio to compiled full "
+            "fine-tuning, *compiled / eager* its time over the same method's eager time (median "
+            "of same-round ratios, range in brackets); compile excluded (warm-up steps); "
+            "memory is the eager step's."
+        )
     fails: list[str] = []
+    cfails: list[str] = []  # compiled slower than eager (LieRA target rows)
     stressed: list[str] = []  # stress inputs: step time reported, not held to the target
     for name, res in results.items():
         rows = res["rows"]
-        lines += [f"### {res['label']}", "",
-                  "| method | trainable | step time | step mem | total mem | note |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"### {res['label']}", ""]
+        if compiled:
+            lines += ["| method | trainable | step time | compiled step time | compiled / eager "
+                      "| step mem | total mem | note |", "|---|---|---|---|---|---|---|---|"]
+        else:
+            lines += ["| method | trainable | step time | step mem | total mem | note |",
+                      "|---|---|---|---|---|---|"]
+        compile_cost: list[float] = []
         for m, r in rows.items():
             tf = r.get("trainable_frac")
             # the targets are for parameter-efficient rows: a dense generator (as many
@@ -171,8 +202,20 @@ def render(meta: dict, results: dict[str, dict]) -> str:
             elif modewise:
                 note = (note + " mode-wise group, not a Hadamard map: reported only").strip()
             dense = dense or modewise
+            ccells = ""
+            if compiled:
+                c = r.get("compiled") or {}
+                if c.get("note"):
+                    note = (note + " " + c["note"]).strip()
+                if c.get("compile_steps") is not None:
+                    compile_cost.append(c["compile_steps"])
+                vs = {"time": c.get("vs_eager"), "time_rounds": c.get("vs_eager_rounds")}
+                ccells = f" | {_time_cell(c)} | {_time_cell(vs)}"
+                if (m.startswith("LieRA") and not dense and c.get("vs_eager") is not None
+                        and c["vs_eager"] > COMPILED_LIMIT):
+                    cfails.append(f"{name}: {m} compiled / eager {c['vs_eager']:.2f}")
             lines.append(
-                f"| {m} | {'—' if tf is None else f'{100 * tf:.2f} %'} | {_time_cell(r)} "
+                f"| {m} | {'—' if tf is None else f'{100 * tf:.2f} %'} | {_time_cell(r)}{ccells} "
                 f"| {_fmt(r.get('step_mem'))} | {_fmt(r.get('total_mem'))} | {note} |"
             )
             if m.startswith("LieRA") and not dense and r.get("time") is not None:
@@ -194,6 +237,10 @@ def render(meta: dict, results: dict[str, dict]) -> str:
                             f"{name}: {m} / first order time {q:.3f} > {MAP_LIMIT}"
                         )
         lines += ["", "exact / first order (time): " + ", ".join(pairs), ""]
+        if compile_cost:
+            lines += [f"Compile excluded from the timings above; the compiling first step cost "
+                      f"{min(compile_cost):.0f}–{max(compile_cost):.0f} eager full fine-tuning "
+                      "steps per method.", ""]
     lines.append(
         f"Targets (LieRA rows): time ≤ {TIME_LIMIT}, step and total memory ≤ {MEM_LIMIT}, "
         f"exact / first order ≤ {MAP_LIMIT}: "
@@ -203,6 +250,10 @@ def render(meta: dict, results: dict[str, dict]) -> str:
     if stressed:
         lines += ["", "Above the time target on stress inputs (weight-bound; not target cases):"]
         lines += [f"- {f}" for f in stressed]
+    if compiled:
+        lines += ["", f"Compiled (LieRA rows): compiled / eager ≤ {COMPILED_LIMIT:.2f}: "
+                  + ("all met." if not cfails else f"{len(cfails)} above:")]
+        lines += [f"- {f}" for f in cfails]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import peers
+from benchmarks._timing import raise_recompile_limit
 from benchmarks.models import convnext_tiny_like, resnet50_like
 from liegroup.peft import LieRAConfig, available_generators, get_peft_model
 from liegroup.peft.generators import resolve_generator
@@ -209,9 +210,13 @@ def build(case: Case, method: str) -> nn.Module:
 
 
 class Stepper:
-    """One training step (zero_grad, forward, loss, backward, SGD step) of a built method."""
+    """One training step (zero_grad, forward, loss, backward, SGD step) of a built method.
 
-    def __init__(self, case: Case, module: nn.Module) -> None:
+    ``compiled``: the step calls ``torch.compile(module, fullgraph=True, dynamic=False)``
+    (inductor; the optimizer step stays eager) — the first step compiles.
+    """
+
+    def __init__(self, case: Case, module: nn.Module, compiled: bool = False) -> None:
         torch.manual_seed(1)
         self.module = module
         self.x = torch.randn(case.input_shape)
@@ -226,6 +231,8 @@ class Stepper:
             # is a linear loss whose SGD steps grow without bound over a timing run (mode-wise
             # GL's exp overflowed within it)
             self.gy = torch.randn_like(out) / out.numel() ** 0.5
+        if compiled:
+            self.module = torch.compile(module, fullgraph=True, dynamic=False)
         params = [p for p in module.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
         self.opt: torch.optim.Optimizer = (
@@ -261,36 +268,106 @@ def bench_time(
     Also returns the per-round ratios (the spread the median hides: other tenants of the
     machine move a round's figure by several percent), and the refusals and trainable counts.
     """
-    runs: dict[str, Stepper] = {}
+    ratios, notes, ntrain, per_round, _ = _bench(case, rounds, steps, compiled=False)
+    return ratios, notes, ntrain, per_round
+
+
+def bench_time_compiled(
+    case: Case, rounds: int, steps: int
+) -> tuple[dict[str, float], dict[str, str], dict[str, int], dict[str, list[float]],
+           dict[str, dict[str, Any]]]:
+    """:func:`bench_time`, with every method also timed compiled, in the same rounds.
+
+    Each method runs twice, interleaved with all others: eagerly, and through
+    ``torch.compile(module, fullgraph=True)`` (the same module and parameters, an optimizer of
+    its own). The fifth result holds, per method, ``time_rounds`` (compiled over compiled full
+    fine-tuning, per round), ``vs_eager_rounds`` (compiled over eager, same method, per round),
+    ``compile_steps`` (the compiling first step over an eager full fine-tuning step) — or
+    ``note`` when the compiler refused it. Compile time is excluded from the timings.
+    """
+    return _bench(case, rounds, steps, compiled=True)
+
+
+def _bench(
+    case: Case, rounds: int, steps: int, compiled: bool
+) -> tuple[dict[str, float], dict[str, str], dict[str, int], dict[str, list[float]],
+           dict[str, dict[str, Any]]]:
+    runs: dict[tuple[str, bool], Stepper] = {}
     notes: dict[str, str] = {}
+    cnotes: dict[str, str] = {}
+    first_step: dict[str, float] = {}
+    if compiled:
+        raise_recompile_limit()
+        torch._dynamo.reset()
     for m in method_names(case):
         try:
-            runs[m] = Stepper(case, build(case, m))
-            runs[m].step()
-            runs[m].step()
+            module = build(case, m)
+            runs[(m, False)] = Stepper(case, module)
+            runs[(m, False)].step()
+            runs[(m, False)].step()
         except Exception as e:  # a library refusing the case is a result, reported
             notes[m] = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
-    names = list(runs)
-    t: dict[str, list[float]] = {m: [] for m in names}
+            continue
+        if not compiled:
+            continue
+        try:
+            s = Stepper(case, module, compiled=True)
+            t0 = time.perf_counter()
+            s.step()  # compiles the forward and the backward
+            first_step[m] = time.perf_counter() - t0
+            s.step()
+            runs[(m, True)] = s
+        except Exception as e:  # e.g. a graph break under fullgraph=True
+            msg = str(e).strip().splitlines()[0][:90] if str(e).strip() else ""
+            cnotes[m] = f"compiled: refused: {type(e).__name__}: {msg}"
+    keys = list(runs)
+    t: dict[tuple[str, bool], list[float]] = {k: [] for k in keys}
+    failed: set[tuple[str, bool]] = set()
     for r in range(rounds):
-        for m in names[r % len(names):] + names[: r % len(names)]:
-            if m in notes:
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            if k in failed:
                 continue
             best = float("inf")
             try:
                 for _ in range(steps):
-                    runs[m].zero()
+                    runs[k].zero()
                     t0 = time.perf_counter()
-                    runs[m].run()
+                    runs[k].run()
                     best = min(best, time.perf_counter() - t0)
             except Exception as e:  # e.g. a peer that changes shapes mid-training
-                notes[m] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
+                msg = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
+                if k[1]:
+                    cnotes[k[0]] = "compiled: " + msg
+                else:
+                    notes[k[0]] = msg
+                failed.add(k)
                 continue
-            t[m].append(best)
-    names = [m for m in names if m not in notes]
-    per_round = {m: [a / b for a, b in zip(t[m], t[FULL], strict=True)] for m in names}
+            t[k].append(best)
+    names = [m for m, c in keys if not c and (m, c) not in failed]
+    base = t[(FULL, False)]
+    per_round = {m: [a / b for a, b in zip(t[(m, False)], base, strict=True)] for m in names}
     ratios = {m: statistics.median(v) for m, v in per_round.items()}
-    return ratios, notes, {m: runs[m].n_trainable for m in names}, per_round
+    ntrain = {m: runs[(m, False)].n_trainable for m in names}
+    crows: dict[str, dict[str, Any]] = {}
+    if compiled:
+        cbase = t.get((FULL, True)) if (FULL, True) not in failed else None
+        step_full = statistics.median(base)
+        for m in method_names(case):
+            if m in notes:
+                continue
+            if m in cnotes or cbase is None:
+                crows[m] = {"note": cnotes.get(m, "compiled: full fine-tuning did not compile")}
+                continue
+            tc = t[(m, True)]
+            row: dict[str, Any] = {
+                "time_rounds": [a / b for a, b in zip(tc, cbase, strict=True)],
+                "vs_eager_rounds": [a / b for a, b in zip(tc, t[(m, False)], strict=True)],
+                "compile_steps": first_step[m] / step_full,
+            }
+            row["time"] = statistics.median(row["time_rounds"])
+            row["vs_eager"] = statistics.median(row["vs_eager_rounds"])
+            crows[m] = row
+    return ratios, notes, ntrain, per_round, crows
 
 
 # ---------------------------------------------------------------- memory (subprocess)
