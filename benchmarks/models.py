@@ -5,7 +5,12 @@ widths 64…512 and expansion 4, stride on the 3×3 conv, 1×1 projection shortc
 a 10-class head ``fc``. ``convnext_tiny_like``: ConvNeXt-T (4×4 stride-4 stem, stages
 [3, 3, 9, 3] with dims 96…768, blocks = depthwise 7×7 conv → LayerNorm → Linear 4× → GELU →
 Linear → layer scale, 2×2 stride-2 downsampling), a 10-class head ``head``. Only the spatial
-size and batch of the benchmark input are scaled down so a CPU run stays short.
+size and batch of the benchmark input are scaled down so a CPU run stays short (both builders
+take optional widths and depths: :mod:`benchmarks.gpu`'s ``--quick`` runs tiny versions of the
+same blocks). ``llama_block``: one Llama-style decoder block (pre-RMSNorm, multi-head causal
+attention with ``q/k/v/o_proj`` Linear layers through ``F.scaled_dot_product_attention``,
+SwiGLU MLP with ``gate/up/down_proj``; HF's module names; no rotary embedding — it is
+element-wise and does not touch the adapted layers).
 """
 
 from __future__ import annotations
@@ -40,20 +45,21 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50Like(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256, 512),
+                 depths: tuple[int, ...] = (3, 4, 6, 3)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
-        cin = 64
-        for i, (width, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True)):
+        cin = widths[0]
+        for i, (width, n) in enumerate(zip(widths, depths, strict=True)):
             blocks = []
             for j in range(n):
                 blocks.append(Bottleneck(cin, width, 2 if (j == 0 and i > 0) else 1))
                 cin = 4 * width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(2048, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
@@ -84,9 +90,9 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtTinyLike(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, dims: tuple[int, ...] = (96, 192, 384, 768),
+                 depths: tuple[int, ...] = (3, 3, 9, 3)) -> None:
         super().__init__()
-        dims, depths = (96, 192, 384, 768), (3, 3, 9, 3)
         layers: list[nn.Module] = [nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0])]
         for i, (d, n) in enumerate(zip(dims, depths, strict=True)):
             if i > 0:
@@ -101,9 +107,83 @@ class ConvNeXtTinyLike(nn.Module):
         return self.head(self.norm(x))
 
 
-def resnet50_like(num_classes: int = 10) -> ResNet50Like:
-    return ResNet50Like(num_classes)
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y).to(x.dtype)
 
 
-def convnext_tiny_like(num_classes: int = 10) -> ConvNeXtTinyLike:
-    return ConvNeXtTinyLike(num_classes)
+class LlamaAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, h))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """One pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden)
+        self.self_attn = LlamaAttention(hidden, heads)
+        self.post_attention_layernorm = RMSNorm(hidden)
+        self.mlp = LlamaMLP(hidden, intermediate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def resnet50_like(num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256, 512),
+                  depths: tuple[int, ...] = (3, 4, 6, 3)) -> ResNet50Like:
+    return ResNet50Like(num_classes, widths, depths)
+
+
+def convnext_tiny_like(num_classes: int = 10, dims: tuple[int, ...] = (96, 192, 384, 768),
+                       depths: tuple[int, ...] = (3, 3, 9, 3)) -> ConvNeXtTinyLike:
+    return ConvNeXtTinyLike(num_classes, dims, depths)
+
+
+def llama_block(hidden: int = 2048, intermediate: int = 5632, heads: int = 16) -> LlamaBlock:
+    """A Llama-style decoder block (TinyLlama-1.1B's widths by default: 2048 / 5632, 16 heads).
+
+    Example:
+        >>> import torch
+        >>> blk = llama_block(32, 64, 4)
+        >>> blk(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+        >>> sorted(n for n, m in blk.named_modules() if isinstance(m, torch.nn.Linear))[:3]
+        ['mlp.down_proj', 'mlp.gate_proj', 'mlp.up_proj']
+    """
+    return LlamaBlock(hidden, intermediate, heads)
