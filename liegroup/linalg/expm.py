@@ -208,6 +208,11 @@ def _direct(A: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
+    return _plain(A)
+
+
+def _plain(A: torch.Tensor) -> bool:
+    """Whether ``A`` is a dense CPU tensor without subclass, functorch or view-bit keys."""
     k = torch._C._dispatch_keys(A)
     return k == _PLAIN_KEYS[0] or k == _PLAIN_KEYS[1] or k == _PLAIN_KEYS[2]
 
@@ -234,7 +239,13 @@ class _ExpmKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> torch.Tensor:
         (A,) = ctx.saved_tensors
-        return _expm_backward(A, G, ctx.ms)
+        if torch.is_grad_enabled() or not (_USE_KERNEL and _plain(G)):
+            return _expm_backward(A, G, ctx.ms)
+        # A passed the forward's checks, autograd gives G A's shape and dtype, and _plain
+        # leaves no view bits: only the layout is left to settle
+        Ak = A if A.is_contiguous() else A.contiguous()
+        Gc = G if G.is_contiguous() else G.contiguous()
+        return _kernel_expm_backward(Ak, Gc, ctx.ms)
 
 
 # --------------------------------------------------------------------------- Padé
@@ -874,8 +885,11 @@ def _expm_backward(A: torch.Tensor, G: torch.Tensor, ms: torch.Tensor) -> torch.
         L = _frechet_core(A.reshape(-1, n, n).mT, G.reshape(-1, n, n), v[:, 0], v[:, 1])[1]
         return L.reshape(A.shape)
     if _direct(A) and _direct(G):
-        A, G = _operands(A, G, "liegroup::expm_backward", "G")
-        return _kernel_expm_backward(A, G, ms)
+        # A passed the forward's checks; autograd gives G A's shape and dtype, and _direct
+        # leaves no view bits: only the layout is left to settle
+        Ak = A if A.is_contiguous() else A.contiguous()
+        Gc = G if G.is_contiguous() else G.contiguous()
+        return _kernel_expm_backward(Ak, Gc, ms)
     return _expm_backward_op(A, G, ms)
 
 
