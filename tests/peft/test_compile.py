@@ -174,3 +174,30 @@ def test_user_generator_whose_factors_go_bad_raises_shape_error_eager_and_compil
     with pytest.raises(Exception, match="ShapeError") as info:
         torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     assert "must unfold W" in str(info.value) + repr(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({"generator": "full"}, id="full"),
+        pytest.param({"exp_map": 3}, id="taylor3"),
+    ],
+)
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_other_generators_and_groups_compile_fullgraph(layer: str, kw: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    make, shape = LAYERS[layer]
+    cfg = LieRAConfig(rank=2, target_modules=["body"], **kw)  # type: ignore[arg-type]
+    eager = get_peft_model(_Net(make()), cfg)
+    with torch.no_grad():
+        for p in eager.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn_like(p))
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    x = torch.randn(*shape)
+    y0, g0 = _run(eager, x)
+    y1, g1 = _run(compiled, x)
+    _close(y0, y1, "output")
+    for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
+        _close(a, b, f"gradient {i}")

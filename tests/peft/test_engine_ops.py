@@ -243,3 +243,25 @@ def test_one_file_holds_the_memory_policy() -> None:
         text = path.read_text()
         for token in ("_KEEP_RATIO", "_KEEP_PLAIN", "_CHUNK_ENTRIES", "// 32"):
             assert token not in text, f"{path.relative_to(PEFT)} has {token!r}"
+
+
+def test_eager_direct_calls_equal_the_dispatcher_route_bit_for_bit(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager CPU calls skip the dispatcher; the values are those of ``torch.ops.liegroup``."""
+    W, L, R = _factors(rows=9, r=4, cols=33)
+    G = torch.randn_like(W)
+
+    def run() -> list[torch.Tensor]:
+        out = torch.empty_like(W)
+        got = [ops.lowrank_form(W, L, R), ops.lowrank_form(W, L, R, True, out=out).clone()]
+        for rule, M in ((ops.GRAD_TIMES, W), (ops.GRAD_TIMES_EXP, W), (ops.GRAD_PLAIN, None)):
+            got += ops.lowrank_factor_grads(G, M, L, R, rule)
+            got += ops.lowrank_factor_grads(G.clone(), M, L, R, rule, scratch=True, block_rows=4)
+        return got
+
+    direct = run()
+    monkeypatch.setattr(ops, "_EAGER_DIRECT", False)
+    routed = run()
+    for a, b in zip(direct, routed, strict=True):
+        assert torch.equal(a, b)
