@@ -25,6 +25,7 @@ import sys
 import torch
 
 from benchmarks import peers
+from benchmarks._timing import verdict
 from benchmarks.suite import (
     FULL,
     OPTIMIZERS,
@@ -213,7 +214,9 @@ def render(meta: dict, results: dict[str, dict]) -> str:
                 ccells = f" | {_time_cell(c)} | {_time_cell(vs)}"
                 if (m.startswith("LieRA") and not dense and c.get("vs_eager") is not None
                         and c["vs_eager"] > COMPILED_LIMIT):
-                    cfails.append(f"{name}: {m} compiled / eager {c['vs_eager']:.2f}")
+                    rr = c.get("vs_eager_rounds") or [c["vs_eager"]]
+                    cfails.append(f"{name}: {m} compiled / eager {_time_cell(vs)}, "
+                                  f"{verdict(rr)}")
             lines.append(
                 f"| {m} | {'—' if tf is None else f'{100 * tf:.2f} %'} | {_time_cell(r)}{ccells} "
                 f"| {_fmt(r.get('step_mem'))} | {_fmt(r.get('total_mem'))} | {note} |"
