@@ -308,7 +308,7 @@ def test_additive_linear_factor_route(case, keep, monkeypatch):
     want = _grads(layer, x, y_ref, gy)
     real = ln._factor_grads
     for route in (True, False):
-        monkeypatch.setattr(ln, "_factor_route", lambda *a, r=route: r)
+        monkeypatch.setattr(ln, "factor_route", lambda *a, r=route: r)
         calls = []
         monkeypatch.setattr(ln, "_factor_grads", lambda *a, c=calls: c.append(1) or real(*a))
         y = layer(x)
@@ -324,8 +324,8 @@ def test_factor_route_rule():
     """Through the activations when 2Nm(n₀ + n₁) < N n₀ n₁ + 2 n₀ n₁ m, and W's own shape."""
     W = torch.zeros(1024, 1024)
     L, R = torch.zeros(1024, 32), torch.zeros(32, 1024)
-    assert ln._factor_route(W, L, R, torch.zeros(2048, 1024))
-    assert not ln._factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
+    assert ln.factor_route(W, L, R, torch.zeros(2048, 1024))
+    assert not ln.factor_route(W, torch.zeros(1024, 600), torch.zeros(600, 1024),
                                 torch.zeros(2048, 1024))
-    assert not ln._factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
+    assert not ln.factor_route(W, torch.zeros(512, 2), torch.zeros(2, 2048),
                                 torch.zeros(8, 1024))  # another layout of L @ R

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from liegroup.peft._engine import ledger, ops, policy
+from liegroup.peft._engine import ledger, lowrank_node, ops, policy
 from liegroup.peft._engine.geometry import (
     autocast_dtype,
     op_input,
@@ -94,10 +94,43 @@ def adapted_forward(base: nn.Module, x: torch.Tensor, generator: Any, update: An
     with weights_outside_autocast(x):
         factors, delta = _algebra_element(W, generator, update)
     if torch.compiler.is_compiling():
-        with weights_outside_autocast(x):
-            Wp = _traced_weight(W, factors, delta, update)
-        return base_op(base, x, Wp)
+        return _traced_forward(base, x, W, factors, delta, update)
     return _eager_forward(base, x, W, factors, delta, update)
+
+
+def _traced_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None, delta: Any,
+                    update: Any) -> torch.Tensor:
+    """``op(x, W')`` as Dynamo traces it: no ledger, no workspace, no Python-side state.
+
+    * An additive Linear whose factors are ``W``'s own ``(out, in)`` matrix, where that is
+      cheaper, runs as ``op(x, W) + (x Rᵀ) Lᵀ`` (what the eager node's backward does through
+      the activations): ``∂L/∂W'`` is never formed.
+    * The exact and first-order maps on float32 CPU weights, where the compiled kernel is
+      built, form ``W'`` by the ``liegroup::lowrank_form`` operator (its autograd formula
+      runs ``liegroup::lowrank_factor_grads``): the kernel's one pass over the weight is
+      faster than the compiler's fused loops (``docs/performance.md``).
+    * Everything else — CUDA, other dtypes, Taylor orders, other updates — is plain torch
+      ops, which the compiler fuses.
+    """
+    kind = update.fused_form()
+    cast = autocast_dtype(x, W)
+    if factors is not None and kind is not None and cast is None:
+        L, R = factors
+        if kind[0] == "additive" and isinstance(base, nn.Linear) and lowrank_node.factor_route(
+            W, L, R, x.reshape(-1, W.shape[-1])
+        ):
+            return F.linear(x, W, base.bias) + F.linear(F.linear(x, R), L)
+        if kind[0] == "hadamard" and kind[1] in (None, 1) and _kernel_form(W):
+            return base_op(base, x, torch.ops.liegroup.lowrank_form(W, L, R, kind[1] == 1))
+    with weights_outside_autocast(x):
+        Wp = _traced_weight(W, factors, delta, update)
+    return base_op(base, x, Wp)
+
+
+def _kernel_form(W: torch.Tensor) -> bool:
+    """Whether ``liegroup::lowrank_form`` would run the compiled kernel on ``W`` (static)."""
+    return ops.compiled_kernel() and W.dtype == torch.float32 and W.device.type == "cpu"
 
 
 def check_adapter(W: torch.Tensor, generator: Any, update: Any) -> None:

@@ -28,7 +28,7 @@ from liegroup.peft._engine.geometry import (
 )
 from liegroup.peft._engine.ledger import StepLedger, current
 
-__all__ = ["LowRankAdaptedOpFunction", "adapted_op_lowrank"]
+__all__ = ["LowRankAdaptedOpFunction", "adapted_op_lowrank", "factor_route"]
 
 
 class LowRankAdaptedOpFunction(torch.autograd.Function):
@@ -52,7 +52,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
 
     For an additive Linear whose ``L @ R`` is ``W``'s ``(out, in)`` matrix, the factor
     gradients are taken through the activations when that is cheaper
-    (:func:`_factor_route`): ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, and ``G`` is
+    (:func:`factor_route`): ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, and ``G`` is
     never formed (the mode-wise Linear comes here through :meth:`Update.additive_factors`).
 
     With a ledger (the thread's :class:`~liegroup.peft._engine.ledger.StepLedger`, CPU) a
@@ -171,7 +171,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         if op.kind == "linear":
             gy2 = gy.reshape(-1, W.shape[0])
             x2 = x.reshape(-1, W.shape[1])
-            by_products = update == "additive" and need_f and _factor_route(W, L, R, x2)
+            by_products = update == "additive" and need_f and factor_route(W, L, R, x2)
             if need_b:
                 gb = gy2.sum(0)
             if need_x:
@@ -258,7 +258,7 @@ def _backward_autocast(
     return gx, None, gb, g_l, g_r, None, None, None, None, None
 
 
-def _factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.Tensor) -> bool:
+def factor_route(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, x2: torch.Tensor) -> bool:
     """Whether an additive Linear's factor gradients are cheaper through the activations.
 
     ``∂L/∂L = G Rᵀ = gyᵀ(x Rᵀ)`` and ``∂L/∂R = Lᵀ G = (gy L)ᵀ x`` cost ``2Nm(n₀ + n₁)``

@@ -258,6 +258,29 @@ def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool) -> t
     return torch.empty_like(W, memory_format=torch.contiguous_format)
 
 
+def _form_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    W, L, R, first_order = inputs
+    ctx.first_order = first_order
+    # G ⊙ W' (exact) reads W' itself: the op that consumes W' keeps it anyway
+    ctx.save_for_backward(W, L, R, None if first_order else output)
+
+
+def _form_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    W, L, R, Wp = ctx.saved_tensors
+    need_w, need_l, need_r = ctx.needs_input_grad[:3]
+    g_l = g_r = g_w = None
+    if need_l or need_r:
+        M, rule = (W, GRAD_TIMES) if ctx.first_order else (Wp, GRAD_TIMES)
+        g_l, g_r = torch.ops.liegroup.lowrank_factor_grads(grad, M, L, R, rule)
+    if need_w:
+        d = (L @ R).view(W.shape)
+        g_w = grad * (d + 1 if ctx.first_order else torch.exp(d))
+    return g_w, (g_l if need_l else None), (g_r if need_r else None), None
+
+
+_lowrank_form_op.register_autograd(_form_grad, setup_context=_form_setup)
+
+
 def _form_kernel(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
                  out: torch.Tensor) -> None:
     # operands checked by the op: contiguous float32 CPU, rows·cols entries each
