@@ -22,12 +22,12 @@ an ``n_k × n_k`` matrix when that is cheaper:
   and mode product. On a Linear (``so``, ``gl``) the two sides are ``W + L R`` of rank
   ``m₀ + m₁`` (:meth:`ModeWiseUpdate.additive_factors`) and the layer runs the op as one
   fused node whose backward never forms ``∂L/∂W'``
-  (:class:`liegroup.peft.fused_op.LowRankAdaptedOpFunction`);
+  (the engine's low-rank node, ``liegroup/peft/_engine/lowrank_node.py``);
 * block diagonal (:class:`ModeBlocks`): one batched exponential of the small blocks and a
   reshaped mode product (``O(b·|W|)``).
 
 On a conv (and a Linear off the low-rank path) the layer runs the op through
-:func:`liegroup.peft.recompute_op.adapted_op_recompute` when the weight is large next to the
+the engine's recompute node (``_engine/recompute_node.py``) when the weight is large next to the
 activations: ``W'`` is recomputed in the backward instead of being kept, with the update's
 intermediates, from forward to backward (memory at full fine-tuning's level, one more
 formation of ``W'`` in time; ``docs/performance.md``).
