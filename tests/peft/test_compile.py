@@ -201,3 +201,18 @@ def test_other_generators_and_groups_compile_fullgraph(layer: str, kw: dict[str,
     _close(y0, y1, "output")
     for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
         _close(a, b, f"gradient {i}")
+
+
+@pytest.mark.parametrize("emap", list(MAPS))
+def test_compiled_trainable_base_weight_gets_its_gradient(emap: str) -> None:
+    """A user who unfreezes the base weight gets the same ∂L/∂W compiled as eager."""
+    eager = _model("linear", "lora", emap)
+    eager.base_model.body.base_layer.weight.requires_grad_(True)
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    x = torch.randn(*LAYERS["linear"][1])
+    _, g0 = _run(eager, x)
+    _, g1 = _run(compiled, x)
+    assert len(g0) == len(g1) == 4  # x, W, A, B
+    for a, b in zip(g0, g1, strict=True):
+        _close(a, b, "gradient")

@@ -104,8 +104,8 @@ def _traced_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
     """``op(x, W')`` as Dynamo traces it: no ledger, no workspace, no Python-side state.
 
     * An additive Linear whose factors are ``W``'s own ``(out, in)`` matrix, where that is
-      cheaper, runs as ``op(x, W) + (x Rᵀ) Lᵀ`` (what the eager node's backward does through
-      the activations): ``∂L/∂W'`` is never formed.
+      cheaper, takes its factor gradients through the activations, as the eager node does
+      (:class:`_AdditiveLinear`): ``∂L/∂W'`` is never formed.
     * The exact and first-order maps on float32 CPU weights, where the compiled kernel is
       built, form ``W'`` by the ``liegroup::lowrank_form`` operator (its autograd formula
       runs ``liegroup::lowrank_factor_grads``): the kernel's one pass over the weight is
@@ -117,15 +117,44 @@ def _traced_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
     cast = autocast_dtype(x, W)
     if factors is not None and kind is not None and cast is None:
         L, R = factors
-        if kind[0] == "additive" and isinstance(base, nn.Linear) and lowrank_node.factor_route(
-            W, L, R, x.reshape(-1, W.shape[-1])
+        if kind[0] == "additive" and not W.requires_grad and isinstance(base, nn.Linear) and (
+            lowrank_node.factor_route(
+                W, L, R, x.reshape(-1, W.shape[-1])
+            )
         ):
-            return F.linear(x, W, base.bias) + F.linear(F.linear(x, R), L)
+            out: torch.Tensor = _AdditiveLinear.apply(x, W, base.bias, L, R)
+            return out
         if kind[0] == "hadamard" and kind[1] in (None, 1) and _kernel_form(W):
             return base_op(base, x, torch.ops.liegroup.lowrank_form(W, L, R, kind[1] == 1))
     with weights_outside_autocast(x):
         Wp = _traced_weight(W, factors, delta, update)
     return base_op(base, x, Wp)
+
+
+class _AdditiveLinear(torch.autograd.Function):
+    """``linear(x, W + L R, b)`` whose backward never forms ``∂L/∂W'`` (traced by Dynamo).
+
+    ``∂L/∂L = gyᵀ(x Rᵀ)``, ``∂L/∂R = (gy L)ᵀ x``, ``∂L/∂x = gy (W + L R)`` with ``W + L R``
+    formed again in the backward: nothing weight-sized is kept from the forward. ``W`` is
+    frozen (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
+                L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, W, L, R)
+        ctx.has_bias = bias is not None
+        return F.linear(x, torch.addmm(W, L, R), bias)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, W, L, R = ctx.saved_tensors
+        gy2, x2 = gy.reshape(-1, W.shape[0]), x.reshape(-1, W.shape[1])
+        gx = gy2.mm(torch.addmm(W, L, R)).view(x.shape) if ctx.needs_input_grad[0] else None
+        gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        g_l = gy2.T.mm(x2.mm(R.T)) if ctx.needs_input_grad[3] else None
+        g_r = gy2.mm(L).T.mm(x2) if ctx.needs_input_grad[4] else None
+        return gx, None, gb, g_l, g_r
 
 
 def _kernel_form(W: torch.Tensor) -> bool:
