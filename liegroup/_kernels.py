@@ -10,6 +10,11 @@ an install without them computes the same results on every path, more slowly.
   ``compiled_kernel()`` functions report ``False``.
 * An extension that failed to build or load (and was not disabled) is reported once, at
   import, by a :class:`KernelUnavailableWarning` naming the module and the import error.
+* ``LIEGROUP_KERNEL_ISA=baseline|avx2|avx512`` (x86-64) makes the kernels run that
+  instruction-set body instead of the best one the CPU has — to reproduce, on one machine,
+  what a CPU without AVX-512 (or without AVX2) computes. Together with PyTorch's own
+  ``ATEN_CPU_CAPABILITY=default|avx2`` it runs the whole suite as such a CPU would. A body the
+  CPU lacks raises an error at import.
 
 Example:
     >>> from liegroup._kernels import kernels_disabled
@@ -61,7 +66,7 @@ def load_extension(name: str) -> ModuleType | None:
     if kernels_disabled():
         return None
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError as e:
         warnings.warn(
             f"liegroup: the compiled kernel {name} is not available ({e}); the torch "
@@ -72,3 +77,12 @@ def load_extension(name: str) -> ModuleType | None:
             stacklevel=2,
         )
         return None
+    isa = os.environ.get("LIEGROUP_KERNEL_ISA", "").strip().lower()
+    if isa:
+        try:
+            module.isa(isa)
+        except ValueError as e:
+            raise RuntimeError(
+                f"LIEGROUP_KERNEL_ISA={isa!r}: {e}; unset it or name a body this CPU has"
+            ) from e
+    return module

@@ -105,3 +105,21 @@ def test_setup_installs_past_a_failed_c_build_and_says_so(tmp_path: pathlib.Path
     assert out.stderr.count("FAILED TO BUILD") >= 2, out.stderr
     assert "liegroup.linalg._cexpm" in out.stderr
     assert "liegroup.peft._engine._cfused" in out.stderr
+
+
+def test_kernel_isa_switch_selects_a_body_or_says_why_not() -> None:
+    if kernels_disabled():
+        pytest.skip("this run has LIEGROUP_DISABLE_KERNELS set")
+    code = (
+        "import sys, liegroup.peft, liegroup.linalg;"
+        "from liegroup.peft._engine import ops;"
+        "E = sys.modules['liegroup.linalg.expm'];"
+        "print(ops._k is not None and ops._k.isa(), E._ckernel is not None and E._ckernel.isa())"
+    )
+    out = _run(code, LIEGROUP_KERNEL_ISA="baseline")
+    assert out.returncode == 0, out.stderr
+    got = out.stdout.split()
+    assert all(v in ("baseline", "False") for v in got), got
+    bad = _run("import liegroup.peft", LIEGROUP_KERNEL_ISA="sse9")
+    assert bad.returncode != 0
+    assert "LIEGROUP_KERNEL_ISA='sse9'" in bad.stderr
