@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# torch.compile's on-disk caches are keyed by the traced graph, not by the implementations of
+# the custom operators in it: a cache left by another build of liegroup on this machine can
+# hold code for other output layouts. Every test session compiles into a cache of its own.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="liegroup-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 settings.register_profile(
     "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
