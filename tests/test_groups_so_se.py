@@ -424,15 +424,21 @@ def test_gradients_finite_at_singular_points(dtype, th):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", CLOSED, ids=repr)
 def test_batch_invariance(dtype, G):
-    # an element alone and inside a batch (of mixed regimes) gives the same bits
+    # an element alone and inside a batch (of mixed regimes) gives the same values to a few
+    # ulps: products are element-wise (no BLAS kernel chosen by batch size), but PyTorch's CPU
+    # kernels evaluate sin/cos/atan2 by vectorised code in full lanes and by scalar libm in
+    # the tail, each within 1 ulp, so the bits of one element may depend on its position
+    # (seen for atan2 with AVX2 kernels). The closed forms apply about ten operations after
+    # them to O(1) values (θ ≤ π, away from 2π): 32·u, absolute and relative.
+    u = torch.finfo(dtype).eps / 2
     Xs = torch.cat([_scaled_algebra(G, (3,), dtype, 5, s) for s in [1e-9, 0.5, "near_pi"]])
     g = G.exp(Xs)
     L = G.log(g)
     J = G.left_jacobian_inv(Xs)
     for i in range(Xs.shape[0]):
-        assert torch.equal(G.exp(Xs[i]), g[i])
-        assert torch.equal(G.log(g[i]), L[i])
-        assert torch.equal(G.left_jacobian_inv(Xs[i]), J[i])
+        for alone, in_batch in ((G.exp(Xs[i]), g[i]), (G.log(g[i]), L[i]),
+                                (G.left_jacobian_inv(Xs[i]), J[i])):
+            torch.testing.assert_close(alone, in_batch, rtol=32 * u, atol=32 * u)
     # broadcasting batch shapes
     a, b = G.random(2, 1, dtype=dtype), G.random(3, dtype=dtype)
     assert G.compose(a, b).shape == (2, 3, *G.point_shape)
