@@ -231,8 +231,13 @@ def _eager_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
     if factors is not None:
         if fused is not None and kind is not None and not W.requires_grad:
             xin, geometry = fused
-            return adapted_op_lowrank(xin, W, bias, *factors, kind[0], kind[1], geometry,
-                                      ledger.current(W.device))
+            # the factors were checked by _algebra_element: the node itself, not its checking
+            # wrapper (this runs once per adapted layer and step)
+            out: torch.Tensor = lowrank_node.LowRankAdaptedOpFunction.apply(
+                xin, W, bias, *factors, kind[0], kind[1], geometry, ledger.current(W.device),
+                cast,
+            )
+            return out
         with weights_outside_autocast(x):
             Wp = update.apply_lowrank(W, *factors)
         return base_op(base, x, Wp)
