@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c \
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,demo]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,demo,hf]" "$(TORCH)"
 	@# pip hides the build log: say here, loudly, when a compiled kernel did not build
 	$(PY) -W error::liegroup._kernels.KernelUnavailableWarning -c "import liegroup.peft" \
 	  || echo "WARNING: a liegroup compiled kernel is missing; the torch implementation runs instead (see above)" >&2
