@@ -135,11 +135,13 @@ class Product(LieGroup):
     def act(self, g: Point, T: torch.Tensor, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
         """Tucker-style action: factor ``i`` multiplies mode ``modes[i]`` of ``T``.
 
+        The keyword ``modes`` gives the distinct modes (default ``0, …, m−1``).
+
         Args:
             g: point ``(g_1, …, g_m)``; every factor must act by a mode product (matrix groups).
             T: tensor; with batched ``g`` (batch shape ``B``), ``T`` is ``(*B', *tensor_shape)``
                 with ``len(B') == len(B)``, as in :meth:`MatrixLieGroup.act`.
-            modes: keyword, the distinct modes (default ``0, …, m−1``).
+            **kwargs: ``modes``, as above.
 
         Example:
             >>> import torch, liegroup

@@ -118,7 +118,8 @@ def bch(X: torch.Tensor, Y: torch.Tensor, order: int = 5) -> torch.Tensor:
     Use :func:`~liegroup.linalg.logm` of ``expm(X) @ expm(Y)`` for large arguments.
 
     Args:
-        X, Y: ``(..., n, n)`` real float tensors (batch shapes broadcast).
+        X: ``(..., n, n)`` real float tensor.
+        Y: ``(..., n, n)`` real float tensor (the batch shapes of ``X`` and ``Y`` broadcast).
         order: truncation order, ``1 ≤ order ≤ MAX_BCH_ORDER`` (12).
 
     Returns:

@@ -400,8 +400,10 @@ def eye_plus_lowrank_two_sided(
 
     Args:
         W: real tensor ``(n₀, n₁, *rest)``.
-        K0, R0: real matrices ``(n₀, m₀)``.
-        K1, R1: real matrices ``(n₁, m₁)``; all of ``W``'s dtype and device.
+        K0: real matrix ``(n₀, m₀)``.
+        R0: real matrix ``(n₀, m₀)``.
+        K1: real matrix ``(n₁, m₁)``.
+        R1: real matrix ``(n₁, m₁)``; all of ``W``'s dtype and device.
 
     Returns:
         The product, ``W``'s shape, contiguous.
