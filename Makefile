@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # while an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo bench docs clean
 
 $(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c \
           liegroup/peft/_engine/_cfused.c liegroup/peft/_engine/_ctucker.c \
@@ -41,6 +41,19 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# the documentation site, into site/: the pages under docs/ and the API reference generated
+# from the docstrings; --strict fails on any warning (broken link, bad docstring section)
+# (the `docs` extra's requirements only: `pip install -e ".[docs]"` would rebuild the compiled
+# kernels in place under a running test suite; liegroup itself is already installed)
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs'], sep='\n')" > $(VENV)/docs-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/docs-requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
