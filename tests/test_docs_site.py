@@ -24,7 +24,8 @@ PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
 DIARY = [
     (r"\bcommits?\b", "names a commit"),
     (r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", "cites a commit hash"),
-    (r"\b(this|previous|earlier|last|next|first|second|third|fourth) round\b", "a development round"),
+    (r"\b(this|previous|earlier|last|next|first|second|third|fourth) round\b",
+     "a development round"),
     (r"\bload (average|avg)\b|\buptime\b", "a load average"),
     (r"\bthis (session|work)\b", "this session"),
     (r"\btried\b|\bdid not help\b|\bwere not kept\b", "a rejected experiment"),
