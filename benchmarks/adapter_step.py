@@ -81,7 +81,7 @@ def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tenso
         module = LieRALayer(base)
         module.add_adapter(
             "default",
-            LieRAConfig(rank=8, alpha=8.0, target_modules=["x"], group=group, exp_map=exp_map),
+            LieRAConfig(rank=8, alpha=8.0, target_modules=["x"], update=group, exp_map=exp_map),
         )
         with torch.no_grad():
             module.generators["default"].B.normal_(0, 0.01)

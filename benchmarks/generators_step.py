@@ -46,7 +46,7 @@ def _build(kind: str, method: str) -> tuple[nn.Module, torch.Tensor, torch.Tenso
         gen, group, exp_map, kw = METHODS[method]
         module = LieRALayer(base)
         module.add_adapter("default", LieRAConfig(
-            rank=8, alpha=8.0, target_modules=["x"], generator=gen, group=group,
+            rank=8, alpha=8.0, target_modules=["x"], generator=gen, update=group,
             exp_map=exp_map, generator_kwargs=kw))
         with torch.no_grad():
             for p in module.generators["default"].parameters():

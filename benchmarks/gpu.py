@@ -10,7 +10,7 @@ Linear but the new 10-class head adapted, the head trained in full; batch 64 at 
 channels_last, cross-entropy) and a Llama-like decoder block (hidden 2048, intermediate 5632,
 16 heads, sequence 512, batch 8; all seven Linear layers adapted; loss: mean square of the
 output). Methods, rank 8: full fine-tuning, LieRA LoRA exact and first order, our additive LoRA
-(``group="additive"``), and HF peft LoRA when installed.
+(``update="additive"``), and HF peft LoRA when installed.
 
 Every method runs twice, **eager** and **compiled** (its module through
 ``torch.compile(module, fullgraph=True, dynamic=False)``, inductor; one module, parameters

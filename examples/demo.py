@@ -36,13 +36,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm import tqdm
 
-from liegroup.peft import (
-    LieRAConfig,
-    LieRAModel,
-    RankAllocator,
-    get_peft_model,
-    orthogonality_penalty,
-)
+from liegroup.peft import LieRAConfig, LieRAModel, RankAllocator, get_peft_model
+from liegroup.peft.generators import orthogonality_penalty
 
 ROOT = Path(__file__).resolve().parent
 BACKBONE = ROOT / "digits_backbone.safetensors"
@@ -165,7 +160,7 @@ def build(method: str, rank: int, backbone: DigitsCNN, seed: int) -> tuple[nn.Mo
         alpha=float(rank),
         target_modules=["conv1", "conv2", "conv3"],
         modules_to_save=["head"],
-        group=group,
+        update=group,
         exp_map=exp_map,
         generator=generator,
         generator_kwargs=kwargs,
@@ -190,7 +185,7 @@ def train(model: nn.Module, groups: list, lr: float, data: Split, seed: int) -> 
     if adalora:
         assert isinstance(model, LieRAModel)
         total = EPOCHS * -(-len(data.y) // BATCH)
-        alloc = RankAllocator(model, target_r=2, tinit=total // 10, tfinal=total // 5,
+        alloc = RankAllocator(model.generators(), target_r=2, tinit=total // 10, tfinal=total // 5,
                               deltaT=5, total_step=total, optimizer=opt)
     t = 0
     for _ in range(EPOCHS):
@@ -201,11 +196,11 @@ def train(model: nn.Module, groups: list, lr: float, data: Split, seed: int) -> 
             loss = nn.functional.cross_entropy(model(data.x[b]), data.y[b])
             if alloc is not None:
                 assert isinstance(model, LieRAModel)
-                loss = loss + 0.1 * orthogonality_penalty(model)
+                loss = loss + 0.1 * orthogonality_penalty(model.generators())
             loss.backward()
             opt.step()
             if alloc is not None:
-                alloc.step(model, t)
+                alloc.step(t)
             t += 1
 
 

@@ -5,6 +5,11 @@ This subpackage imports :mod:`liegroup`; the reverse never happens. An adapter i
 weight's shape, an :class:`Update` maps ``(W, ΔW)`` to ``W'`` (LieRA: ``W ⊙ exp(ΔW)``; LoRA:
 ``W + ΔW``), and :class:`LieRALayer` runs the base module's own op once on ``W'``.
 
+Where things live: ``config.py`` (:class:`LieRAConfig`), ``model.py`` (the model verbs),
+``layer.py`` (the adapter layer), ``registry.py`` (names → implementations),
+``functional.py`` (:func:`adapted_weight`), ``generators/`` (one file per method),
+``updates/`` (one file per update rule) and ``_engine/`` (the private speed and memory engine).
+
 Example:
     >>> import torch
     >>> from liegroup.peft import LieRAConfig, get_peft_model
@@ -14,72 +19,44 @@ Example:
     torch.Size([1, 4, 7])
 """
 
-from liegroup.peft._engine import compiled_kernel
-from liegroup.peft.adalora import (
-    AdaLoRAGenerator,
-    RankAllocator,
-    budget_schedule,
-    orthogonality_penalty,
-)
-from liegroup.peft.config import LieRAConfig, parse_exp_map
-from liegroup.peft.functional import (
-    Additive,
-    HadamardExp,
-    HadamardExpFunction,
-    LowRankHadamardExpFunction,
-    Update,
-    adapted_weight,
-    adapted_weight_lowrank,
+from liegroup.peft import generators as generators
+from liegroup.peft import updates as updates
+from liegroup.peft.config import LieRAConfig
+from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
+from liegroup.peft.generators import Generator, GeneratorSpec, RankAllocator
+from liegroup.peft.layer import LieRALayer
+from liegroup.peft.model import LieRAModel, get_peft_model
+from liegroup.peft.registry import (
+    available_generators,
+    available_initialisers,
+    available_updates,
+    get_generator,
+    get_initialiser,
     get_update,
+    register_generator,
+    register_initialiser,
     register_update,
 )
-from liegroup.peft.generators import (
-    FullGenerator,
-    Generator,
-    GeneratorSpec,
-    LoRAGenerator,
-    TuckerGenerator,
-    available_generators,
-    register_generator,
-    resolve_generator,
-)
-from liegroup.peft.init import register_initialiser
-from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper
-from liegroup.peft.model import LieRAModel, get_peft_model
-from liegroup.peft.modewise import ModeBlocks, ModeFactors, ModeWiseGenerator, ModeWiseUpdate
+from liegroup.peft.updates import Update
 
 __all__ = [
-    "AdaLoRAGenerator",
-    "Additive",
-    "FullGenerator",
     "Generator",
     "GeneratorSpec",
-    "HadamardExp",
-    "HadamardExpFunction",
     "LieRAConfig",
     "LieRALayer",
     "LieRAModel",
-    "LoRAGenerator",
-    "LowRankHadamardExpFunction",
-    "ModeBlocks",
-    "ModeFactors",
-    "ModeWiseGenerator",
-    "ModeWiseUpdate",
-    "ModulesToSaveWrapper",
     "RankAllocator",
-    "TuckerGenerator",
     "Update",
     "adapted_weight",
     "adapted_weight_lowrank",
     "available_generators",
-    "budget_schedule",
-    "compiled_kernel",
+    "available_initialisers",
+    "available_updates",
+    "get_generator",
+    "get_initialiser",
     "get_peft_model",
     "get_update",
-    "orthogonality_penalty",
-    "parse_exp_map",
     "register_generator",
     "register_initialiser",
     "register_update",
-    "resolve_generator",
 ]

@@ -21,38 +21,13 @@ from typing import Any
 
 from liegroup._version import __version__
 from liegroup.errors import CheckpointError, DTypeError
+from liegroup.peft.updates.base import parse_exp_map
 
-__all__ = ["CONFIG_NAME", "LieRAConfig", "parse_exp_map"]
+__all__ = ["CONFIG_NAME", "LieRAConfig"]
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LIERA"
 _LAYOUTS = ("mode1", "loralib")
-
-
-def parse_exp_map(exp_map: object) -> int | None:
-    """Map ``exp_map`` to a Taylor order: ``"exact"`` → ``None``, ``"first_order"`` → 1, k → k.
-
-    Raises:
-        ValueError: for an unknown string or an int below 1.
-        DTypeError: for any other type.
-
-    Example:
-        >>> parse_exp_map("exact"), parse_exp_map("first_order"), parse_exp_map(3)
-        (None, 1, 3)
-    """
-    if isinstance(exp_map, str):
-        if exp_map == "exact":
-            return None
-        if exp_map == "first_order":
-            return 1
-        raise ValueError(f"exp_map must be 'exact', 'first_order' or an int >= 1, got {exp_map!r}")
-    if isinstance(exp_map, bool) or not isinstance(exp_map, int):
-        raise DTypeError(
-            f"exp_map must be 'exact', 'first_order' or an int >= 1, got {type(exp_map).__name__}"
-        )
-    if exp_map < 1:
-        raise ValueError(f"exp_map as a Taylor order must be >= 1, got {exp_map}")
-    return exp_map
 
 
 def _check_names(value: object, name: str, allow_none: bool) -> list[str] | str | None:
@@ -96,18 +71,20 @@ class LieRAConfig:
         dropout: probability of dropout applied to the generator's input factor ``A`` (keeps
             the forward a single op on ``W'``); ``0`` disables it.
         use_rslora: scale by ``alpha/√r`` instead of ``alpha/r``.
-        group: ``"hadamard"`` (LieRA, ``W' = W ⊙ exp(ΔW)``) or ``"additive"`` (LoRA,
-            ``W' = W + ΔW``; its exponential is the identity so ``exp_map`` has no effect).
+        update: the update rule: ``"hadamard"`` (LieRA, ``W' = W ⊙ exp(ΔW)``) or
+            ``"additive"`` (LoRA, ``W' = W + ΔW``; its exponential is the identity so
+            ``exp_map`` has no effect).
         generator_kwargs: extra keyword arguments for the generator (JSON-serialisable).
         zero_warning_fraction: warn when more than this fraction of a targeted weight's
             entries are exactly zero (they can never move under the Hadamard group).
         rank_pattern: for rank-allocating generators (AdaLoRA), module name → kept rank
             components (booleans in the original numbering); written by
-            :class:`~liegroup.peft.adalora.RankAllocator` and ``save_pretrained``, used at load
+            :class:`~liegroup.peft.RankAllocator` and ``save_pretrained``, used at load
             to rebuild the pruned shapes. ``None``: nothing pruned.
 
-    ``group`` may also be a mode-wise matrix group (``"so"``, ``"gl"``, ``"sl"``) with a
-    mode-wise generator (``generator="modewise"``); see :mod:`liegroup.peft.modewise`.
+    ``update`` may also be a mode-wise matrix group (``"so"``, ``"gl"``, ``"sl"``) with a
+    mode-wise generator (``generator="modewise"``); see :mod:`liegroup.peft.updates.modewise`.
+    A config written with the former name of this field (``group``) still loads.
 
     Example:
         >>> LieRAConfig(rank=2, target_modules=".*conv.*").target_modules
@@ -124,7 +101,7 @@ class LieRAConfig:
     layout: str = "mode1"
     dropout: float = 0.0
     use_rslora: bool = False
-    group: str = "hadamard"
+    update: str = "hadamard"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     zero_warning_fraction: float = 0.01
     rank_pattern: dict[str, list[bool]] | None = None
@@ -154,16 +131,17 @@ class LieRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_rslora, bool):
             raise DTypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
-        from liegroup.peft.functional import get_update
-        from liegroup.peft.generators import resolve_generator
+        from liegroup.peft.registry import get_generator, get_update
 
-        update = get_update(self.group, parse_exp_map(self.exp_map))  # validates the name
-        gen_cls = resolve_generator(self.generator)
+        if not isinstance(self.update, str):
+            raise DTypeError(f"update must be a registered update name, got {self.update!r}")
+        update = get_update(self.update, self.exp_map)  # validates the name
+        gen_cls = get_generator(self.generator)
         self.generator = gen_cls.name
         u_kind = getattr(update, "algebra_kind", "tensor")
         if u_kind != gen_cls.algebra_kind:
             raise ValueError(
-                f"group={self.group!r} needs a generator whose algebra element is "
+                f"update={self.update!r} needs a generator whose algebra element is "
                 f"{'one matrix per mode' if u_kind == 'modes' else 'a weight-shaped tensor'}, "
                 f"but generator={self.generator!r} produces "
                 f"{'one matrix per mode' if gen_cls.algebra_kind == 'modes' else 'a tensor'}; "
@@ -190,11 +168,6 @@ class LieRAConfig:
         """``alpha / r`` (or ``alpha / √r`` with ``use_rslora``)."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    @property
-    def order(self) -> int | None:
-        """Taylor order of the map (``None`` for the exact exponential)."""
-        return parse_exp_map(self.exp_map)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with ``peft_type`` and ``liegroup_version`` added."""
         d = dataclasses.asdict(self)
@@ -208,6 +181,8 @@ class LieRAConfig:
         d = dict(d)
         peft_type = d.pop("peft_type", PEFT_TYPE)
         d.pop("liegroup_version", None)
+        if "group" in d and "update" not in d:  # the field's former name
+            d["update"] = d.pop("group")
         if peft_type != PEFT_TYPE:
             raise CheckpointError(f"not a LieRA adapter config: peft_type={peft_type!r}")
         names = {f.name for f in dataclasses.fields(cls)}

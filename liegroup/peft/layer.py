@@ -3,7 +3,7 @@
 :class:`LieRALayer` wraps a base module and runs **one** op, the base module's own
 (``F.linear``, or the conv's ``_conv_forward``, which honours stride, padding, dilation,
 groups and every ``padding_mode``), on the adapted weight
-``W' = adapted_weight(W, ΔW)`` (:func:`liegroup.peft.functional.adapted_weight`). Nothing is
+``W' = adapted_weight(W, ΔW)`` (:func:`liegroup.peft.adapted_weight`). Nothing is
 specific to a dimensionality: the generator sees the weight's shape and ``groups``.
 
 Several adapters can live in one layer (keyed by name, one active); merging writes ``W'``
@@ -30,15 +30,12 @@ from torch import nn
 
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
+from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
 from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
 from liegroup.peft.config import LieRAConfig
-from liegroup.peft.functional import (
-    Update,
-    adapted_weight,
-    adapted_weight_lowrank,
-    get_update,
-)
-from liegroup.peft.generators import Generator, GeneratorSpec, resolve_generator
+from liegroup.peft.generators.base import Generator, GeneratorSpec
+from liegroup.peft.registry import get_generator, get_update
+from liegroup.peft.updates.base import Update
 
 __all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
 
@@ -157,9 +154,9 @@ class LieRALayer(nn.Module):
             options=dict(config.generator_kwargs),
             weight=W.detach(),
         )
-        gen_cls = resolve_generator(config.generator)
+        gen_cls = get_generator(config.generator)
         generator = gen_cls(spec)
-        update = get_update(config.group, config.order)
+        update = get_update(config.update, config.exp_map)
         check_adapter(W, generator, update)  # a generator that does not fit W fails here
         if update.zeros_frozen:
             frac = float((W == 0).sum()) / W.numel()
@@ -167,7 +164,7 @@ class LieRALayer(nn.Module):
                 warnings.warn(
                     f"{100 * frac:.1f}% of the weight of {self.module_name or 'a module'!r} is "
                     "exactly zero; under the Hadamard group those entries can never move "
-                    "(W' = W ⊙ exp(ΔW)). Use group='additive' for this module or exclude it.",
+                    "(W' = W ⊙ exp(ΔW)). Use update='additive' for this module or exclude it.",
                     UserWarning,
                     stacklevel=3,
                 )

@@ -40,7 +40,7 @@ from torch import nn
 from liegroup._version import __version__
 from liegroup.errors import AdapterStateError, CheckpointError
 from liegroup.peft.config import LieRAConfig
-from liegroup.peft.generators import Generator
+from liegroup.peft.generators.base import Generator
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper, check_supported
 
 __all__ = ["WEIGHTS_NAME", "LieRAModel", "get_peft_model"]
@@ -119,6 +119,28 @@ class LieRAModel(nn.Module):
     def lie_layers(self) -> list[tuple[str, LieRALayer]]:
         """``(name, layer)`` for every adapter layer, names relative to ``base_model``."""
         return [(n, m) for n, m in _logical_modules(self.base_model) if isinstance(m, LieRALayer)]
+
+    def generators(self, adapter_name: str | None = None) -> dict[str, Generator]:
+        """Module name → the adapter's generator (default: the active adapter).
+
+        What :class:`~liegroup.peft.RankAllocator` and
+        :func:`~liegroup.peft.generators.orthogonality_penalty` take.
+
+        Example:
+            >>> import torch
+            >>> from liegroup.peft import LieRAConfig, get_peft_model
+            >>> m = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 3)),
+            ...                    LieRAConfig(rank=1, target_modules=["0"]))
+            >>> {n: type(g).__name__ for n, g in m.generators().items()}
+            {'0': 'LoRAGenerator'}
+        """
+        name = self.active_adapter if adapter_name is None else adapter_name
+        self._check_adapter(name)
+        return {
+            n: layer.generators[name]  # type: ignore[misc]
+            for n, layer in self.lie_layers()
+            if name in layer.generators
+        }
 
     def _save_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
         return [

@@ -8,6 +8,7 @@ import torch
 
 from liegroup.peft import LieRAConfig
 from liegroup.peft.layer import LieRALayer
+from liegroup.peft.updates import parse_exp_map
 from tests.conftest import eps
 from tests.peft._ref import ref_map, ref_op
 from tests.peft.test_layer_geometry import CASES, DT
@@ -38,7 +39,7 @@ def check_generator_case(
     base = factory().to(DT)
     layer = LieRALayer(base, case)
     cfg = LieRAConfig(rank=rank, alpha=3.0, target_modules=["x"], exp_map=exp_map,
-                      group=group, generator=generator, layout=layout,
+                      update=group, generator=generator, layout=layout,
                       generator_kwargs=generator_kwargs or {})
     layer.add_adapter("default", cfg)
     x = torch.randn(xshape, dtype=DT)
@@ -51,7 +52,7 @@ def check_generator_case(
     buffers = {n: b.detach().clone() for n, b in gen.named_buffers()}
     shape = tuple(W0.shape)
     delta_ref = ref_delta({**params, **buffers}, cfg.scaling, shape)
-    y_ref = ref_op(base, x, ref_map(W0, delta_ref, group, cfg.order))
+    y_ref = ref_op(base, x, ref_map(W0, delta_ref, group, parse_exp_map(cfg.exp_map)))
     y = layer(x)
     tol = 200 * eps(DT) * (1 + y_ref.abs().max().item())
     assert (y - y_ref).abs().max().item() <= tol
@@ -75,7 +76,7 @@ def check_generator_case(
         layer.merge()
         assert (layer(x) - y_un).abs().max().item() <= tol
         layer.unmerge()
-    if group == "hadamard" and cfg.order is not None:
+    if group == "hadamard" and parse_exp_map(cfg.exp_map) is not None:
         assert torch.equal(base.weight, W0)
     else:
         assert ((base.weight - W0).abs().max() / W0.abs().max()).item() <= 1e-12

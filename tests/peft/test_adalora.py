@@ -11,15 +11,8 @@ import torch
 from torch import nn
 
 from liegroup.errors import AdapterStateError, CheckpointError
-from liegroup.peft import (
-    AdaLoRAGenerator,
-    LieRAConfig,
-    LieRAModel,
-    RankAllocator,
-    budget_schedule,
-    get_peft_model,
-    orthogonality_penalty,
-)
+from liegroup.peft import LieRAConfig, LieRAModel, RankAllocator, get_peft_model
+from liegroup.peft.generators import AdaLoRAGenerator, budget_schedule, orthogonality_penalty
 from tests.peft._matrix import FAST_MAPS, SLOW_MAPS, check_generator_case
 from tests.peft.test_layer_geometry import CASES, DT, EQUAL_KERNEL
 
@@ -109,17 +102,19 @@ def test_masked_triplets_stay_zero_under_adam(exp_map, pass_optimizer):
     model, x, y = _setup(exp_map)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     T = 60
-    alloc = RankAllocator(model, target_r=2, tinit=5, tfinal=10, deltaT=5, total_step=T,
+    alloc = RankAllocator(model.generators(), target_r=2, tinit=5, tfinal=10, deltaT=5,
+                          total_step=T,
                           optimizer=opt if pass_optimizer else None)
     assert alloc.init_budget == 12 and alloc.target_budget == 6
     gens = _gens(model)
     ever_masked = False
     for t in range(T):
-        loss = nn.functional.cross_entropy(model(x), y) + 0.1 * orthogonality_penalty(model)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss + 0.1 * orthogonality_penalty(model.generators())
         loss.backward()
         opt.step()
         masks_before = {n: g.rank_mask.clone() for n, g in gens.items()}
-        applied = alloc.step(model, t)
+        applied = alloc.step(t)
         opt.zero_grad()
         kept = sum(int(g.rank_mask.sum()) for g in gens.values())
         if applied is not None:
@@ -135,7 +130,7 @@ def test_masked_triplets_stay_zero_under_adam(exp_map, pass_optimizer):
             if pass_optimizer:
                 assert torch.all(g.lam.detach()[m] == 0)  # raw λ too: Adam state was reset
     assert ever_masked
-    pattern = model.peft_config["default"].rank_pattern
+    pattern = alloc.rank_pattern
     assert pattern is not None and sum(sum(v) for v in pattern.values()) == 6
     # a masked triplet contributes nothing: dropping it leaves the output unchanged
     with torch.no_grad():
@@ -159,19 +154,19 @@ def test_masked_lambda_gets_zero_gradient():
 
 def _train_to_pattern(model, x, y, T=30):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    alloc = RankAllocator(model, target_r=2, tinit=3, tfinal=5, deltaT=3, total_step=T,
-                          optimizer=opt)
+    alloc = RankAllocator(model.generators(), target_r=2, tinit=3, tfinal=5, deltaT=3,
+                          total_step=T, optimizer=opt)
     for t in range(T):
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        alloc.step(model, t)
+        alloc.step(t)
         opt.zero_grad()
+    return alloc
 
 
 def test_rank_pattern_round_trip_with_pruned_tensors(tmp_path):
     model, x, y = _setup()
-    _train_to_pattern(model, x, y)
-    pattern = model.peft_config["default"].rank_pattern
+    pattern = _train_to_pattern(model, x, y).rank_pattern
     assert pattern is not None and not all(all(v) for v in pattern.values())
     model.eval()
     with torch.no_grad():
@@ -219,11 +214,11 @@ def test_rank_pattern_that_does_not_fit_is_refused(tmp_path):
 
 def test_orthogonality_penalty_zero_iff_orthonormal():
     model, _x, _y = _setup()
-    assert orthogonality_penalty(model).item() < 1e-24  # orthonormal init
+    assert orthogonality_penalty(model.generators()).item() < 1e-24  # orthonormal init
     g = _gens(model)["conv"]
     with torch.no_grad():
         g.P.mul_(1.1)
-    pen = orthogonality_penalty(model)
+    pen = orthogonality_penalty(model.generators())
     assert pen.item() > 1e-3
     pen.backward()
     assert g.P.grad is not None and g.P.grad.abs().max() > 0
@@ -232,9 +227,9 @@ def test_orthogonality_penalty_zero_iff_orthonormal():
 def test_penalty_and_allocator_need_adalora():
     m = get_peft_model(nn.Sequential(nn.Linear(3, 3)), LieRAConfig(rank=1, target_modules=["0"]))
     with pytest.raises(ValueError, match="AdaLoRA"):
-        orthogonality_penalty(m)
+        orthogonality_penalty(m.generators())
     with pytest.raises(ValueError, match="AdaLoRA"):
-        RankAllocator(m, target_r=1, tinit=0, tfinal=0, deltaT=1, total_step=5)
+        RankAllocator(m.generators(), target_r=1, tinit=0, tfinal=0, deltaT=1, total_step=5)
 
 
 @pytest.mark.parametrize("kw", [
@@ -248,14 +243,15 @@ def test_allocator_bad_arguments(kw):
     model, _, _ = _setup()
     args = {"target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 1, "total_step": 20} | kw
     with pytest.raises(ValueError):
-        RankAllocator(model, **args)
+        RankAllocator(model.generators(), **args)
 
 
 def test_allocator_step_without_gradients_raises():
     model, _, _ = _setup()
-    alloc = RankAllocator(model, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=20)
+    alloc = RankAllocator(model.generators(), target_r=2, tinit=2, tfinal=2, deltaT=1,
+                          total_step=20)
     with pytest.raises(AdapterStateError, match="backward"):
-        alloc.step(model, 0)
+        alloc.step(0)
 
 
 def test_adalora_dropout_acts_on_Q():

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 import liegroup.peft._engine as engine
-from liegroup.peft import LieRAConfig, get_peft_model
+from liegroup.peft import LieRAConfig, adapted_weight_lowrank, get_peft_model
 from liegroup.peft._engine import base_op, ledger, ops
 from liegroup.peft._engine.geometry import autocast_dtype, op_input, weights_outside_autocast
 from liegroup.peft._engine.ledger import StepLedger
-from liegroup.peft.functional import adapted_weight_lowrank
 from liegroup.peft.layer import LieRALayer
 
 BF16 = torch.bfloat16
@@ -49,7 +48,7 @@ def _layer(case: str, group: str, exp_map: str, generator: str = "lora") -> LieR
     torch.manual_seed(0)
     layer = LieRALayer(CASES[case][0](), case)
     layer.add_adapter("default", LieRAConfig(rank=2, alpha=3.0, target_modules=["x"],
-                                             exp_map=exp_map, group=group, generator=generator))
+                                             exp_map=exp_map, update=group, generator=generator))
     with torch.no_grad():
         for p in layer.generators["default"].parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -169,7 +168,7 @@ def test_weights_are_formed_outside_autocast():
     torch.manual_seed(0)
     layer = LieRALayer(nn.Conv2d(4, 4, 3, padding=1), "c")
     layer.add_adapter("default", LieRAConfig(rank=2, target_modules=["x"],
-                                             generator="modewise", group="so"))
+                                             generator="modewise", update="so"))
     with torch.no_grad():
         for p in layer.generators["default"].parameters():
             p.normal_(0, 0.3)

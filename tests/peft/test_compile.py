@@ -22,13 +22,7 @@ import torch
 from torch import nn
 
 from liegroup.errors import ShapeError
-from liegroup.peft import (
-    Generator,
-    GeneratorSpec,
-    LieRAConfig,
-    get_peft_model,
-    register_generator,
-)
+from liegroup.peft import Generator, GeneratorSpec, LieRAConfig, get_peft_model, register_generator
 
 U32 = torch.finfo(torch.float32).eps / 2
 
@@ -43,7 +37,7 @@ LAYERS = {
 MAPS = {
     "exact": {"exp_map": "exact"},
     "first_order": {"exp_map": "first_order"},
-    "additive": {"group": "additive"},
+    "additive": {"update": "additive"},
 }
 GENERATORS = ["lora", "adalora", "tucker"]
 

@@ -216,8 +216,18 @@ PEFT = pathlib.Path(engine.__file__).parent.parent
 ENGINE_PUBLIC = set(engine.__all__)
 
 
-@pytest.mark.parametrize("name", ["generators.py", "layer.py", "model.py", "adalora.py",
-                                  "modewise.py", "config.py", "init.py"])
+METHOD_FILES = sorted(
+    str(p.relative_to(PEFT)) for p in PEFT.rglob("*.py") if "_engine" not in p.parts
+)
+
+
+def test_the_method_files_are_found() -> None:
+    assert {"layer.py", "model.py", "generators/lora.py", "updates/hadamard.py"} <= set(
+        METHOD_FILES
+    )
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
 def test_method_files_reach_the_engine_only_through_its_entry_module(name: str) -> None:
     tree = ast.parse((PEFT / name).read_text())
     for node in ast.walk(tree):

@@ -47,11 +47,10 @@ from torch.nn.grad import conv2d_weight
 
 from liegroup._kernels import kernels_disabled
 from liegroup.errors import DTypeError, ShapeError
-from liegroup.peft import LieRAConfig, compiled_kernel, get_peft_model
-from liegroup.peft._engine import ops
+from liegroup.peft import LieRAConfig, adapted_weight_lowrank, get_peft_model
+from liegroup.peft._engine import compiled_kernel, ops
 from liegroup.peft._engine.geometry import OpGeometry
 from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
-from liegroup.peft.functional import adapted_weight_lowrank
 from liegroup.peft.layer import LieRALayer
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -534,13 +533,13 @@ def test_fallback_paths_are_right(spy: KernelSpy, order: int | None) -> None:
     W, L, R = _factors(3, 40, R_MAX + 1, 2, scale=0.3)
     Wn = torch.randn(40, 3).T  # (3, 40), not contiguous
     for Wc in (W, Wn):
-        out = adapted_weight_lowrank(Wc, L, R, order=order)
+        out = adapted_weight_lowrank(Wc, L, R, exp_map=order or "exact")
         ref, bound = form_ref_and_bound(Wc, L, R, order == 1)
         assert_within(out, ref, bound, "float32 fallback")
     assert spy.forms == 0
     # float64: the torch path, against a long-double reference with the u64 bound
     W, L, R = (t.double() for t in _factors(4, 30, 5, 3))
-    out = adapted_weight_lowrank(W, L, R, order=order)
+    out = adapted_weight_lowrank(W, L, R, exp_map=order or "exact")
     Wl, Ll, Rl = (t.numpy().astype(np.longdouble) for t in (W, L, R))
     D = np.einsum("ik,kj->ij", Ll, Rl)
     ref_l = Wl * (D + 1) if order == 1 else Wl * np.exp(D)
@@ -609,10 +608,10 @@ def test_adapted_weight_kernel_vs_torch_path(monkeypatch: pytest.MonkeyPatch, sp
     _need_kernel()
     W = torch.randn(8, 3, 3, 3)
     _, L, R = _factors(8, 27, 5, 9)
-    on = adapted_weight_lowrank(W, L, R, order=order)
+    on = adapted_weight_lowrank(W, L, R, exp_map=order or "exact")
     assert spy.forms == 1
     monkeypatch.setattr(ops, "_USE_KERNEL", False)
-    off = adapted_weight_lowrank(W, L, R, order=order)
+    off = adapted_weight_lowrank(W, L, R, exp_map=order or "exact")
     assert spy.forms == 1
     ref, bound = form_ref_and_bound(W.view(8, 27), L, R, order == 1)
     # both are float32 evaluations within the bound of the same exact value
@@ -644,7 +643,7 @@ def test_fused_layer_forward_is_bit_identical(spy: KernelSpy, kind: str,
     y = adapted_op_lowrank(x, W, bias, L, R, "hadamard", order, op, None)
     n = spy.forms
     assert (n >= 1) is kernel
-    Wp = adapted_weight_lowrank(W, L, R, order=order)
+    Wp = adapted_weight_lowrank(W, L, R, exp_map=order or "exact")
     assert spy.forms == n + int(kernel)
     if kind == "linear":
         want = F.linear(x, Wp, bias)

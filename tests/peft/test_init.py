@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from liegroup.peft import LieRAConfig, get_peft_model
-from liegroup.peft.init import get_initialiser, register_initialiser
 from liegroup.peft.layer import LieRALayer
+from liegroup.peft.registry import get_initialiser, register_initialiser
 from tests.peft._matrix import FAST_MAPS, check_generator_case
 from tests.peft.test_layer_geometry import CASES, DT, EQUAL_KERNEL
 
@@ -89,7 +89,8 @@ def test_init_errors():
 
 
 def test_pissa_without_weight_is_refused():
-    from liegroup.peft import GeneratorSpec, LoRAGenerator
+    from liegroup.peft import GeneratorSpec
+    from liegroup.peft.generators import LoRAGenerator
 
     with pytest.raises(ValueError, match="base weight"):
         LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0,

@@ -385,7 +385,7 @@ def test_zero_weight_warning():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        get_peft_model(net2, LieRAConfig(target_modules=["0"], group="additive"))
+        get_peft_model(net2, LieRAConfig(target_modules=["0"], update="additive"))
 
 
 @pytest.mark.parametrize(
@@ -405,7 +405,7 @@ def test_zero_weight_warning():
         ({"target_modules": "("}, ValueError, "regular expression"),
         ({"target_modules": 3}, DTypeError, "target_modules"),
         ({"generator": "nope"}, ValueError, "unknown generator"),
-        ({"group": "nope"}, ValueError, "unknown group"),
+        ({"update": "nope"}, ValueError, "unknown update"),
         ({"use_rslora": 1}, DTypeError, "use_rslora"),
     ],
 )

@@ -7,8 +7,9 @@ import torch
 
 from liegroup import tensor
 from liegroup.errors import DTypeError, ShapeError
-from liegroup.peft import LieRAConfig, ModeWiseUpdate, get_peft_model
+from liegroup.peft import LieRAConfig, get_peft_model
 from liegroup.peft.layer import LieRALayer
+from liegroup.peft.updates import ModeWiseUpdate
 from tests.conftest import eps
 from tests.peft._ref import ref_op
 from tests.peft.test_layer_geometry import CASES, DT, _CountOps
@@ -32,7 +33,7 @@ def _setup(case, group, structure, modes=(0, 1), seed=0):
     factory, xshape = CASES[case]
     base = factory().to(DT)
     layer = LieRALayer(base, case)
-    cfg = LieRAConfig(rank=2, alpha=2.0, target_modules=["x"], group=group,
+    cfg = LieRAConfig(rank=2, alpha=2.0, target_modules=["x"], update=group,
                       generator="modewise",
                       generator_kwargs={"structure": structure, "modes": list(modes),
                                         "block_size": 3})
@@ -105,7 +106,7 @@ def test_gl_changes_spectrum_and_model_level_round_trip(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
                               torch.nn.Linear(4 * 4 * 4, 2)).to(DT)
-    cfg = LieRAConfig(rank=2, group="gl", generator="modewise", target_modules=["0", "2"])
+    cfg = LieRAConfig(rank=2, update="gl", generator="modewise", target_modules=["0", "2"])
     model = get_peft_model(net, cfg)
     for _, layer in model.lie_layers():
         _randomise(layer)
@@ -123,11 +124,11 @@ def test_gl_changes_spectrum_and_model_level_round_trip(tmp_path):
 
 def test_wrong_generator_for_group_is_refused():
     with pytest.raises(ValueError, match="modewise"):
-        LieRAConfig(rank=1, target_modules=["x"], group="so")  # lora is tensor-valued
+        LieRAConfig(rank=1, target_modules=["x"], update="so")  # lora is tensor-valued
     with pytest.raises(ValueError, match="lora"):
         LieRAConfig(rank=1, target_modules=["x"], generator="modewise")  # hadamard
     with pytest.raises(ValueError, match="exact"):
-        LieRAConfig(rank=1, target_modules=["x"], group="so", generator="modewise",
+        LieRAConfig(rank=1, target_modules=["x"], update="so", generator="modewise",
                     exp_map="first_order")
 
 
@@ -136,7 +137,7 @@ def test_wrong_generator_for_group_is_refused():
 def test_bad_generator_options(kw):
     layer = LieRALayer(torch.nn.Conv2d(2, 2, 3, groups=2))
     with pytest.raises(ValueError, match="generator_kwargs"):
-        layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], group="so",
+        layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], update="so",
                                            generator="modewise", generator_kwargs=kw))
 
 
@@ -167,8 +168,8 @@ FAST_CASES = [
 @pytest.mark.parametrize(("shape", "group", "structure", "dtype"), FAST_CASES)
 def test_fast_path_equals_dense_path(shape, group, structure, dtype):
     """Factored / block path vs the dense G.exp + dense mode product, forward and inverse."""
-    from liegroup.peft.generators import GeneratorSpec
-    from liegroup.peft.modewise import ModeWiseGenerator
+    from liegroup.peft import GeneratorSpec
+    from liegroup.peft.generators import ModeWiseGenerator
 
     dt = getattr(torch, dtype)
     torch.manual_seed(1)
@@ -198,7 +199,7 @@ def test_fast_path_equals_dense_path(shape, group, structure, dtype):
 
 def test_lowrank_path_builds_no_dense_exponential(monkeypatch):
     """Linear(1024, 1024)-sized modes go through φ₁ of the factors, never an n × n group exp."""
-    from liegroup.peft import modewise
+    from liegroup.peft.updates import modewise
 
     calls = []
     real_phi1 = modewise.phi1
@@ -224,7 +225,7 @@ def test_lowrank_path_builds_no_dense_exponential(monkeypatch):
 
 
 def test_update_checks_structured_elements():
-    from liegroup.peft.modewise import ModeBlocks, ModeFactors
+    from liegroup.peft.updates.modewise import ModeBlocks, ModeFactors
 
     u = ModeWiseUpdate("gl")
     W = torch.randn(6, 4)
@@ -252,7 +253,7 @@ def _fused_setup(group, bias=True, seed=0):
     base = torch.nn.Linear(20, 18, bias=bias).to(DT)
     layer = LieRALayer(base, "lin")
     layer.add_adapter("default", LieRAConfig(rank=2, alpha=2.0, target_modules=["x"],
-                                             group=group, generator="modewise"))
+                                             update=group, generator="modewise"))
     return base, layer, torch.randn(3, 5, 20, dtype=DT)
 
 
@@ -260,8 +261,8 @@ def _fused_setup(group, bias=True, seed=0):
 @pytest.mark.parametrize("group", ["so", "gl"])
 def test_fused_linear_equals_unfused(group, bias):
     """Linear, modes 0 and 1 low-rank: one node W + L R whose backward never forms ∂L/∂W'."""
+    from liegroup.peft import adapted_weight
     from liegroup.peft._engine import base_op
-    from liegroup.peft.functional import adapted_weight
 
     base, layer, x = _fused_setup(group, bias)
     assert torch.equal(layer(x), base(x))  # identity at init, bit for bit
@@ -318,7 +319,7 @@ def test_fused_linear_gradcheck(group):
 
 def test_additive_factors_only_where_exact():
     """sl (scalar factor), a conv kernel, a dense or too-wide mode: no additive form."""
-    from liegroup.peft.modewise import ModeFactors
+    from liegroup.peft.updates.modewise import ModeFactors
 
     g = torch.Generator().manual_seed(0)
 

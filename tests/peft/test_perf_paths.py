@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from liegroup.errors import ShapeError
-from liegroup.peft import GeneratorSpec, LieRAConfig, LoRAGenerator
-from liegroup.peft import functional as fn
+from liegroup.peft import GeneratorSpec, LieRAConfig, adapted_weight_lowrank
 from liegroup.peft._engine import adapted_forward, base_op, policy
 from liegroup.peft._engine import lowrank_node as ln
 from liegroup.peft._engine.geometry import OpGeometry, op_input
 from liegroup.peft._engine.lowrank_node import LowRankAdaptedOpFunction, adapted_op_lowrank
-from liegroup.peft.functional import adapted_weight_lowrank
+from liegroup.peft.generators import LoRAGenerator
 from liegroup.peft.layer import LieRALayer
+from liegroup.peft.updates import Additive, HadamardExp
 
 DT = torch.float64
 
@@ -49,7 +49,7 @@ def _layer(case: str, group: str, exp_map, seed: int = 0):
     layer = LieRALayer(base, case)
     layer.add_adapter(
         "default",
-        LieRAConfig(rank=2, alpha=3.0, target_modules=["x"], exp_map=exp_map, group=group),
+        LieRAConfig(rank=2, alpha=3.0, target_modules=["x"], exp_map=exp_map, update=group),
     )
     with torch.no_grad():
         layer.generators["default"].B.normal_(0, 0.3)
@@ -166,7 +166,7 @@ def test_trainable_weight_and_custom_update_fall_back():
     W = lin.weight  # trainable
     gen = _lora(W)
     x = torch.randn(2, 4, dtype=DT)
-    hadamard = fn.get_update("hadamard", None)
+    hadamard = HadamardExp("exact")
     y = adapted_forward(lin, x, gen, hadamard)
     assert type(y.grad_fn).__name__ != "LowRankAdaptedOpFunctionBackward"
     y.sum().backward()
@@ -174,7 +174,7 @@ def test_trainable_weight_and_custom_update_fall_back():
     L, R = gen.factors()
     assert torch.equal(y, x @ adapted_weight_lowrank(W, L, R, hadamard).T)
 
-    class Scaled(fn.Additive):
+    class Scaled(Additive):
         def apply_lowrank(self, W, L, R):
             return W + 2 * (L @ R).view(W.shape)
 
@@ -243,7 +243,7 @@ def test_keeps_w_prime_only_for_small_weights():
         big = _saved_weight_sized(layer, x)
         assert len(big) == int(kept) and all(t.shape == layer.weight.shape for t in big)
         # no gradient for x and first order: nothing needs W' in the backward
-        layer.updates["default"] = fn.HadamardExp(1)
+        layer.updates["default"] = HadamardExp("first_order")
         assert _saved_weight_sized(layer, x.detach()) == []
 
 

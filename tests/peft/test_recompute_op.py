@@ -14,11 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.peft import LieRAConfig
+from liegroup.peft import LieRAConfig, adapted_weight, get_update
 from liegroup.peft._engine import base_op, policy
 from liegroup.peft._engine.geometry import OpGeometry, op_input
 from liegroup.peft._engine.recompute_node import _flatten, adapted_op_recompute
-from liegroup.peft.functional import adapted_weight, get_update
 from liegroup.peft.layer import LieRALayer
 
 DT = torch.float64
@@ -31,12 +30,12 @@ LAYERS = {
     "linear_3d_input": (lambda: nn.Linear(9, 7), (2, 3, 9)),
 }
 VARIANTS = {
-    "so_lowrank": {"group": "so", "generator": "modewise"},
-    "gl_lowrank": {"group": "gl", "generator": "modewise"},
-    "sl_lowrank": {"group": "sl", "generator": "modewise"},
-    "so_block": {"group": "so", "generator": "modewise",
+    "so_lowrank": {"update": "so", "generator": "modewise"},
+    "gl_lowrank": {"update": "gl", "generator": "modewise"},
+    "sl_lowrank": {"update": "sl", "generator": "modewise"},
+    "so_block": {"update": "so", "generator": "modewise",
                  "generator_kwargs": {"structure": "block", "block_size": 3}},
-    "so_kernel_mode": {"group": "so", "generator": "modewise",
+    "so_kernel_mode": {"update": "so", "generator": "modewise",
                        "generator_kwargs": {"modes": [0, 2]}},
     "dense_hadamard": {"generator": "full"},
     "dense_first_order": {"generator": "full", "exp_map": "first_order"},
@@ -139,7 +138,7 @@ def test_errors():
     W = torch.randn(3, 4, dtype=DT, requires_grad=True)
     D = torch.zeros(3, 4, dtype=DT, requires_grad=True)
     x = torch.randn(2, 4, dtype=DT)
-    u = get_update("hadamard", None)
+    u = get_update("hadamard", "exact")
     with pytest.raises(TypeError, match="freeze"):
         adapted_op_recompute(x, W, None, D, u, OpGeometry("linear"))
     with pytest.raises(TypeError, match="cannot recompute"):
@@ -193,7 +192,7 @@ def test_tensors_the_update_ignores_get_no_gradient():
     used = torch.full((3, 4), 0.1, dtype=DT, requires_grad=True)
     unused = torch.zeros(2, dtype=DT, requires_grad=True)
 
-    class FirstOnly(type(get_update("hadamard", None))):
+    class FirstOnly(type(get_update("hadamard", "exact"))):
         def check_delta(self, W, delta):
             pass
 

@@ -22,11 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.peft import LieRAConfig, get_peft_model
+from liegroup.peft import LieRAConfig, adapted_weight_lowrank, get_peft_model
 from liegroup.peft._engine import base_op, ledger, policy
 from liegroup.peft._engine import lowrank_node as ln
 from liegroup.peft._engine.ledger import StepLedger
-from liegroup.peft.functional import adapted_weight_lowrank
 
 DT = torch.float64
 MAPS = [("hadamard", "exact"), ("hadamard", "first_order"), ("hadamard", 2),
@@ -61,7 +60,7 @@ def _net(kind: str, group: str, exp_map, seed: int = 0):
         x = torch.randn(4, 7, dtype=DT)
     base = base.to(DT)
     model = get_peft_model(base, LieRAConfig(rank=2, alpha=2.0, target_modules=["0", "2", "4"],
-                                             exp_map=exp_map, group=group))
+                                             exp_map=exp_map, update=group))
     for _, layer in model.lie_layers():
         with torch.no_grad():
             layer.generators["default"].B.normal_(0, 0.3)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liegroup.peft import GeneratorSpec, LieRAConfig, TuckerGenerator
+from liegroup.peft import GeneratorSpec, LieRAConfig
+from liegroup.peft.generators import TuckerGenerator
 from liegroup.peft.layer import LieRALayer
 from tests.peft._matrix import FAST_MAPS, SLOW_MAPS, check_generator_case
 from tests.peft.test_layer_geometry import CASES, DT
@@ -108,7 +109,7 @@ def test_full_generator_is_full_rank():
     torch.manual_seed(0)
     layer = LieRALayer(torch.nn.Conv2d(3, 4, 3).to(DT))
     layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], generator="full",
-                                       group="additive"))
+                                       update="additive"))
     with torch.no_grad():
         layer.generators["a"].D.normal_()
     d = layer.adapted_weight() - layer.weight

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from liegroup.errors import DTypeError, ShapeError
-from liegroup.peft import LieRAConfig, get_peft_model
+from liegroup.peft import GeneratorSpec, LieRAConfig, get_peft_model
 from liegroup.peft._engine import ops
-from liegroup.peft.generators import GeneratorSpec, TuckerGenerator
+from liegroup.peft.generators import TuckerGenerator
 
 U32 = 2.0**-24  # float32 unit roundoff
 

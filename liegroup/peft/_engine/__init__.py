@@ -20,11 +20,12 @@ Every memory constant lives in :mod:`.policy`; the step ledger (CPU only) in :mo
 
 Example:
     >>> import torch
-    >>> from liegroup.peft import LoRAGenerator, GeneratorSpec, get_update
+    >>> from liegroup.peft import GeneratorSpec, get_update
+    >>> from liegroup.peft.generators import LoRAGenerator
     >>> lin = torch.nn.Linear(4, 3)
     >>> gen = LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0))
     >>> x = torch.randn(2, 4)
-    >>> torch.equal(adapted_forward(lin, x, gen, get_update("hadamard", None)), lin(x))
+    >>> torch.equal(adapted_forward(lin, x, gen, get_update("hadamard")), lin(x))
     True
 """
 
@@ -42,10 +43,13 @@ from liegroup.peft._engine.geometry import (
     op_input,
     weights_outside_autocast,
 )
+from liegroup.peft._engine.hadamard_node import HadamardExpFunction, LowRankHadamardExpFunction
 from liegroup.peft._engine.lowrank_node import adapted_op_lowrank
 from liegroup.peft._engine.recompute_node import adapted_op_recompute
 
 __all__ = [
+    "HadamardExpFunction",
+    "LowRankHadamardExpFunction",
     "adapted_forward",
     "check_adapter",
     "compiled_kernel",
@@ -173,9 +177,10 @@ def check_adapter(W: torch.Tensor, generator: Any, update: Any) -> None:
 
     Example:
         >>> import torch
-        >>> from liegroup.peft import LoRAGenerator, GeneratorSpec, get_update
+        >>> from liegroup.peft import GeneratorSpec, get_update
+    >>> from liegroup.peft.generators import LoRAGenerator
         >>> gen = LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0))
-        >>> check_adapter(torch.ones(3, 4), gen, get_update("hadamard", None))
+        >>> check_adapter(torch.ones(3, 4), gen, get_update("hadamard"))
     """
     with torch.no_grad():
         _algebra_element(W, generator, update)

@@ -76,7 +76,7 @@ def compiled_kernel() -> bool:
     implementation, as on CUDA and for other dtypes.
 
     Example:
-        >>> from liegroup.peft import compiled_kernel
+        >>> from liegroup.peft._engine import compiled_kernel
         >>> isinstance(compiled_kernel(), bool)
         True
     """

@@ -174,11 +174,11 @@ def adapted_op_recompute(
 
     Example:
         >>> import torch
-        >>> from liegroup.peft.functional import adapted_weight, get_update
+        >>> from liegroup.peft import adapted_weight, get_update
         >>> from liegroup.peft._engine.geometry import OpGeometry
         >>> x, W = torch.randn(3, 4), torch.randn(2, 4)
         >>> D = torch.full((2, 4), 0.1, requires_grad=True)
-        >>> u = get_update("hadamard", None)
+        >>> u = get_update("hadamard")
         >>> y = adapted_op_recompute(x, W, None, D, u, OpGeometry("linear"))
         >>> with torch.no_grad():
         ...     ref = torch.nn.functional.linear(x, adapted_weight(W, D, u))
