@@ -30,9 +30,9 @@ from torch import nn
 
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
-from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
 from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
 from liegroup.peft.config import LieRAConfig
+from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
 from liegroup.peft.generators.base import Generator, GeneratorSpec
 from liegroup.peft.registry import get_generator, get_update
 from liegroup.peft.updates.base import Update
