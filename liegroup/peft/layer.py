@@ -1,7 +1,8 @@
-"""The one adapter layer for ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+"""The one adapter layer for ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv1d/2d/3d``.
 
 :class:`LieRALayer` wraps a base module and runs **one** op, the base module's own
-(``F.linear``, or the conv's ``_conv_forward``, which honours stride, padding, dilation,
+(``F.linear``; ``Conv1D``'s ``x @ W + b`` on its ``(in, out)`` weight, whose ``ΔW`` and ``W'``
+keep that layout; or the conv's ``_conv_forward``, which honours stride, padding, dilation,
 groups and every ``padding_mode``), on the adapted weight
 ``W' = adapted_weight(W, ΔW)`` (:func:`liegroup.peft.adapted_weight`). Nothing is
 specific to a dimensionality: the generator sees the weight's shape and ``groups``.
@@ -31,6 +32,7 @@ from torch import nn
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, UnsupportedModuleError
 from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
+from liegroup.peft._engine.geometry import is_transposed_linear, transposed_linear_class
 from liegroup.peft.config import LieRAConfig
 from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
 from liegroup.peft.generators.base import Generator, GeneratorSpec
@@ -45,10 +47,11 @@ SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 def check_supported(module: nn.Module, name: str = "") -> None:
     """Raise :class:`UnsupportedModuleError` unless ``module`` can be wrapped.
 
-    Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and subclasses that keep their base
-    ``forward``. Refused: anything else (transposed convs, embeddings, lazy modules, the
-    ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read directly, not through
-    ``forward``).
+    Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d``, transformers' ``Conv1D`` (GPT-2's linear
+    layer, weight stored ``(in, out)``; run as a transposed-weight linear op) and subclasses
+    that keep their base ``forward``. Refused: anything else (transposed convs, embeddings,
+    lazy modules, the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read
+    directly, not through ``forward``).
 
     Example:
         >>> import torch
@@ -61,6 +64,9 @@ def check_supported(module: nn.Module, name: str = "") -> None:
     """
     label = f"module {name!r} ({type(module).__name__})" if name else type(module).__name__
     base = next((c for c in SUPPORTED_MODULES if isinstance(module, c)), None)
+    if base is None and is_transposed_linear(module):
+        base = transposed_linear_class()
+        assert base is not None
     if (
         base is None
         or isinstance(module, nn.modules.lazy.LazyModuleMixin)
@@ -69,7 +75,8 @@ def check_supported(module: nn.Module, name: str = "") -> None:
     ):
         raise UnsupportedModuleError(
             f"cannot adapt {label}: supported are "
-            f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)} (with their own forward); "
+            f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)}, transformers' Conv1D (with "
+            "their own forward); "
             "exclude it with exclude_modules or narrow target_modules"
         )
 

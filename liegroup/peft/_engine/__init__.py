@@ -39,7 +39,10 @@ from torch.nn import functional as F  # noqa: N812
 
 from liegroup.peft._engine import ledger, lowrank_node, ops, policy
 from liegroup.peft._engine.geometry import (
+    OpGeometry,
     autocast_dtype,
+    is_transposed_linear,
+    op_forward,
     op_input,
     weights_outside_autocast,
 )
@@ -61,8 +64,13 @@ compiled_kernel = ops.compiled_kernel
 tucker_factors = ops.tucker_factors
 
 
+TRANSPOSED_LINEAR = OpGeometry("linear", transposed=True)
+
+
 def base_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The base module's own op on ``weight`` (``F.linear`` or the conv's ``_conv_forward``).
+    """The base module's own op on ``weight``: ``F.linear``, ``Conv1D``'s ``x @ W + b``, a conv.
+
+    A conv runs its own ``_conv_forward`` (every ``padding_mode``).
 
     Example:
         >>> import torch
@@ -73,6 +81,10 @@ def base_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     """
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, base.bias)
+    if is_transposed_linear(base):
+        bias = base.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
+        return op_forward(x, weight, bias, TRANSPOSED_LINEAR)
     out: torch.Tensor = base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
     return out
 

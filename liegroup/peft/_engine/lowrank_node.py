@@ -24,6 +24,8 @@ from liegroup.peft._engine.geometry import (
     OpGeometry,
     autocast_dtype,
     conv_backward,
+    linear_input_grad,
+    linear_weight_grad,
     op_forward,
 )
 from liegroup.peft._engine.ledger import StepLedger, current
@@ -168,23 +170,27 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         if Wp is None and need_f and (exact or (need_x and op.kind == "conv")) and covered:
             Wp = _lowrank_apply(W, L, R, update, order, ledger)
         by_products = False  # additive Linear: factor gradients without G (see below)
-        if op.kind == "linear":
-            gy2 = gy.reshape(-1, W.shape[0])
-            x2 = x.reshape(-1, W.shape[1])
-            by_products = update == "additive" and need_f and factor_route(W, L, R, x2)
+        if op.kind == "linear":  # ∂L/∂W' in W's own layout (Conv1D: transposed)
+            n_out, n_in = op.linear_features(W)
+            gy2 = gy.reshape(-1, n_out)
+            x2 = x.reshape(-1, n_in)
+            by_products = (update == "additive" and need_f and not op.transposed
+                           and factor_route(W, L, R, x2))
             if need_b:
                 gb = gy2.sum(0)
             if need_x:
                 Wq = _lowrank_apply(W, L, R, update, order, ledger) if Wp is None else Wp
-                gx = gy2.mm(Wq).view(*x.shape[:-1], W.shape[1])  # 2-d: no bmm for strided gy
+                # 2-d: no bmm for strided gy
+                gx = linear_input_grad(gy2, Wq, op).view(*x.shape[:-1], n_in)
                 if need_f and Wp is None and not by_products:
-                    G = torch.mm(gy2.T, x2, out=Wq)  # ∂L/∂W' in the recomputed W''s buffer
+                    # ∂L/∂W' in the recomputed W''s buffer
+                    G = linear_weight_grad(gy2, x2, op, out=Wq)
                 del Wq
             if need_f and G is None and not by_products:
                 if Wp is None and ledger is not None:  # into the workspace: one buffer
-                    G = torch.mm(gy2.T, x2, out=ledger.workspace(W.shape, W))
+                    G = linear_weight_grad(gy2, x2, op, out=ledger.workspace(W.shape, W))
                 else:
-                    G = gy2.T.mm(x2)
+                    G = linear_weight_grad(gy2, x2, op)
         elif Wp is not None:  # one call: ∂L/∂x (if needed), ∂L/∂W' and ∂L/∂b
             gx, G, gb = conv_backward(gy, x, Wp, op, need_x, True, need_b)
         else:
@@ -236,10 +242,11 @@ def _backward_autocast(
             lin = op.kind == "linear"
             gb = gy.sum(list(range(gy.dim() - 1)) if lin else [0, *range(2, gy.dim())])
     elif op.kind == "linear":
-        gy2, x2 = gy.reshape(-1, W.shape[0]), x.reshape(-1, W.shape[1])
+        n_out, n_in = op.linear_features(W)
+        gy2, x2 = gy.reshape(-1, n_out), x.reshape(-1, n_in)
         gb = gy2.sum(0) if need_b else None
-        gx = gy2.mm(Wc).view(*x.shape[:-1], W.shape[1]) if need_x else None
-        G = gy2.T.mm(x2) if need_f else None
+        gx = linear_input_grad(gy2, Wc, op).view(*x.shape[:-1], n_in) if need_x else None
+        G = linear_weight_grad(gy2, x2, op) if need_f else None
     else:
         gx, G, gb = conv_backward(gy, x, Wc, op, need_x, need_f, need_b)
     del Wc

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.peft._engine.geometry import OpGeometry, conv_backward, op_forward
+from liegroup.peft._engine.geometry import (
+    OpGeometry,
+    conv_backward,
+    linear_input_grad,
+    linear_weight_grad,
+    op_forward,
+)
 
 __all__ = ["RecomputedWeightOpFunction", "adapted_op_recompute"]
 
@@ -128,10 +134,12 @@ class RecomputedWeightOpFunction(torch.autograd.Function):
             Wp = ctx.form(*inputs)
         need_w = bool(wrt) and Wp.requires_grad
         if op.kind == "linear":
-            gy2 = gy.reshape(-1, Wp.shape[0])
-            x2 = x.reshape(-1, Wp.shape[1])
-            gx = gy2.mm(Wp.detach()).view(*x.shape[:-1], Wp.shape[1]) if need_x else None
-            G = gy2.T.mm(x2) if need_w else None
+            n_out, n_in = op.linear_features(Wp)
+            gy2 = gy.reshape(-1, n_out)
+            x2 = x.reshape(-1, n_in)
+            gx = (linear_input_grad(gy2, Wp.detach(), op).view(*x.shape[:-1], n_in)
+                  if need_x else None)
+            G = linear_weight_grad(gy2, x2, op) if need_w else None
             gb = gy2.sum(0) if need_b else None
         else:
             gx, G, gb = conv_backward(gy, x, Wp.detach(), op, need_x, need_w, need_b)
