@@ -49,16 +49,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _SAVE_PREFIX = "modules_to_save."
 
 
-def _match(name: str, spec: list[str] | str | None) -> str | None:
-    """The pattern of ``spec`` that ``name`` matches (``None`` if none)."""
+def _matches(name: str, spec: list[str] | str | None) -> list[str]:
+    """Every entry of ``spec`` that ``name`` matches (peft's rule: equal, or a ``.``-suffix)."""
     if spec is None:
-        return None
+        return []
     if isinstance(spec, str):
-        return spec if re.fullmatch(spec, name) else None
-    for s in spec:
-        if name == s or name.endswith("." + s):
-            return s
-    return None
+        return [spec] if re.fullmatch(spec, name) else []
+    return [s for s in spec if name == s or name.endswith("." + s)]
+
+
+def _match(name: str, spec: list[str] | str | None) -> str | None:
+    """The longest entry of ``spec`` that ``name`` matches (``None`` if none).
+
+    Order-free: ``["conv1", "block.conv1"]`` and its reverse match alike, and an entry counts
+    as used when it matches any module, even one that a longer entry also matches.
+    """
+    return max(_matches(name, spec), key=len, default=None)
 
 
 def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -80,6 +86,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def _with_signature_of(wrapper: nn.Module, model: nn.Module) -> Callable[..., Any]:
+    """``wrapper``'s class ``forward`` bound to it, whose signature is ``model.forward``'s.
+
+    A ``functools.partial`` with ``__wrapped__`` (what ``inspect.signature`` follows), as
+    accelerate's hooks set a module's ``forward``: it survives ``copy.deepcopy`` and pickling
+    (it refers to the class's function, not a closure) and ``torch.compile`` traces it.
+    """
+    bound = functools.partial(type(wrapper).forward, wrapper)
+    return functools.update_wrapper(bound, model.forward)
+
+
 class LieRAModel(nn.Module):
     """A model with LieRA adapters injected; forward is the base model's.
 
@@ -97,6 +114,9 @@ class LieRAModel(nn.Module):
     def __init__(self, model: nn.Module, config: LieRAConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = model
+        # forward with the base model's signature: transformers' Trainer reads it to keep the
+        # input columns the model takes (an instance attribute in front of the class method)
+        self.forward = _with_signature_of(self, model)  # type: ignore[method-assign]
         self.peft_config: dict[str, LieRAConfig] = {}
         self.active_adapter: str = adapter_name
         self._trainable = True
@@ -107,6 +127,19 @@ class LieRAModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward (with adapters active)."""
         return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (adapters injected in place), as peft's ``get_base_model``.
+
+        Example:
+            >>> import torch
+            >>> from liegroup.peft import LieRAConfig, get_peft_model
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+            >>> m = get_peft_model(net, LieRAConfig(rank=1, target_modules=["0"]))
+            >>> m.get_base_model() is net
+            True
+        """
+        return self.base_model
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -175,12 +208,12 @@ class LieRAModel(nn.Module):
                 inner = module.base_layer if isinstance(module, LieRALayer) else module
                 check_supported(inner, name)
                 targets.append((name, module))
-                hit_t.add(t)
+                hit_t.update(_matches(name, config.target_modules))
             if s is not None:
                 if isinstance(module, LieRALayer):
                     raise ValueError(f"module {name!r} already carries adapters; cannot save it")
                 saves.append((name, module))
-                hit_s.add(s)
+                hit_s.update(_matches(name, config.modules_to_save))
         for spec, hit, what in (
             (config.target_modules, hit_t, "target_modules"),
             (config.modules_to_save, hit_s, "modules_to_save"),
