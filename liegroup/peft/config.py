@@ -21,11 +21,14 @@ from typing import Any
 
 from liegroup._version import __version__
 from liegroup.errors import CheckpointError, DTypeError
+from liegroup.peft.generators.base import check_options
 from liegroup.peft.updates.base import parse_exp_map
 
 __all__ = ["CONFIG_NAME", "LieRAConfig"]
 
 CONFIG_NAME = "adapter_config.json"
+MAX_RANK = 65536
+"""Largest ``rank`` a config accepts: a bound checked before anything is allocated."""
 PEFT_TYPE = "LIERA"
 _LAYOUTS = ("mode1", "loralib")
 
@@ -107,8 +110,13 @@ class LieRAConfig:
     rank_pattern: dict[str, list[bool]] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise DTypeError(f"rank must be an int, got {self.rank!r}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(
+                f"rank must be in [1, {MAX_RANK}], got {self.rank} (a layer also refuses a rank "
+                "above both sides of its weight)"
+            )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise DTypeError(f"alpha must be a real number, got {type(self.alpha).__name__}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -158,6 +166,7 @@ class LieRAConfig:
                 )
         if not isinstance(self.generator_kwargs, dict):
             raise DTypeError(f"generator_kwargs must be a dict, got {self.generator_kwargs!r}")
+        check_options(gen_cls, self.generator_kwargs)
         if not 0.0 <= float(self.zero_warning_fraction) <= 1.0:
             raise ValueError(
                 f"zero_warning_fraction must be in [0, 1], got {self.zero_warning_fraction!r}"
@@ -199,7 +208,19 @@ class LieRAConfig:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` into ``directory``."""
-        path = os.path.join(directory, CONFIG_NAME)
+        self.save_as(os.path.join(directory, CONFIG_NAME))
+
+    def save_as(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON to the file ``path``.
+
+        Example:
+            >>> import os, tempfile
+            >>> cfg = LieRAConfig(rank=2, target_modules=["fc"])
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     cfg.save_as(os.path.join(d, "c.json"))
+            ...     sorted(os.listdir(d))
+            ['c.json']
+        """
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")

@@ -25,12 +25,13 @@ Example:
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from liegroup._validation import check_finite
-from liegroup.errors import AdapterStateError, UnsupportedModuleError
+from liegroup.errors import AdapterStateError, DeviceError, UnsupportedModuleError
 from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
 from liegroup.peft._engine.geometry import is_transposed_linear, transposed_linear_class
 from liegroup.peft.config import LieRAConfig
@@ -39,7 +40,15 @@ from liegroup.peft.generators.base import Generator, GeneratorSpec
 from liegroup.peft.registry import get_generator, get_update
 from liegroup.peft.updates.base import Update
 
-__all__ = ["SUPPORTED_MODULES", "LieRALayer", "ModulesToSaveWrapper", "check_supported"]
+__all__ = [
+    "SUPPORTED_MODULES",
+    "LieRALayer",
+    "ModulesToSaveWrapper",
+    "check_adapter_name",
+    "check_supported",
+]
+
+_SMALL_RANK = 256  # any rank up to this is accepted, whatever the weight's size
 
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -81,6 +90,41 @@ def check_supported(module: nn.Module, name: str = "") -> None:
         )
 
 
+def check_adapter_name(name: object) -> str:
+    """Validate an adapter name: a non-empty string without ``.`` (it becomes a module key).
+
+    Raises:
+        ValueError: for anything else, saying what a valid name is.
+
+    Example:
+        >>> check_adapter_name("task_a")
+        'task_a'
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(
+            f"adapter name must be a non-empty string without '.', got {name!r} (it names "
+            "submodules and checkpoint keys; use e.g. 'task_a')"
+        )
+    return name
+
+
+def _inverse_restores(update: Update, W: torch.Tensor, Wp: torch.Tensor, delta: object) -> bool:
+    """Whether the group inverse of the rounded ``W'`` gives ``W`` back to rounding.
+
+    Tolerance: 16 ulps of W's dtype, relative to ``|W|`` (a round trip rounds ``W'`` once
+    and the inverse a few times); entries where ``W'`` underflowed to zero or overflowed
+    fail it (so do subnormal W' that lost digits: the bound is relative, with no floor).
+    """
+    if not update.invertible:
+        return False
+    wide = torch.promote_types(W.dtype, torch.float32)
+    back = update.inverse(Wp.to(wide), delta)  # type: ignore[arg-type]
+    W64 = W.to(wide)
+    tol = 16 * torch.finfo(W.dtype).eps
+    ok = (back - W64).abs() <= tol * W64.abs()
+    return bool(ok.all())
+
+
 class LieRALayer(nn.Module):
     """A supported base module plus named adapters; forward is one op on ``W'``.
 
@@ -118,6 +162,7 @@ class LieRALayer(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self._merge_backup: torch.Tensor | None = None
+        self._tied_weight: nn.Parameter | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -143,11 +188,24 @@ class LieRALayer(nn.Module):
         Warns when more than ``config.zero_warning_fraction`` of ``W``'s entries are exactly
         zero and the group keeps zeros fixed (Hadamard): those entries can never move.
         """
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.generators:
             raise ValueError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
         W = self.weight
+        if W.is_meta:
+            raise DeviceError(
+                f"the weight of {self.module_name or 'the module'!r} is on the meta device (no "
+                "values); materialise the model first (load its weights, or "
+                "model.to_empty(device=...) and load the state dict), then add the adapter"
+            )
+        rows, cols = W.shape[0], W.numel() // W.shape[0]
+        if config.rank > max(rows, cols, _SMALL_RANK):
+            raise ValueError(
+                f"rank={config.rank} exceeds both sides of the weight of "
+                f"{self.module_name or 'the module'!r} ({rows} x {cols}) and {_SMALL_RANK}: "
+                "such a rank adds parameters and no expressiveness; use rank <= "
+                f"{max(rows, cols, _SMALL_RANK)}"
+            )
         spec = GeneratorSpec(
             weight_shape=tuple(W.shape),
             rank=config.rank,
@@ -255,17 +313,60 @@ class LieRALayer(nn.Module):
         return adapted_forward(self.base_layer, x, self.generators[name], self.updates[name])
 
     # ------------------------------------------------------------------ merge
+    def _merge_weight(self, name: str) -> tuple[torch.Tensor, Any]:
+        """``(W', ΔW)`` computed in at least float32 (``W'`` not yet rounded to W's dtype)."""
+        gen: Generator = self.generators[name]  # type: ignore[assignment]
+        update = self.updates[name]
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        W = self.weight.detach().to(wide)
+        with weights_outside_autocast(self.weight):
+            factors = gen.factors()
+            if factors is not None:
+                L, R = (f.detach().to(wide) for f in factors)
+                return adapted_weight_lowrank(W, L, R, update), (L @ R).view(W.shape)
+            delta = gen()
+        if not isinstance(delta, torch.Tensor):  # e.g. one matrix per mode: W's own dtype
+            return adapted_weight(self.weight.detach(), delta, update), delta
+        delta = delta.detach().to(wide)
+        return adapted_weight(W, delta, update), delta
+
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """Write ``W'`` of the active adapter into the base weight.
+    def merge(self, safe_merge: bool = False, untie: bool = False) -> None:
+        """Write ``W'`` of the active adapter into the base weight, so that unmerging restores W.
+
+        ``W'`` is computed in at least float32 and rounded once to the weight's dtype. Unmerge
+        restores ``W`` by the group inverse (exact map, additive; float32/float64 weights)
+        or, bit for bit, from a copy of ``W`` kept here: for truncated maps, for weights
+        narrower than float32 (a float16/bfloat16 inverse would drift over merge cycles), and
+        where the inverse would not give ``W`` back (``W'`` underflowed or overflowed).
 
         Args:
-            safe_merge: compute ``W'`` first and raise
-                :class:`~liegroup.errors.NonFiniteError` (leaving ``W`` untouched) if it has
-                NaN/inf entries.
+            safe_merge: compute ``W'`` first and raise (leaving ``W`` untouched)
+                :class:`~liegroup.errors.NonFiniteError` if it has NaN/inf entries, or
+                :class:`~liegroup.errors.AdapterStateError` if the group inverse would not
+                restore ``W`` from it.
+            untie: the base weight is shared with another module (tied embeddings, a weight
+                used by two layers): give this layer its own parameter holding ``W'`` instead
+                of writing into the shared tensor; unmerging puts the shared one back.
 
         Raises:
             AdapterStateError: when already merged, or when no adapter is active.
+
+        Example:
+            >>> import torch
+            >>> from liegroup.peft import LieRAConfig
+            >>> layer = LieRALayer(torch.nn.Linear(3, 2))
+            >>> layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"]))
+            >>> with torch.no_grad():
+            ...     _ = layer.generators["a"].B.fill_(0.1)
+            >>> x, W = torch.randn(4, 3), layer.weight.clone()
+            >>> y = layer.eval()(x)
+            >>> layer.merge(safe_merge=True)
+            >>> torch.allclose(layer(x), y), layer.merged_adapter
+            (True, 'a')
+            >>> layer.unmerge()
+            >>> torch.allclose(layer.weight, W, rtol=1e-6, atol=0)
+            True
         """
         if self.merged_adapter is not None:
             raise AdapterStateError(
@@ -275,17 +376,38 @@ class LieRALayer(nn.Module):
         if self.active_adapter is None:
             raise AdapterStateError(f"{self.module_name!r} has no active adapter to merge")
         name = self.active_adapter
-        Wp = self.adapted_weight(name)
+        update = self.updates[name]
+        W = self.weight
+        Wp_wide, delta = self._merge_weight(name)
         if safe_merge:
-            check_finite(Wp, f"merged weight of {self.module_name!r} (adapter {name!r})")
-        if not self.updates[name].invertible:
-            self._merge_backup = self.weight.detach().clone()
-        self.weight.copy_(Wp)
+            check_finite(Wp_wide, f"merged weight of {self.module_name!r} (adapter {name!r})")
+        Wp = Wp_wide.to(W.dtype)
+        keep_copy = (
+            not update.invertible
+            or torch.finfo(W.dtype).eps > torch.finfo(torch.float32).eps
+            or not _inverse_restores(update, W, Wp, delta)
+        )
+        if keep_copy and safe_merge and update.invertible and W.dtype.itemsize >= 4:
+            raise AdapterStateError(
+                f"merging adapter {name!r} into {self.module_name!r} cannot be undone: W' "
+                f"underflows or overflows in {W.dtype} where W does not, so the group inverse "
+                "would not restore W; keep the model unmerged (its outputs are the same), or "
+                "merge with safe_merge=False, which keeps a copy of W for unmerging"
+            )
+        if untie:
+            self._tied_weight = self.base_layer.weight  # type: ignore[assignment]
+            self.base_layer.weight = nn.Parameter(Wp, requires_grad=W.requires_grad)
+        else:
+            if keep_copy:
+                self._merge_backup = W.detach().clone()
+            W.copy_(Wp)
         self.merged_adapter = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore ``W``: by the group inverse, or bit-exactly from the copy kept at merge.
+        """Restore ``W``: the shared parameter, the copy kept at merge, or the group inverse.
+
+        The inverse runs in at least float32 and is rounded once to the weight's dtype.
 
         Raises:
             AdapterStateError: when nothing is merged.
@@ -293,12 +415,17 @@ class LieRALayer(nn.Module):
         name = self.merged_adapter
         if name is None:
             raise AdapterStateError(f"{self.module_name!r} has no merged adapter to unmerge")
-        update = self.updates[name]
-        if self._merge_backup is not None:
+        if self._tied_weight is not None:
+            self.base_layer.weight = self._tied_weight
+            self._tied_weight = None
+        elif self._merge_backup is not None:
             self.weight.copy_(self._merge_backup)
             self._merge_backup = None
         else:
-            self.weight.copy_(update.inverse(self.weight, self.delta(name)))
+            wide = torch.promote_types(self.weight.dtype, torch.float32)
+            _, delta = self._merge_weight(name)
+            W = self.updates[name].inverse(self.weight.detach().to(wide), delta)
+            self.weight.copy_(W)
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

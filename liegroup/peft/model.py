@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,9 +40,14 @@ from torch import nn
 
 from liegroup._version import __version__
 from liegroup.errors import AdapterStateError, CheckpointError
-from liegroup.peft.config import LieRAConfig
+from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.generators.base import Generator
-from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper, check_supported
+from liegroup.peft.layer import (
+    LieRALayer,
+    ModulesToSaveWrapper,
+    check_adapter_name,
+    check_supported,
+)
 
 __all__ = ["WEIGHTS_NAME", "LieRAModel", "get_peft_model"]
 
@@ -68,10 +74,16 @@ def _match(name: str, spec: list[str] | str | None) -> str | None:
 
 
 def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without descending into adapter wrappers."""
+    """``named_modules`` without descending into adapter wrappers, and without deduplication.
+
+    A module registered under two names (one layer used twice) is listed under both, so that
+    both places get the same adapter layer.
+    """
 
     def walk(prefix: str, m: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        for child_name, child in m.named_children():
+        for child_name, child in m._modules.items():
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             yield name, child
             if not isinstance(child, (LieRALayer, ModulesToSaveWrapper)):
@@ -120,8 +132,18 @@ class LieRAModel(nn.Module):
         self.peft_config: dict[str, LieRAConfig] = {}
         self.active_adapter: str = adapter_name
         self._trainable = True
-        self._inject(adapter_name, config)
-        self._mark_trainable()
+        # the user's requires_grad flags, put back by unload() and after a failed injection
+        self._user_flags = [
+            (p, p.requires_grad)
+            for p in model.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)
+        ]
+        try:
+            self._inject(adapter_name, config)
+            self._mark_trainable()
+        except BaseException:
+            self._restore_flags()
+            raise
 
     # ------------------------------------------------------------------ plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -150,8 +172,22 @@ class LieRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def lie_layers(self) -> list[tuple[str, LieRALayer]]:
-        """``(name, layer)`` for every adapter layer, names relative to ``base_model``."""
-        return [(n, m) for n, m in _logical_modules(self.base_model) if isinstance(m, LieRALayer)]
+        """``(name, layer)`` for every adapter layer, names relative to ``base_model``.
+
+        A layer reachable under several names (one module used twice) is listed once, under
+        its first name.
+        """
+        seen: set[int] = set()
+        out = []
+        for n, m in _logical_modules(self.base_model):
+            if isinstance(m, LieRALayer) and id(m) not in seen:
+                seen.add(id(m))
+                out.append((n, m))
+        return out
+
+    def _restore_flags(self) -> None:
+        for p, flag in self._user_flags:
+            p.requires_grad_(flag)
 
     def generators(self, adapter_name: str | None = None) -> dict[str, Generator]:
         """Module name → the adapter's generator (default: the active adapter).
@@ -185,8 +221,7 @@ class LieRAModel(nn.Module):
     def _inject(self, adapter_name: str, config: LieRAConfig) -> None:
         if not isinstance(config, LieRAConfig):
             raise TypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         # Plan first, touch nothing until every check passed.
@@ -236,14 +271,23 @@ class LieRAModel(nn.Module):
                     f"rank_pattern names modules that are not adapted: {unknown[:5]}"
                 )
         undo: list[Callable[[], None]] = []
+        made: dict[int, LieRALayer] = {}  # one module used under several names: one layer
+        flags = [(p, p.requires_grad) for _, m in targets for p in m.parameters()]
+        undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
         try:
             for name, module in targets:
+                if id(module) in made:
+                    _set_submodule(self.base_model, name, made[id(module)])
+                    undo.append(functools.partial(_set_submodule, self.base_model, name, module))
+                    continue
                 if isinstance(module, LieRALayer):
                     layer = module
                 else:
                     layer = LieRALayer(module, name)
                     _set_submodule(self.base_model, name, layer)
                     undo.append(functools.partial(_set_submodule, self.base_model, name, module))
+                made[id(module)] = layer
+                made[id(layer)] = layer
                 layer.add_adapter(adapter_name, config)
                 undo.append(functools.partial(layer.delete_adapter, adapter_name))
                 if config.rank_pattern is not None and name in config.rank_pattern:
@@ -393,16 +437,33 @@ class LieRAModel(nn.Module):
         """
         if self.merged:
             raise AdapterStateError("an adapter is already merged; unmerge_adapter() first")
+        shared = self._shared_weights()
         done: list[LieRALayer] = []
         try:
             for _, layer in self.lie_layers():
                 if layer.active_adapter is not None:
-                    layer.merge(safe_merge=safe_merge)
+                    layer.merge(safe_merge=safe_merge, untie=id(layer) in shared)
                     done.append(layer)
         except BaseException:
             for layer in reversed(done):
                 layer.unmerge()
             raise
+
+    def _shared_weights(self) -> set[int]:
+        """Adapter layers whose base weight is also another module's (tied or reused)."""
+        owners: dict[tuple[str, int], set[int]] = {}
+        for mod in self.base_model.modules():
+            for p in mod.parameters(recurse=False):
+                if p.is_meta:
+                    continue
+                key = (str(p.device), p.untyped_storage().data_ptr())
+                owners.setdefault(key, set()).add(id(mod))
+        out = set()
+        for _, layer in self.lie_layers():
+            w = layer.weight
+            if not w.is_meta and len(owners[(str(w.device), w.untyped_storage().data_ptr())]) > 1:
+                out.add(id(layer))
+        return out
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights (see :meth:`LieRALayer.unmerge`).
@@ -421,15 +482,17 @@ class LieRAModel(nn.Module):
             _set_submodule(self.base_model, name, layer.base_layer)
         for name, wrapper in self._save_wrappers():
             _set_submodule(self.base_model, name, wrapper.active_module())
-        for p in self.base_model.parameters():
-            p.requires_grad_(True)
+        self._restore_flags()
         return self.base_model
 
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """Merge the active adapter and return the plain base model (original classes).
 
-        ``modules_to_save`` are replaced by the active adapter's trained copies. Parameters of
-        the returned model have ``requires_grad=True`` again. This object is unusable after.
+        ``modules_to_save`` are replaced by the active adapter's trained copies. The base
+        model's parameters get back the ``requires_grad`` flags they had before wrapping. A
+        layer whose weight was shared with another module (tied embeddings) keeps its own
+        merged weight: the tie is not restored, the other module keeps ``W``. This object is
+        unusable after.
         """
         if not self.merged:
             self.merge_adapter(safe_merge=safe_merge)
@@ -477,6 +540,14 @@ class LieRAModel(nn.Module):
         The config carries ``peft_type="LIERA"`` and ``liegroup_version``; the tensors are
         the generator states (keys ``<module name>.<param>``) and the ``modules_to_save``
         copies (keys ``modules_to_save.<module name>.<param>``) — never the base weights.
+
+        All or nothing: both files are written under temporary names in ``save_directory``
+        and renamed into place (weights first, then the config) only when both are complete;
+        a failure leaves an existing checkpoint there as it was.
+
+        Raises:
+            AdapterStateError: while an adapter is merged.
+            CheckpointError: when a file cannot be written (the directory is left as it was).
         """
         from safetensors.torch import save_file
 
@@ -484,7 +555,6 @@ class LieRAModel(nn.Module):
         self._check_adapter(name)
         if self.merged:
             raise AdapterStateError("unmerge_adapter() before saving (the base weights changed)")
-        os.makedirs(save_directory, exist_ok=True)
         config = self.peft_config[name]
         patterns = {
             lname: pat
@@ -494,14 +564,33 @@ class LieRAModel(nn.Module):
         }
         if any(not all(p) for p in patterns.values()):
             config = dataclasses.replace(config, rank_pattern=patterns)
-        config.save(save_directory)
         state = self.adapter_state_dict(name)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(
-            tensors,
-            os.path.join(save_directory, WEIGHTS_NAME),
-            metadata={"format": "pt", "liegroup_version": __version__},
-        )
+        # own copies: tied modules_to_save tensors share memory, which safetensors refuses
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        directory = os.fspath(save_directory)
+        created = not os.path.isdir(directory)
+        temps: list[str] = []
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", dir=directory)
+            os.close(fd)
+            temps.append(tmp_w)
+            save_file(tensors, tmp_w, metadata={"format": "pt", "liegroup_version": __version__})
+            fd, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", dir=directory)
+            os.close(fd)
+            temps.append(tmp_c)
+            config.save_as(tmp_c)
+            os.replace(tmp_w, os.path.join(directory, WEIGHTS_NAME))
+            os.replace(tmp_c, os.path.join(directory, CONFIG_NAME))
+        except OSError as e:
+            raise CheckpointError(f"cannot write the adapter to {directory!r}: {e}") from e
+        finally:
+            for t in temps:
+                with contextlib.suppress(OSError):
+                    os.remove(t)
+            if created and not os.listdir(directory):
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
 
     def load_adapter(
         self,
@@ -556,6 +645,21 @@ class LieRAModel(nn.Module):
                 f"checkpoint {directory!r}: the adapter's exported tensors do not match its live "
                 "state (a generator's export_state and state_dict disagree); nothing was loaded"
             )
+        for k, v in live.items():
+            t = tensors[k]
+            if t.dtype != v.dtype:
+                raise CheckpointError(
+                    f"checkpoint {directory!r}: {k} is {t.dtype} but the model's is {v.dtype}; "
+                    f"load it onto the model in {t.dtype} (model.to({t.dtype})) or convert the "
+                    "checkpoint; nothing was loaded"
+                )
+            if t.is_floating_point() or t.is_complex():
+                bad_n = int((~torch.isfinite(t)).sum())
+                if bad_n:
+                    raise CheckpointError(
+                        f"checkpoint {directory!r}: {k} has {bad_n} non-finite entries; "
+                        "nothing was loaded"
+                    )
         with torch.no_grad():
             for k, v in live.items():
                 v.copy_(tensors[k])

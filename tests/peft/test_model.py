@@ -392,7 +392,8 @@ def test_zero_weight_warning():
     ("kwargs", "err", "msg"),
     [
         ({"rank": 0}, ValueError, "rank"),
-        ({"rank": 2.0}, ValueError, "rank"),
+        ({"rank": 2.0}, DTypeError, "rank"),
+        ({"rank": 10**9}, ValueError, "rank"),
         ({"alpha": -1.0}, ValueError, "alpha"),
         ({"alpha": float("nan")}, ValueError, "alpha"),
         ({"alpha": "1"}, DTypeError, "alpha"),

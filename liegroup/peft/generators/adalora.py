@@ -83,6 +83,7 @@ class AdaLoRAGenerator(Generator):
     """
 
     name = "adalora"
+    accepted_options = frozenset()
     supports_dropout = True
 
     def __init__(self, spec: GeneratorSpec) -> None:
@@ -237,7 +238,8 @@ class RankAllocator:
         tfinal: final steps with the fixed final pattern (``t_f``).
         deltaT: masking interval in the middle phase (``ΔT``).
         total_step: total training steps ``T`` (``> tinit + tfinal``).
-        beta1, beta2: EMA coefficients of importance and uncertainty (AdaLoRA: 0.85).
+        beta1: EMA coefficient of the importance (AdaLoRA: 0.85).
+        beta2: EMA coefficient of the uncertainty (AdaLoRA: 0.85).
         optimizer: if given, its per-parameter state entries of masked ``λ`` are zeroed at each
             masking, so Adam momentum cannot move masked ``λ`` off zero.
 

@@ -88,9 +88,13 @@ class Generator(nn.Module):
     #: ``"tensor"``: ``forward`` returns a weight-shaped ``ΔW`` (Hadamard and additive
     #: groups); ``"modes"``: a dict ``{mode k: n_k × n_k matrix}`` for mode-wise matrix groups.
     algebra_kind: ClassVar[str] = "tensor"
+    #: the ``generator_kwargs`` keys this generator reads; any other key is an error (a typo
+    #: would otherwise be ignored). ``None`` (the default, for user generators): not checked.
+    accepted_options: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__()
+        check_options(type(self), spec.options)
         if spec.dropout > 0 and not self.supports_dropout:
             raise ValueError(
                 f"generator {type(self).__name__} does not support dropout (it has no input "
@@ -129,6 +133,24 @@ class Generator(nn.Module):
     def prune_(self, keep: list[bool]) -> None:
         """Drop the rank components where ``keep`` is ``False`` (only rank-allocating ones)."""
         raise TypeError(f"generator {type(self).__name__} has no prunable rank components")
+
+
+def check_options(cls: type[Generator], options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the ``generator_kwargs`` keys ``cls`` does not read.
+
+    Example:
+        >>> from liegroup.peft.generators import LoRAGenerator
+        >>> check_options(LoRAGenerator, {"init": "pissa"})
+    """
+    accepted = cls.accepted_options
+    if accepted is None:
+        return
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"generator {cls.name or cls.__name__!r} does not take generator_kwargs {unknown}; "
+            f"it takes {sorted(accepted) or 'none'}"
+        )
 
 
 def lowrank_dims(spec: GeneratorSpec) -> tuple[int, int, int]:

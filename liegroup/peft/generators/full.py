@@ -24,6 +24,7 @@ class FullGenerator(Generator):
     """
 
     name = "full"
+    accepted_options = frozenset()
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)

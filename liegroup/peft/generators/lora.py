@@ -76,6 +76,7 @@ class LoRAGenerator(Generator):
 
     name = "lora"
     supports_dropout = True
+    accepted_options = frozenset({"init"})
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)

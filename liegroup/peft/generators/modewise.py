@@ -38,6 +38,7 @@ class ModeWiseGenerator(Generator):
     """
 
     name = "modewise"
+    accepted_options = frozenset({"modes", "structure", "block_size"})
     algebra_kind = "modes"
 
     def __init__(self, spec: GeneratorSpec) -> None:

@@ -41,6 +41,7 @@ class TuckerGenerator(Generator):
     """
 
     name = "tucker"
+    accepted_options = frozenset({"ranks", "kernel_rank"})
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
