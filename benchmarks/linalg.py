@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.linalg --quick    # smaller sizes, for a smoke test (~15 s)
 
 Run timing measurements one at a time on a shared machine, e.g. under
-``flock /tmp/liegroup-bench.lock``, and note the load average.
+``flock /tmp/liegroup-bench.lock``, on an otherwise idle machine.
 
 Everything is measured in one process with ``torch.set_num_threads(1)``; the methods being
 compared are timed in interleaved rounds and the medians are compared, so only RATIOS are
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import statistics
 import time
 import warnings
@@ -243,10 +242,9 @@ def main() -> None:
         # minutes of scipy time)
         sizes = [(3, 1), (3, 1000), (16, 1), (16, 1000), (64, 1), (64, 1000), (256, 1), (256, 10)]
         rounds = 3
-    load = os.getloadavg()[0]
     out = [
         f"torch {torch.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, "
-        f"1 thread, load average {load:.1f} at the start; compiled kernel: "
+        "1 thread; compiled kernel: "
         f"{EXPM._ckernel.isa() if compiled_kernel() else 'not built'} (up to n = "
         f"{EXPM._KERNEL_N_MAX}; 'ours without kernel' is the torch path, timed in the same "
         "rounds); medians of interleaved rounds; "
