@@ -187,3 +187,32 @@ def llama_block(hidden: int = 2048, intermediate: int = 5632, heads: int = 16) -
         ['mlp.down_proj', 'mlp.gate_proj', 'mlp.up_proj']
     """
     return LlamaBlock(hidden, intermediate, heads)
+
+
+class LlamaLike(nn.Module):
+    """``depth`` Llama-style decoder blocks on embeddings ``(batch, seq, hidden)``: every
+    weight is a Linear (attention q/k/v/o, MLP gate/up/down), as in a decoder LLM."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int, depth: int) -> None:
+        super().__init__()
+        blocks = (LlamaBlock(hidden, intermediate, heads) for _ in range(depth))
+        self.layers = nn.Sequential(*blocks)
+        self.norm = RMSNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(x))
+
+
+def llama_like(hidden: int = 512, intermediate: int = 1408, heads: int = 8,
+               depth: int = 2) -> LlamaLike:
+    """A small Llama-style decoder stack (the benchmark suite's all-linear case).
+
+    Example:
+        >>> import torch
+        >>> m = llama_like(32, 64, 4, 2)
+        >>> m(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+        >>> sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+        14
+    """
+    return LlamaLike(hidden, intermediate, heads, depth)

@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import peers
 from benchmarks._timing import raise_recompile_limit
-from benchmarks.models import convnext_tiny_like, resnet50_like
+from benchmarks.models import convnext_tiny_like, llama_like, resnet50_like
 from liegroup.peft import LieRAConfig, available_generators, get_peft_model
 from liegroup.peft.generators import resolve_generator
 
@@ -132,6 +132,16 @@ def cases(quick: bool, layer_batch: int | None = None) -> list[Case]:
                 f"{label} ({len(tgt)} adapted layers), x ({mb},3,{img},{img}){tag}",
                 make, (mb, 3, img, img), tgt, [head], True, stress,
             ))
+    # a decoder LLM: every adapted weight a Linear (q/k/v/o, gate/up/down of two Llama-style
+    # blocks), on embeddings with ∂L/∂x needed as inside a deeper stack; the HF peft LoRA and
+    # HiRA rows of this case are the ones a Llama user compares with
+    llama_tgt = [n for n, m in llama_like().named_modules() if isinstance(m, nn.Linear)]
+    lb, seq = (1, 32) if quick else (4, 128)
+    out.append(Case(
+        "llama", f"Llama-like, 2 blocks 512/1408 ({len(llama_tgt)} adapted Linear), "
+        f"x ({lb},{seq},512)" + (" — stress input, time not a target" if quick else ""),
+        llama_like, (lb, seq, 512), llama_tgt, stress=quick,
+    ))
     return out
 
 
