@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c \
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,demo,hf]" "$(TORCH)"
 	@# pip hides the build log: say here, loudly, when a compiled kernel did not build
-	$(PY) -W error::liegroup._kernels.KernelUnavailableWarning -c "import liegroup.peft" \
+	$(PY) -c "import warnings, liegroup._kernels as k; \
+	  warnings.simplefilter('error', k.KernelUnavailableWarning); import liegroup.peft" \
 	  || echo "WARNING: a liegroup compiled kernel is missing; the torch implementation runs instead (see above)" >&2
 	touch $(STAMP)
 
