@@ -46,7 +46,7 @@ from benchmarks import peers
 from benchmarks._timing import raise_recompile_limit
 from benchmarks.models import convnext_tiny_like, llama_like, resnet50_like
 from liegroup.peft import LieRAConfig, available_generators, get_peft_model
-from liegroup.peft.generators import resolve_generator
+from liegroup.peft.registry import get_generator
 
 RANK = 8
 FULL = "full fine-tuning"
@@ -154,13 +154,13 @@ def liera_methods() -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for gen in available_generators():
-        if resolve_generator(gen).algebra_kind == "modes":
+        if get_generator(gen).algebra_kind == "modes":
             for group in ("so", "gl"):
-                out[f"LieRA {gen} {group}"] = {"generator": gen, "group": group}
+                out[f"LieRA {gen} {group}"] = {"generator": gen, "update": group}
             continue
         for exp_map, tag in (("exact", "exact"), ("first_order", "first order")):
             out[f"LieRA {gen} {tag}"] = {"generator": gen, "exp_map": exp_map}
-    out["LoRA W+ΔW (ours)"] = {"generator": "lora", "group": "additive"}
+    out["LoRA W+ΔW (ours)"] = {"generator": "lora", "update": "additive"}
     return out
 
 
