@@ -63,8 +63,8 @@
 #define CF_KG 8
 /* Largest rank taken (larger: the caller's torch path). */
 #define CF_RMAX 256
-/* Work per thread, in entries x (rank + 8): a thread is started only for this much (starting
- * one costs ~50-80 us here, about a quarter of such a share). */
+/* Work per thread, in entries x (rank + 8): a thread is started only for this much, so that
+ * starting it costs a small part of its share. */
 #define CF_MT_WORK (1 << 23)
 
 typedef struct {
@@ -484,7 +484,7 @@ CF_FN void CF_S(form_rows)(cf_job *jb) {
     for (; i + 4 <= jb->row1; i += 4) {
         const float *l = jb->L + (size_t)i * r;
         for (int j = 0; j + 2 * VW <= jv; j += 2 * VW) {
-            if (i + 8 <= jb->row1) /* the next four rows (measured: 20 -> 16.5 ms, see grads) */
+            if (i + 8 <= jb->row1) /* the next four rows (as in grads) */
                 for (int q = 4; q < 8; q++) {
                     __builtin_prefetch(jb->W + (size_t)(i + q) * cols + j, 0, 3);
                     __builtin_prefetch(jb->W + (size_t)(i + q) * cols + j + VW, 0, 3);
@@ -593,7 +593,7 @@ CF_FI void CF_S(pair_acc)(float *gR, int cols, int k0, const int KN, int j, cons
 
 /* The same for the tail of n < VW columns at jv (R's tail vectors zero-padded in Rtail).
  * gR and cols come as values: read through jb, every store to gR would make the compiler
- * reload them (-fno-strict-aliasing; measured 5 ms on a ResNet-50's gradients at rank 16). */
+ * reload them (-fno-strict-aliasing). */
 CF_FI void CF_S(pair_acc_tail)(float *gR, int cols, int k0, const int KN, int jv, int n,
                                const float *Rtail, vf g0, vf g1, const float *l0,
                                const float *l1, vf *a0, vf *a1) {
@@ -635,8 +635,8 @@ CF_FI void CF_S(grads_pass)(cf_job *jb, const int KN, const float *Rtail) {
             float l0[CF_KG], l1[CF_KG];
             vf a0[CF_KG], a1[CF_KG];
             CF_S(pair_start)(jb, i, i1, two, 0, KN, l0, l1, a0, a1);
-            /* the next row pair's segment of this panel (measured: the gradient pass over
-             * a ResNet-50's weights 38 -> 24 ms, exact map 42 -> 28 ms) */
+            /* prefetch the next row pair's segment of this panel: the pass is bound by
+             * reading G and M, and the hardware prefetcher does not see the row jump */
             const int n0 = i + 2 < jb->row1 ? i + 2 : i, n1 = i + 3 < jb->row1 ? i + 3 : n0;
             for (int j = p0; j < pv; j += VW) {
                 CF_S(prefetch_rows)(jb, n0, n1, j);
@@ -694,10 +694,8 @@ CF_FI void CF_S(grads_group)(cf_job *jb, int k0, const int KN, int i, int i1, in
 /* Ranks above CF_KG (the accumulators of CF_KG ranks fill the registers): G_Δ of a row pair's
  * panel is formed once into an L1 buffer (G and M read once, the exact map's exp(L R) over all
  * ranks computed once per entry) and every rank group runs on it; a pass per group over G and
- * M would read them and recompute exp once per group (measured on a ResNet-50's 53 weights,
- * AVX-512: the exact map's gradients at rank 16 73 -> 48 ms, first order's G*M 45 -> 40 ms;
- * rank 32 exact 226 -> 90 ms). For rank <= CF_KG the one-pass kernel above is faster (the
- * buffer costs 20-35 % there). */
+ * M would read them and recompute exp once per group. For rank <= CF_KG the one-pass kernel
+ * above is faster (the buffer's cost is not repaid there). */
 CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
     const int cols = jb->cols, r = jb->r, tail = cols % VW, jv = cols - tail;
     float gd0[CF_PANEL + VW], gd1[CF_PANEL + VW];

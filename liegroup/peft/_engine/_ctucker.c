@@ -19,12 +19,11 @@
  *   ∂G = ∂S · Kron,   ∂Kron = ∂Sᵀ · G,   ∂U_m[k_m, j_m] = Σ ∂Kron[k, j] Π_{m'≠m} U_m'[k_m', j_m'],
  *
  * where torch's autograd runs some twenty small ops (kron, linear, a broadcast matmul and
- * their backward nodes) whose dispatch, not their arithmetic, cost a 3×3 conv layer 0.28–0.37 ms
- * per step (forward and backward). Here: S by one product with the kernel modes' Kronecker
+ * their backward nodes) whose dispatch, not their arithmetic, dominates a 3×3 conv layer's
+ * step. Here: S by one product with the kernel modes' Kronecker
  * factor (as the torch formulation's kron + linear), then blocked products of four rows by
- * sixteen columns in registers; measured 21 µs forward and 36 µs backward for a 512×512×3×3
- * weight at rank 8 (AVX-512, one thread; about half of it the transposes between the (a, c, k)
- * layout of R and the (a, k, c) one the products run in). Every sum runs in a fixed order:
+ * sixteen columns in registers (with transposes between the (a, c, k) layout of R and the
+ * (a, k, c) one the products run in). Every sum runs in a fixed order:
  * the results are deterministic and agree with the torch ops to float32 rounding.
  *
  * Called from _cfused.c's module (its Python functions tucker and tucker_grads); all arrays

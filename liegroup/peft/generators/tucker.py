@@ -91,7 +91,7 @@ class TuckerGenerator(Generator):
         proportional to the weight. With a kernel mode of size > 1 the product runs as one
         operator, ``liegroup::tucker_factors`` (one autograd node instead of about twenty).
         """
-        # the ParameterList's own dict, in index order: iterating the list costs ~6 µs a call
+        # the ParameterList's own dict, in index order (iterating the list itself is slow)
         us: list[torch.Tensor] = [*self.factors_list._parameters.values()]  # type: ignore[list-item]
         r0, r1 = self.ranks[0], self.ranks[1]
         core: torch.Tensor = self.core
