@@ -32,8 +32,13 @@ from torch import nn
 
 from liegroup._validation import check_finite
 from liegroup.errors import AdapterStateError, DeviceError, UnsupportedModuleError
-from liegroup.peft._engine import adapted_forward, check_adapter, weights_outside_autocast
-from liegroup.peft._engine.geometry import is_transposed_linear, transposed_linear_class
+from liegroup.peft._engine import (
+    adapted_forward,
+    check_adapter,
+    is_transposed_linear,
+    transposed_linear_class,
+    weights_outside_autocast,
+)
 from liegroup.peft.config import LieRAConfig
 from liegroup.peft.functional import adapted_weight, adapted_weight_lowrank
 from liegroup.peft.generators.base import Generator, GeneratorSpec

@@ -44,6 +44,7 @@ from liegroup.peft._engine.geometry import (
     is_transposed_linear,
     op_forward,
     op_input,
+    transposed_linear_class,
     weights_outside_autocast,
 )
 from liegroup.peft._engine.hadamard_node import HadamardExpFunction, LowRankHadamardExpFunction
@@ -56,6 +57,8 @@ __all__ = [
     "adapted_forward",
     "check_adapter",
     "compiled_kernel",
+    "is_transposed_linear",
+    "transposed_linear_class",
     "tucker_factors",
     "weights_outside_autocast",
 ]

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from liegroup.errors import AdapterStateError, CheckpointError, UnsupportedModuleError
-from liegroup.peft._engine.geometry import is_transposed_linear
+from liegroup.peft._engine import is_transposed_linear
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper
 from liegroup.peft.model import WEIGHTS_NAME, LieRAModel
