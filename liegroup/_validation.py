@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from liegroup.errors import DTypeError, NonFiniteError, ShapeError
+from liegroup.errors import DeviceError, DTypeError, NonFiniteError, ShapeError
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:
@@ -28,6 +28,20 @@ _COMPILED_CHECK = (
 )
 
 
+def check_device_has_values(x: torch.Tensor, what: str) -> None:
+    """Raise :class:`DeviceError` if ``x`` lives on the ``meta`` device (no values to read).
+
+    ``what`` names the operation that needs the values. Fake tensors (``torch.compile``,
+    ``FakeTensorMode``) report their fake device, not ``meta``, and pass.
+    """
+    if x.device.type == "meta":
+        raise DeviceError(
+            f"{what} reads the values of its input (a check or a data-dependent decision), "
+            "but the tensor is on the 'meta' device, which has none; run it on a real device "
+            "(cpu/cuda), or trace shapes with torch.compile / FakeTensorMode instead"
+        )
+
+
 def offending(bad: torch.Tensor, limit: int = 5) -> tuple[int, list[list[int]]] | None:
     """``None`` if no entry of the boolean mask ``bad`` is set, else (count, first indices).
 
@@ -35,11 +49,12 @@ def offending(bad: torch.Tensor, limit: int = 5) -> tuple[int, list[list[int]]] 
     ``torch.compile``'d graph a value cannot decide Python control flow without a graph
     break: the check becomes an assertion in the graph (``torch._assert_async``), which
     raises a ``RuntimeError`` when the compiled code runs on a bad input, and this returns
-    ``None``.
+    ``None``. On the ``meta`` device (no values) it raises :class:`DeviceError`.
     """
     if torch.compiler.is_compiling():
         torch._assert_async(torch.logical_not(bad.any()), _COMPILED_CHECK)
         return None
+    check_device_has_values(bad, "this value check")
     if not bool(bad.any()):
         return None
     return int(bad.sum()), bad.nonzero()[:limit].tolist()

@@ -18,9 +18,11 @@ __all__ = [
     "AdapterStateError",
     "CheckpointError",
     "DTypeError",
+    "DeviceError",
     "DomainError",
     "LieGroupError",
     "NonFiniteError",
+    "OverflowResultError",
     "ShapeError",
     "UnsupportedModuleError",
 ]
@@ -42,8 +44,24 @@ class NonFiniteError(LieGroupError, ValueError):
     """An input (or a result about to be written) contains NaN or infinite values."""
 
 
+class OverflowResultError(NonFiniteError, OverflowError):
+    """A finite input whose exact result lies beyond the range of its dtype.
+
+    Raised instead of returning ``inf``/``NaN`` (e.g. ``expm`` of a matrix whose exponential
+    overflows, or a Hadamard manifold step that diverges). Also a :class:`NonFiniteError` and
+    a built-in :class:`OverflowError`.
+    """
+
+
 class DTypeError(LieGroupError, TypeError):
     """A tensor has an unsupported dtype (e.g. an integer tensor where a real one is needed)."""
+
+
+class DeviceError(LieGroupError, TypeError):
+    """A tensor is on a device the operation cannot run on.
+
+    E.g. ``meta``, which has no values for a check or a host-side decision to read.
+    """
 
 
 class UnsupportedModuleError(LieGroupError, TypeError):

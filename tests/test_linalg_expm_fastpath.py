@@ -27,7 +27,7 @@ from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
 from tests.conftest import eps
 from tests.linalg_cases import assert_rounding_close
-from tests.test_linalg_ckernel import ExpmPath
+from tests.test_linalg_ckernel import ExpmPath, representable
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -39,7 +39,7 @@ def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     A[::5] = torch.triu(A[::5])
     A[1::7] = A[1::7] - A[1::7].mT
     A[2::9, 0, -1] *= 1e4  # non-normal
-    return A[torch.randperm(count, generator=gen)].to(dtype)
+    return representable(A[torch.randperm(count, generator=gen)], dtype)
 
 
 # --------------------------------------------------------------------------- reference
@@ -164,7 +164,7 @@ def test_mixed_batch_equal_to_alone(dtype: torch.dtype, expm_path: ExpmPath) -> 
     _, m, s, s0, _ = EX._decide(A)
     assert len(set(m.tolist())) >= 3 and len(set((s + s0).tolist())) >= 3
     full = expm(A)
-    assert torch.isfinite(full).all((-2, -1)).float().mean() > 0.9  # a few overflow (e^4000)
+    assert torch.isfinite(full).all()  # overflowing members were scaled into range
     alone = torch.stack([expm(A[i]) for i in range(A.shape[0])])
     if expm_path.kernel:
         torch.testing.assert_close(alone, full, rtol=0, atol=0, equal_nan=True)

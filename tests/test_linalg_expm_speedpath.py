@@ -26,7 +26,7 @@ from liegroup.linalg import _expm_decide as EX  # noqa: N812
 from liegroup.linalg import expm
 from tests.conftest import eps
 from tests.linalg_cases import assert_rounding_close
-from tests.test_linalg_ckernel import ExpmPath
+from tests.test_linalg_ckernel import ExpmPath, representable
 
 EXPM = importlib.import_module("liegroup.linalg.expm")
 DTYPES = [torch.float64, torch.float32]
@@ -37,7 +37,7 @@ def _mixed(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     scales = torch.logspace(-6, 1.3, count, dtype=torch.float64)
     A = torch.randn(count, n, n, generator=gen, dtype=torch.float64) * scales[:, None, None]
     A[::4] = torch.triu(A[::4])
-    return A[torch.randperm(count, generator=gen)].to(dtype)
+    return representable(A[torch.randperm(count, generator=gen)], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -889,7 +889,9 @@ CX_FI void CX_S(fix_tri)(int n, T *CX_RESTRICT X, const T *CX_RESTRICT As, doubl
         const double t = (double)As[(size_t)i * n + i + 1] * scale;
         const double h = (mu - lam) / 2;
         double sup;
-        if (fabs(h) < 1)
+        if (t == 0) /* an exact zero stays one (0 * inf would be NaN when exp overflows) */
+            sup = t;
+        else if (fabs(h) < 1)
             sup = t * exp((lam + mu) / 2) * cx_sinhc(h);
         else
             sup = t * (exp(mu) - exp(lam)) / (mu - lam);
@@ -1068,7 +1070,7 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
     }
     if (n == 1) {
         X[0] = (T)exp((double)A[0]);
-        return 0;
+        return (X[0] - X[0]) == 0 ? 0 : 1; /* overflow: reported as in the general case */
     }
     T *As = wk, *A2 = wk + nn, *A4 = wk + 2 * nn, *A6 = wk + 3 * nn, *A8 = wk + 4 * nn;
     T *R = wk + 5 * nn, *tmp = wk + 6 * nn;
@@ -1094,7 +1096,9 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
         }
     }
     if (st == 0) memcpy(X, R, sizeof(T) * nn);
-    return 0;
+    /* a finite A whose exponential overflows the dtype: reported like a non-finite A (the
+     * caller tells the two apart by checking A) instead of returning inf/NaN */
+    return CX_S(all_finite)(n, X) ? 0 : 1;
 }
 
 /* Fréchet derivative L(A, E) (L(A^T, E) with transA) of one matrix with degree m and total
@@ -1190,6 +1194,10 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
             }                                                                               \
             CX_S(frechet_one)(nv, A + b * nn, E + b * nn, X ? X + b * nn : NULL, L + b * nn, \
                               m, st, (given & 2) != 0, wk);                                 \
+            /* forward (not the backward pass): an overflowing exp(A) or L(A, E) is reported */ \
+            if (!(given & 1) && ((X && !CX_S(all_finite)(nv, X + b * nn)) ||                \
+                                 !CX_S(all_finite)(nv, L + b * nn)))                        \
+                return b;                                                                   \
         }                                                                                   \
         return -1;                                                                          \
     }

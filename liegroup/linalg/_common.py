@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from liegroup._validation import check_finite, check_tensor
+from liegroup._validation import check_device_has_values, check_finite, check_tensor
 from liegroup.errors import ShapeError
 
 # Above this size a batched LU is run one matrix at a time: (1) batched LU with several
@@ -23,7 +23,8 @@ def check_square(A: object, name: str, finite: bool = True) -> torch.Tensor:
 
     With ``finite=False`` the (full-size) finiteness scan is left to the caller, which must
     then detect non-finite entries some other way (e.g. a non-finite norm) and call
-    :func:`liegroup._validation.check_finite`.
+    :func:`liegroup._validation.check_finite`. With ``finite=True`` a ``meta`` tensor (no
+    values) raises :class:`~liegroup.errors.DeviceError`.
     """
     A = check_tensor(A, name)
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
@@ -31,9 +32,23 @@ def check_square(A: object, name: str, finite: bool = True) -> torch.Tensor:
             f"{name} must have shape (*batch, n, n) (square matrices in the last two "
             f"dimensions), got {tuple(A.shape)}"
         )
-    if finite and A.numel() and not bool(torch.isfinite(A).all()):
-        check_finite(A, name)
+    if finite:
+        check_device_has_values(A, f"{name}'s finiteness check")
+        if A.numel() and not bool(torch.isfinite(A).all()):
+            check_finite(A, name)
     return A
+
+
+def check_batches(A: torch.Tensor, B: torch.Tensor, na: str, nb: str, op: str) -> None:
+    """Raise :class:`ShapeError` unless the batch shapes of ``A`` and ``B`` broadcast."""
+    try:
+        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(
+            f"{op}: the batch shapes of {na} {tuple(A.shape[:-2])} and {nb} "
+            f"{tuple(B.shape[:-2])} do not broadcast; give one matrix per batch entry (same "
+            "batch shape), or a single (n, n) matrix for all of them"
+        ) from None
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -35,7 +35,7 @@ from typing import TypeVar
 import torch
 
 from liegroup.errors import DTypeError, ShapeError
-from liegroup.linalg._common import check_square
+from liegroup.linalg._common import check_batches, check_square
 
 __all__ = ["MAX_BCH_ORDER", "bch"]
 
@@ -151,6 +151,7 @@ def bch(X: torch.Tensor, Y: torch.Tensor, order: int = 5) -> torch.Tensor:
         raise ShapeError(
             f"X and Y must have the same matrix size, got {tuple(Xc.shape)} and {tuple(Yc.shape)}"
         )
+    check_batches(Xc, Yc, "X", "Y", "bch")
     dtype = torch.promote_types(Xc.dtype, Yc.dtype)
     Xb, Yb = torch.broadcast_tensors(Xc.to(dtype), Yc.to(dtype))
 

@@ -36,7 +36,7 @@ import math
 import torch
 
 from liegroup.errors import DomainError, ShapeError
-from liegroup.linalg._common import check_square, solve, working_dtype
+from liegroup.linalg._common import check_batches, check_square, solve, working_dtype
 from liegroup.linalg.expm import expm, expm_frechet
 from liegroup.linalg.logm import logm
 
@@ -53,6 +53,7 @@ def _pair(X: object, Y: object, nx: str, ny: str) -> tuple[torch.Tensor, torch.T
             f"{nx} and {ny} must have the same matrix size, got {tuple(Xc.shape)} and "
             f"{tuple(Yc.shape)}"
         )
+    check_batches(Xc, Yc, nx, ny, "dexp" if ny == "Y" else "dexp_inv")
     dtype = torch.promote_types(Xc.dtype, Yc.dtype)
     wd = working_dtype(dtype)
     Xb, Yb = torch.broadcast_tensors(Xc.to(wd), Yc.to(wd))
@@ -105,7 +106,9 @@ def dexp_inv(X: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         ``X`` (see the module docstring for the method); differentiable.
 
     Raises:
-        DomainError: ``n > 16`` and an eigenvalue of ``X`` has ``|Im| ≥ π``.
+        DomainError: ``dexp(X, ·)`` is exactly singular (``ad_X`` has an eigenvalue ``2πik``,
+            ``k ≠ 0``), or ``n > 16`` and an eigenvalue of ``X`` has ``|Im| ≥ π``.
+        ShapeError: the batch shapes of ``X`` and ``Z`` do not broadcast.
 
     Example:
         >>> import torch
@@ -122,10 +125,21 @@ def dexp_inv(X: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     Xf = Xb.reshape(-1, n, n)
     Zf = Zb.reshape(-1, n, n)
     if Xf.shape[0] == 0 or n == 0:
-        return torch.zeros(Xb.shape, dtype=dtype, device=Xb.device)
+        # empty: differentiable in X and Z like any other result (empty gradients)
+        return (Xb + Zb).to(dtype)
     if n <= _KRON_MAX_N:
         D = _dexp_matrix(Xf)
-        y = solve(D, Zf.reshape(-1, n * n, 1))
+        try:
+            y = solve(D, Zf.reshape(-1, n * n, 1))
+        except RuntimeError:  # torch.linalg.LinAlgError: exactly singular
+            info = torch.linalg.solve_ex(D.detach(), Zf.detach().reshape(-1, n * n, 1))[1]
+            bad = (info != 0).nonzero().flatten()[:5].tolist()
+            raise DomainError(
+                f"dexp_inv: dexp(X, ·) is singular for X at (flattened) batch indices {bad}: "
+                "ad_X has an eigenvalue 2πik, k ≠ 0 (e.g. a rotation generator of angle 2π), "
+                "where exp is not a local diffeomorphism and no inverse exists. Move X off the "
+                "singularity, or use the principal representative log(exp(X)) instead of X"
+            ) from None
         return y.reshape(*batch, n, n).to(dtype)
     ev = torch.linalg.eigvals(Xf.detach())
     bad = (ev.imag.abs() >= math.pi).any(-1)

@@ -85,9 +85,10 @@ import torch
 
 from liegroup._kernels import load_extension
 from liegroup._validation import check_finite
-from liegroup.errors import DomainError, DTypeError, NonFiniteError, ShapeError
+from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.linalg._common import (
     _LOOP_SOLVE_N,
+    check_batches,
     check_square,
     eye_like,
     flat,
@@ -134,12 +135,46 @@ def _kernel_code(dt: torch.dtype) -> int:
     return 1 if dt == torch.float64 else 0
 
 
-def _kernel_failed(bad: int, A: torch.Tensor, name: str) -> None:
-    """The kernel reported non-finite entries in matrix ``bad``: raise the usual error."""
+def _kernel_failed(bad: int, A: torch.Tensor, name: str, *others: torch.Tensor) -> None:
+    """The kernel reported matrix ``bad``: a non-finite input, else an overflowing result."""
     check_finite(A, name)
-    raise NonFiniteError(  # pragma: no cover - check_finite raises first
-        f"{name} has non-finite entries in matrix {bad} of the batch"
+    for i, E in enumerate(others):
+        check_finite(E, "E" if i == 0 else f"operand {i + 1}")
+    _raise_overflow(A.reshape(-1, A.shape[-2], A.shape[-1])[bad], bad, A.dtype)
+
+
+def _raise_overflow(A: torch.Tensor, index: int, dtype: torch.dtype) -> None:
+    """Raise :class:`OverflowResultError` for matrix ``index`` of a batch (``A`` that matrix)."""
+    nrm = float(A.abs().sum(-2).amax()) if A.numel() else 0.0
+    u = torch.finfo(dtype).eps / 2
+    why = (
+        "the exact result has entries beyond the dtype's range"
+        if nrm * u < 2**-8
+        else "either the exact result has entries beyond the dtype's range, or ‖A‖₁·u = "
+        f"{nrm * u:.2g} is so large that the rounding errors of the squarings grow without "
+        "bound (e.g. a skew-symmetric A of huge norm, whose exact exponential is a rotation "
+        "that this dtype cannot resolve)"
     )
+    raise OverflowResultError(
+        f"exp(A) is not finite in {dtype} (largest finite {torch.finfo(dtype).max:.3g}) for "
+        f"matrix {index} of the (flattened) batch, ‖A‖₁ = {nrm:.4g}: {why}; it is not "
+        "returned as inf/NaN. Compute in float64 if this is float32, work with a shifted "
+        "problem (exp(A) = e^c·exp(A − cI) for a scalar c) or its logarithm, or reduce "
+        "rotation angles mod 2π before exponentiating"
+    )
+
+
+def _check_overflow(X: torch.Tensor, A: torch.Tensor, *more: torch.Tensor) -> None:
+    """Raise :class:`OverflowResultError` if ``X`` (or ``more``) of a finite ``A`` is not finite.
+
+    ``X``, ``A``: ``(B, n, n)``. A host synchronisation (the torch path has several already).
+    """
+    ok = torch.isfinite(X).flatten(1).all(-1)
+    for M in more:
+        ok &= torch.isfinite(M).flatten(1).all(-1)
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        _raise_overflow(A[i], i, A.dtype)
 
 
 def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
@@ -315,6 +350,8 @@ def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Ten
             t * torch.exp((lam + mu) / 2) * _sinhc(h),
             t * (torch.exp(mu) - torch.exp(lam)) / dsafe,
         )
+        # an exact zero stays one (0·inf would be NaN where exp overflows); same bits else
+        sup = torch.where(t == 0, t, sup)
         X.diagonal(offset=1, dim1=-2, dim2=-1).copy_(sup)
     return X
 
@@ -818,8 +855,13 @@ def _expm_torch(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), ms)`` of a checked operand by the torch path."""
     n, B = A.shape[-1], _batch(A)
     if B == 0 or n == 0:
-        return torch.empty_like(A), torch.zeros((B, 2), dtype=torch.int32)
-    X, m, s = _expm_core(A.reshape(B, n, n))
+        # a valid (m, s) table for the backward (which has nothing to compute)
+        ms = torch.zeros((B, 2), dtype=torch.int32)
+        ms[:, 0] = _CONSTS[A.dtype].degs[0]
+        return torch.empty_like(A), ms
+    Af = A.reshape(B, n, n)
+    X, m, s = _expm_core(Af)
+    _check_overflow(X, Af)
     ms = torch.from_numpy(np.stack([m, s], axis=1).astype(np.int32))
     return X.reshape(A.shape).contiguous(), ms
 
@@ -912,6 +954,7 @@ def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torc
     Af, Ef = A.reshape(B, n, n), E.reshape(B, n, n)
     _, m, s, s0, _ = _decide(Af)
     X, L = _frechet_core(Af, Ef, m, s + s0)
+    _check_overflow(X, Af, L)
     return X.reshape(A.shape).contiguous(), L.reshape(A.shape).contiguous()
 
 
@@ -926,7 +969,7 @@ def _kernel_frechet(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, tor
             _kernel_code(A.dtype), 0,
         )
         if bad >= 0:
-            _kernel_failed(bad, A, "A")
+            _kernel_failed(bad, A, "A", E)
     return X, L
 
 
@@ -989,12 +1032,20 @@ def expm(A: torch.Tensor) -> torch.Tensor:
             the dtype's range become ``inf``, as any float16 overflow does).
 
     Returns:
-        ``exp(A)``, same shape, dtype and device as ``A``.
+        ``exp(A)``, same shape, dtype and device as ``A``. Always finite: a result that
+        overflows the working dtype (float32/float64) raises instead of coming back as
+        ``inf``/``NaN`` (where ``exp(A)`` overflows, the squarings of scaling and squaring
+        turn exact zeros into ``0·inf = NaN``, so no entry-wise promise could be kept). An
+        empty batch gives an empty result, differentiable like any other.
 
     Raises:
         DTypeError: ``A`` is not a real floating tensor.
         ShapeError: ``A`` is not a batch of square matrices.
         NonFiniteError: ``A`` has NaN or infinite entries.
+        OverflowResultError: ``A`` is finite but ``exp(A)`` has entries beyond the working
+            dtype's range (e.g. ``diag(710, 0)`` in float64); a subclass of
+            :class:`NonFiniteError` and of :class:`OverflowError`. The backward pass does not
+            raise: an overflowing gradient comes back as ``inf`` (what loss scalers detect).
 
     Example:
         >>> import math, torch
@@ -1045,7 +1096,9 @@ def expm_frechet(
         ``L(A, E)``, or the pair ``(exp(A), L(A, E))`` if ``return_expm``.
 
     Raises:
-        DTypeError, ShapeError, NonFiniteError: as :func:`expm`, for either argument.
+        DTypeError, NonFiniteError: as :func:`expm`, for either argument.
+        ShapeError: not square matrices of one size, or batch shapes that do not broadcast.
+        OverflowResultError: ``exp(A)`` or ``L(A, E)`` overflows the working dtype.
 
     Example:
         >>> import torch
@@ -1061,6 +1114,7 @@ def expm_frechet(
         raise ShapeError(
             f"A and E must have the same matrix size, got {tuple(A.shape)} and {tuple(E.shape)}"
         )
+    check_batches(A, E, "A", "E", "expm_frechet")
     dtype = torch.promote_types(A.dtype, E.dtype)
     wd = working_dtype(dtype)
     A, E = torch.broadcast_tensors(A.to(wd), E.to(wd))
@@ -1070,11 +1124,13 @@ def expm_frechet(
         Af, _ = flat(A)
         Ef, _ = flat(E)
         if Af.shape[0] == 0 or n == 0:
-            X = L = torch.zeros(A.shape, dtype=wd, device=A.device)
+            # empty: differentiable in A and E like any other result (empty gradients)
+            X, L = A + 0 * E, E + 0 * A
         else:
             with torch.no_grad():
                 _, m, s, s0, _ = _decide(Af.detach())
             Xf, Lf = _frechet_core(Af, Ef, m, s + s0)
+            _check_overflow(Xf.detach(), Af.detach(), Lf.detach())
             X, L = Xf.reshape(A.shape), Lf.reshape(A.shape)
     elif _direct(A) and _direct(E):
         X, L = _kernel_frechet(*_operands(A, E, "liegroup::expm_frechet", "E"))

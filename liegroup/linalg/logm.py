@@ -288,7 +288,7 @@ def logm(A: torch.Tensor) -> torch.Tensor:
     Af, batch = flat(A.to(wd))
     n = A.shape[-1]
     if Af.shape[0] == 0 or n == 0:
-        return torch.empty_like(A)
+        return A.clone()  # empty: differentiable like any other result (an empty gradient)
     near_pi = _check_domain(Af, "A")
     out = _logm_core(Af, near_pi)
     return out.reshape(*batch, n, n).to(A.dtype)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from liegroup._validation import check_finite, check_tensor, normalize_mode
+from liegroup._validation import check_device_has_values, check_finite, check_tensor, normalize_mode
 from liegroup.errors import DTypeError, ShapeError
 from liegroup.linalg._common import check_square, unit_roundoff, working_dtype
 
@@ -159,6 +159,7 @@ def _phi1_eval(X: torch.Tensor, norms: list[float]) -> torch.Tensor:
 
 def _norms_checked(X: torch.Tensor, name: str) -> list[float]:
     """The 1-norm of each matrix (one host read); NonFiniteError if any entry is not finite."""
+    check_device_has_values(X, f"the scaling decision of {name}")
     norms: list[float] = X.detach().abs().sum(-2).amax(-1).tolist()
     if not all(math.isfinite(v) for v in norms):
         check_finite(X, name)
