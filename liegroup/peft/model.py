@@ -273,7 +273,12 @@ class LieRAModel(nn.Module):
         undo: list[Callable[[], None]] = []
         made: dict[int, LieRALayer] = {}  # one module used under several names: one layer
         flags = [(p, p.requires_grad) for _, m in targets for p in m.parameters()]
-        undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
+
+        def restore_flags() -> None:
+            for p, f in flags:
+                p.requires_grad_(f)
+
+        undo.append(restore_flags)
         try:
             for name, module in targets:
                 if id(module) in made:
