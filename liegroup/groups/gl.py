@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from liegroup._validation import offending
+from liegroup._validation import check_finite, offending
 from liegroup.errors import DomainError
 from liegroup.groups.matrix import _HALF, MatrixLieGroup, default_atol
 
@@ -75,6 +75,8 @@ class GL(MatrixLieGroup):
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """``g`` itself if it is invertible (``GL(n)`` is open); ``DomainError`` otherwise.
 
+        ``NonFiniteError`` for NaN or infinite entries.
+
         Example:
             >>> import torch, liegroup
             >>> liegroup.GL(2).project(torch.eye(2))
@@ -82,6 +84,7 @@ class GL(MatrixLieGroup):
                     [0., 1.]])
         """
         self.check_point(g, "g")
+        check_finite(g, "g")  # NaN/inf: a typed NonFiniteError, not "singular"
         ok = self.contains(g)
         hit = offending(~ok)
         if hit is not None:
@@ -210,6 +213,7 @@ class SL(GL):
 
         Raises:
             DomainError: for a singular ``g`` or, with ``n`` even, a negative determinant.
+            NonFiniteError: ``g`` has NaN or infinite entries.
 
         Example:
             >>> import torch, liegroup
@@ -217,6 +221,7 @@ class SL(GL):
             tensor([1., 1., 1.], dtype=torch.float64)
         """
         self.check_point(g, "g")
+        check_finite(g, "g")
         n = self.n
         sign, logabs = torch.linalg.slogdet(g)
         bad = (sign == 0) | ~torch.isfinite(logabs)

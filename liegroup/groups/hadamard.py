@@ -326,6 +326,33 @@ class Hadamard(LieGroup):
         ok = torch.isfinite(g) & (g.abs() > tol)
         return ok.flatten(start_dim=g.dim() - len(self.shape)).all(dim=-1)
 
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` itself when it is on the group (finite, no zero entry); no clipping.
+
+        The group is open in the ambient space: a point on it is its own projection, and a
+        zero entry has no nearest non-zero number, so it is refused rather than nudged.
+
+        Raises:
+            NonFiniteError: ``g`` has NaN or infinite entries.
+            DomainError: ``g`` has exact zeros, naming them.
+
+        Example:
+            >>> import torch
+            >>> Hadamard((2,)).project(torch.tensor([1.0, -2.0]))
+            tensor([ 1., -2.])
+        """
+        self.check_point(g, "g")
+        check_finite(g, "g")
+        hit = offending(g == 0)
+        if hit is not None:
+            count, idx = hit
+            raise DomainError(
+                f"project: g has {count} zero entries, e.g. at {idx}; the Hadamard group "
+                "excludes 0 and there is no nearest non-zero number to move them to (choose "
+                "a sign and magnitude for them explicitly)"
+            )
+        return g
+
     def in_identity_component(self, g: torch.Tensor) -> torch.Tensor:
         """Whether every entry is finite and positive (the image of ``exp``), per batch element.
 

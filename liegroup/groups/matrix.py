@@ -137,9 +137,19 @@ class MatrixLieGroup(LieGroup):
         float16/bfloat16 input is computed in float32 and rounded once to the input dtype
         (likewise :meth:`log`).
 
+        Large rotation angles: SO(2), SO(3), SE(2) and SE(3) reduce the angle mod 2π from
+        the exact input (any finite size; see ``liegroup.groups._angles``); SO(n)/SE(n) for
+        ``n ≥ 4`` refuse generators whose rotation block has ``‖·‖₁ > u^{-1/2}`` (the angles
+        are not resolvable in the dtype). GL/SL: an exponential beyond the dtype's range
+        raises :class:`~liegroup.errors.OverflowResultError` (see ``liegroup.linalg.expm``).
+
         Raises:
             DomainError: if ``X`` is not in the algebra (e.g. not skew for SO(n)), to
-                :func:`default_atol`; map it there with :meth:`project_algebra` if intended.
+                :func:`default_atol`; map it there with :meth:`project_algebra` if intended;
+                or, for SO(n)/SE(n) with ``n ≥ 4``, if its rotation angles are too large to
+                resolve.
+            NonFiniteError: ``X`` has NaN or infinite entries.
+            OverflowResultError: ``exp(X)`` overflows the dtype (GL, SL).
 
         Example:
             >>> import torch, liegroup

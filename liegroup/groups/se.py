@@ -35,10 +35,24 @@ from __future__ import annotations
 
 import torch
 
+from liegroup._validation import check_finite
 from liegroup.errors import ShapeError
+from liegroup.groups._angles import half_angle_sin_cos, is_big, rotation_parts
 from liegroup.groups._coeffs import coefficient
 from liegroup.groups.matrix import MatrixLieGroup
-from liegroup.groups.so import SO, _check_vec, _mm, _so3_jac, so3_exp, so3_hat, so3_log
+from liegroup.groups.so import (
+    SO,
+    _big_angles,
+    _check_vec,
+    _cos_sin,
+    _mm,
+    _so3_jac,
+    check_resolvable_rotation,
+    so2_angle,
+    so3_exp,
+    so3_hat,
+    so3_log,
+)
 
 __all__ = ["SE", "se3_Q", "se3_exp", "se3_log"]
 
@@ -57,10 +71,47 @@ def se3_exp(xi: torch.Tensor) -> torch.Tensor:
     """
     _check_vec(xi, 6, "xi")
     rho, w = xi[..., :3], xi[..., 3:]
+    big = _big_angles(w)
+    if big is None:
+        return _assemble(so3_exp(w), _se3_translation(rho, w))
+    bm = big[..., None]
+    t_small = _se3_translation(rho, torch.where(bm, torch.zeros_like(w), w))
+    # θ above BIG_ANGLE: V ρ = ρ + ((1 − cosθ)/θ)(ω̂ × ρ) + (1 − sinθ/θ)(ω̂ × (ω̂ × ρ)) with
+    # the angle reduced mod 2π (liegroup.groups._angles)
+    axis, s, omc, theta = rotation_parts(torch.where(bm, w, torch.ones_like(w)))
+    r64 = rho.to(torch.float64)
+    ar = _cross(axis, r64)
+    t_big = r64 + (omc / theta)[..., None] * ar + (1 - s / theta)[..., None] * _cross(axis, ar)
+    t = torch.where(bm, t_big.to(xi.dtype), t_small)
+    return _assemble(so3_exp(w), t)
+
+
+def _se2_coefficients(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a = sinθ/θ``, ``b = (1 − cosθ)/θ`` at ``θ = hi + lo`` (SE(2)'s ``V``).
+
+    Closed forms of :mod:`~liegroup.groups._coeffs` up to ``BIG_ANGLE``; above, in float64
+    from the exact angle (``θ²`` would overflow float32 from ``θ ≈ 1.8·10¹⁹``, and the rounded
+    ``sqrt(θ²)`` is not ``θ``).
+    """
+    z = hi * hi
+    big = is_big(z)
+    if torch.compiler.is_compiling() or bool(big.any()):
+        th = torch.where(big, torch.zeros_like(hi), hi)
+        zs = th * th
+        a, b = coefficient("sinc", zs), th * coefficient("cosc", zs)
+        hb = torch.where(big, hi, torch.ones_like(hi)).double()
+        lb = torch.where(big, lo, torch.zeros_like(lo)).double()
+        sh, ch = half_angle_sin_cos(hb, lb)
+        a_big, b_big = (2 * sh * ch / hb).to(hi.dtype), (2 * sh * sh / hb).to(hi.dtype)
+        return torch.where(big, a_big, a), torch.where(big, b_big, b)
+    return coefficient("sinc", z), hi * coefficient("cosc", z)
+
+
+def _se3_translation(rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``V(ω) ρ = ρ + ((1−cosθ)/θ²) ω × ρ + ((θ−sinθ)/θ³) ω × (ω × ρ)`` (closed forms)."""
     z = (w * w).sum(-1)[..., None]
     wr = _cross(w, rho)
-    t = rho + coefficient("cosc", z) * wr + coefficient("sinc3", z) * _cross(w, wr)
-    return _assemble(so3_exp(w), t)
+    return rho + coefficient("cosc", z) * wr + coefficient("sinc3", z) * _cross(w, wr)
 
 
 def _assemble(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -210,6 +261,9 @@ class SE(MatrixLieGroup):
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """Rotation block projected onto SO(n), translation kept, bottom row set to ``[0, 1]``.
 
+        Raises:
+            NonFiniteError: ``g`` has NaN or infinite entries.
+
         Example:
             >>> import torch, liegroup
             >>> G = liegroup.SE(2)
@@ -217,6 +271,7 @@ class SE(MatrixLieGroup):
             True
         """
         self.check_point(g, "g")
+        check_finite(g, "g")
         k = self.k
         return _assemble(self.rot.project(g[..., :k, :k]), g[..., :k, k])
 
@@ -269,19 +324,18 @@ class SE(MatrixLieGroup):
         if k == 3:
             return se3_exp(self.vee(X))
         if k == 2:
-            th = 0.5 * (X[..., 1, 0] - X[..., 0, 1])
+            hi, lo = so2_angle(X)
             rho = X[..., :2, 2]
-            z = th * th
-            a = coefficient("sinc", z)
-            b = th * coefficient("cosc", z)
+            a, b = _se2_coefficients(hi, lo)
             t = torch.stack(
                 [a * rho[..., 0] - b * rho[..., 1], b * rho[..., 0] + a * rho[..., 1]], -1
             )
-            c, s = torch.cos(th), torch.sin(th)
-            R = torch.stack([c, -s, s, c], -1).reshape(*th.shape, 2, 2)
+            c, s = _cos_sin(hi, lo)
+            R = torch.stack([c, -s, s, c], -1).reshape(*hi.shape, 2, 2)
             return _assemble(R, t)
         from liegroup.linalg import expm
 
+        check_resolvable_rotation(X[..., :k, :k], self)
         E = expm(X)
         return _assemble(E[..., :k, :k], E[..., :k, k])
 

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import torch
 
-from liegroup._validation import check_tensor
-from liegroup.errors import ShapeError
+from liegroup._validation import check_finite, check_tensor, offending
+from liegroup.errors import DomainError, ShapeError
+from liegroup.groups._angles import is_big, rotation_parts, two_sum
 from liegroup.groups._coeffs import coefficient, series
 from liegroup.groups._thresholds import switch
 from liegroup.groups.matrix import MatrixLieGroup
@@ -117,12 +118,113 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
         True
     """
     _check_vec(w, 3, "w")
+    big = _big_angles(w)
+    if big is not None:
+        return _so3_exp_mixed(w, big)
+    return _so3_exp_closed(w)
+
+
+def check_resolvable_rotation(X: torch.Tensor, group: object) -> None:
+    """Refuse rotation generators (``n ≥ 4``) whose angles the dtype cannot resolve.
+
+    ``expm`` of a skew matrix is accurate to ``≈ ‖X‖₁·u`` (its condition number is ``‖X‖``):
+    above ``‖X‖₁ = u^{-1/2}`` (``6.7·10⁷`` in float64, ``4096`` in float32) more than half of
+    the result's digits would be rounding noise and, a few decades further, it is no rotation
+    at all (measured: orthogonality error ``0.4·‖X‖₁·u``). SO(2)/SO(3)/SE(2)/SE(3) reduce the
+    angle exactly instead and take any finite size.
+
+    Raises:
+        DomainError: naming the batch entries and their norms.
+
+    Example:
+        >>> import torch, liegroup
+        >>> check_resolvable_rotation(torch.zeros(4, 4), liegroup.SO(4))  # fine: no error
+    """
+    u = torch.finfo(X.dtype).eps / 2
+    limit = u**-0.5
+    nrm = X.detach().abs().sum(-2).amax(-1)
+    hit = offending(nrm > limit)
+    if hit is not None:
+        count, idx = hit
+        vals = [float(nrm[tuple(i)]) for i in idx]
+        raise DomainError(
+            f"exp on {group!r}: {count} generators have ‖X‖₁ above {limit:.3g} "
+            f"(= u^-1/2 of {X.dtype}), e.g. at batch index {idx} (norms {vals}); their rotation "
+            f"angles cannot be resolved in {X.dtype} (error ≈ ‖X‖₁·u ≥ {limit * u:.1g}). Reduce "
+            "the angles mod 2π first (e.g. X ← log(exp(X)) computed in higher precision), or "
+            "compute in float64"
+        )
+
+
+def so2_angle(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The angle ``θ = (X₁₀ − X₀₁)/2`` of a 2 × 2 generator as an exact sum ``hi + lo``.
+
+    The halves are exact (no overflow of the difference at the top of the range) and the
+    sum error-free, so a large angle keeps every bit of the input. ``lo = 0`` for an exactly
+    skew ``X``.
+
+    Example:
+        >>> import torch
+        >>> so2_angle(torch.tensor([[0.0, -1.0], [1.0, 0.0]]))
+        (tensor(1.), tensor(0.))
+    """
+    return two_sum(0.5 * X[..., 1, 0], -0.5 * X[..., 0, 1])
+
+
+def _cos_sin(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos θ, sin θ`` of ``θ = hi + lo`` (addition theorem; ``cos hi, sin hi`` if ``lo = 0``).
+
+    float32 angles are evaluated in float64 (exact argument reduction whatever the libm's
+    float32 one does), then rounded once.
+    """
+    dt = hi.dtype
+    if dt == torch.float32:
+        hi, lo = hi.double(), lo.double()
+    ch, sh = torch.cos(hi), torch.sin(hi)
+    cl, sl = torch.cos(lo), torch.sin(lo)
+    c, s = ch * cl - sh * sl, sh * cl + ch * sl
+    return c.to(dt), s.to(dt)
+
+
+def _so3_exp_closed(w: torch.Tensor) -> torch.Tensor:
     z = (w * w).sum(-1)
     a = coefficient("sinc", z)[..., None, None]
     b = coefficient("cosc", z)[..., None, None]
     K = so3_hat(w)
     eye = torch.eye(3, dtype=w.dtype, device=w.device)
     return eye + a * K + b * _outer_minus(w, z)
+
+
+def _big_angles(w: torch.Tensor) -> torch.Tensor | None:
+    """Mask of the rotation vectors with ``θ > BIG_ANGLE`` (see ``_angles``), ``None`` if none.
+
+    Eagerly the mask is read on the host (one synchronisation) so that the common case keeps
+    its single closed-form pass; inside ``torch.compile`` both paths are always traced.
+    """
+    with torch.no_grad():
+        z = (w.detach() * w.detach()).sum(-1)
+        big = is_big(z)
+    if torch.compiler.is_compiling():
+        return big
+    if w.numel() == 0 or not bool(big.any()):
+        return None
+    return big
+
+
+def _so3_exp_mixed(w: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """:func:`so3_exp` with the angles above ``BIG_ANGLE`` reduced mod 2π (``_angles``).
+
+    Each branch sees a safe input where the other is taken, so no NaN/inf reaches a gradient.
+    """
+    bm = big[..., None]
+    R_small = _so3_exp_closed(torch.where(bm, torch.zeros_like(w), w))
+    wb = torch.where(bm, w, torch.ones_like(w))
+    axis, s, omc, _ = rotation_parts(wb)
+    K = so3_hat(axis)
+    eye = torch.eye(3, dtype=axis.dtype, device=axis.device)
+    K2 = axis[..., :, None] * axis[..., None, :] - eye
+    R_big = (eye + s[..., None, None] * K + omc[..., None, None] * K2).to(w.dtype)
+    return torch.where(big[..., None, None], R_big, R_small)
 
 
 def so3_log(R: torch.Tensor) -> torch.Tensor:
@@ -269,6 +371,9 @@ class SO(MatrixLieGroup):
         If ``det(U Vᵀ) < 0`` the singular vector of the smallest singular value is flipped
         (the nearest matrix of determinant +1).
 
+        Raises:
+            NonFiniteError: ``g`` has NaN or infinite entries (no nearest rotation exists).
+
         Example:
             >>> import torch, liegroup
             >>> G = liegroup.SO(3)
@@ -277,6 +382,7 @@ class SO(MatrixLieGroup):
             True
         """
         self.check_point(g, "g")
+        check_finite(g, "g")  # LAPACK's SVD would fail with an untyped error on NaN/inf
         U, _, Vh = torch.linalg.svd(g)
         d = torch.sign(torch.linalg.det(U @ Vh))
         d = torch.where(d == 0, torch.ones_like(d), d)
@@ -322,9 +428,10 @@ class SO(MatrixLieGroup):
         if self.n == 3:
             return so3_exp(so3_vee(X))
         if self.n == 2:
-            th = 0.5 * (X[..., 1, 0] - X[..., 0, 1])
-            c, s = torch.cos(th), torch.sin(th)
-            return torch.stack([c, -s, s, c], dim=-1).reshape(*th.shape, 2, 2)
+            hi, lo = so2_angle(X)
+            c, s = _cos_sin(hi, lo)
+            return torch.stack([c, -s, s, c], dim=-1).reshape(*hi.shape, 2, 2)
+        check_resolvable_rotation(X, self)
         return super()._exp(X)
 
     def _log(self, g: torch.Tensor) -> torch.Tensor:

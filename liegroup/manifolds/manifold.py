@@ -7,8 +7,8 @@ from typing import Any
 import geoopt
 import torch
 
-from liegroup._validation import check_tensor
-from liegroup.errors import DomainError, ShapeError
+from liegroup._validation import check_finite, check_tensor, offending
+from liegroup.errors import DomainError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup
 from liegroup.manifolds._kernels import (
     _METRICS,
@@ -19,6 +19,26 @@ from liegroup.manifolds._kernels import (
 
 __all__ = ["LieGroupManifold"]
 
+
+
+def _check_step(y: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> None:
+    """Raise a typed error if the step ``y = expmap(x, u)`` is not finite (see :meth:`expmap`).
+
+    One host synchronisation per step (eagerly): a diverging step is reported at the step
+    that diverged, not thousands of steps later as a NaN loss.
+    """
+    hit = offending(~torch.isfinite(y))
+    if hit is None:
+        return
+    check_finite(x, "x")
+    check_finite(u, "u")
+    count, idx = hit
+    raise OverflowResultError(
+        f"expmap/retr: the step from a finite point with a finite tangent vector overflows "
+        f"{y.dtype} in {count} entries, e.g. at {idx} (the step diverged: x·exp(X) exceeds "
+        f"{torch.finfo(y.dtype).max:.3g}); lower the learning rate, clip the gradient, or "
+        "use a wider dtype. The point was not changed"
+    )
 
 
 class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
@@ -154,6 +174,9 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` onto the group; points already on it come back unchanged.
 
+        Raises:
+            NonFiniteError: ``x`` has NaN or infinite entries (on every group).
+
         Example:
             >>> import torch, liegroup
             >>> M = LieGroupManifold(liegroup.Hadamard(2))
@@ -161,6 +184,7 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
             tensor([ 1., -2.])
         """
         self._check(x, "x")
+        check_finite(x, "x")  # no point of any group is non-finite: nothing to project to
         return self._ops.projx(x)
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -242,6 +266,13 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
 
         The Riemannian exponential for the bi-invariant metric, a retraction otherwise.
 
+        Raises:
+            OverflowResultError: the step leaves the dtype's range (a diverging step, e.g.
+                ``x·exp(X)`` on the Hadamard group for a large ``X``: the learning rate is
+                too high). Nothing is returned, so an optimiser's parameter keeps its
+                previous value. Under ``torch.compile`` the check is an in-graph assertion.
+            NonFiniteError: ``x`` or ``u`` is not finite.
+
         Example:
             >>> import torch, liegroup
             >>> M = LieGroupManifold(liegroup.Hadamard(1))
@@ -249,7 +280,9 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
             tensor([2.])
         """
         X = self.algebra_part(x, u)
-        return self._ops.clean(self._ops.translate(x, self._ops.exp(X)))
+        y = self._ops.clean(self._ops.translate(x, self._ops.exp(X)))
+        _check_step(y, x, u)
+        return y
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction: the same as :meth:`expmap` (it lands on the group to rounding).
