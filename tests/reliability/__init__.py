@@ -1,0 +1,1 @@
+"""Reliability property tests: bad, extreme and empty inputs through the math layer."""
