@@ -1,7 +1,7 @@
 """The C kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 ``liegroup/linalg/_cexpm.c`` and ``liegroup/peft/_engine/_cfused.c`` (+ ``_ctucker.c``) are
-built here as Python extensions with ``-fsanitize=address,undefined`` (no ISA clones, ``-O1``)
+built here as Python extensions with ``-fsanitize=address,undefined`` (no ISA clones, ``-O0``)
 and driven, in a subprocess that preloads the ASan runtime, through their real entry points
 with buffers from the C ``malloc`` (so every read or write past an operand's end hits a red
 zone): every matrix size from 1 to ``N_MAX`` and beyond, empty and single-matrix batches,
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _FLAGS = [
     "-shared",
     "-fPIC",
-    "-O1",
+    "-O0",
     "-g",
     "-std=c11",
     "-fno-strict-aliasing",
