@@ -95,6 +95,7 @@ _MAX_DB_ITERS = 60
 # Eigenvalues with |arg| > π − _NEAR_PI get Newton–Sylvester corrections of the first root.
 _NEAR_PI = 0.1
 _SYLV_MAX_N = 16
+_SYLV_MAX_STEPS = 12
 
 
 @lru_cache(maxsize=64)
@@ -136,28 +137,39 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
         done |= start_close
         if done.all():
             return Y
-    raise RuntimeError(
-        "logm: the Denman–Beavers square-root iteration did not converge in "
-        f"{_MAX_DB_ITERS} steps (matrix too ill-conditioned); please report the input"
+    bad = np.flatnonzero(~done).tolist()
+    raise DomainError(
+        f"logm: the square-root iteration did not converge for {len(bad)} matrices (first: "
+        f"flattened batch index {bad[0]}); such a matrix has eigenvalues too close to the "
+        "negative real axis, where the principal log is discontinuous (condition ~1/δ for an "
+        "angle π − δ): for a rotation by about π use the group's log (SO(3).log), or "
+        "otherwise move the input off the branch cut"
     )
 
 
-def _sylvester_newton(Y: torch.Tensor, X: torch.Tensor, steps: int = 2) -> torch.Tensor:
+def _sylvester_newton(Y: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """Newton corrections of a square root: solve ``Y E + E Y = X − Y²``, ``Y ← Y + E``.
 
     The Denman–Beavers iterates pass near-singular matrices when ``X`` has eigenvalues close
     to −1 (rotations by nearly π, ``δ = π − |arg λ|``) and leave an error ``~u/δ²``; the
     simplified Newton step ``½(Y + Y⁻¹X)`` does not reduce it (its error map has eigenvalue
     1 there), the full step with its Sylvester equation (``n² × n²`` Kronecker solve) does,
-    to the conditioning ``~u/δ``.
+    to the conditioning ``~u/δ``. Newton near that singular Jacobian is erratic before it
+    converges, and needs more steps as ``δ`` shrinks: a matrix takes steps until its residual
+    ``X − Y²`` is at rounding level (at most :data:`_SYLV_MAX_STEPS`).
     """
     b, n = Y.shape[0], Y.shape[-1]
     I = eye_like(Y)  # noqa: E741
-    for _ in range(steps):
+    eps = torch.finfo(Y.dtype).eps
+    for _ in range(_SYLV_MAX_STEPS):
         R = X - Y @ Y
+        scale = Y.abs().amax(dim=(-2, -1)) ** 2
+        todo = R.abs().amax(dim=(-2, -1)) > 4 * n * eps * scale
+        if not bool(todo.any()):
+            break
         K = torch.einsum("bik,jl->bijkl", Y, I) + torch.einsum("ik,blj->bijkl", I, Y)
-        E = solve(K.reshape(b, n * n, n * n), R.reshape(b, n * n, 1))
-        Y = Y + E.reshape(b, n, n)
+        E = solve(K.reshape(b, n * n, n * n), R.reshape(b, n * n, 1)).reshape(b, n, n)
+        Y = Y + E * todo[:, None, None].to(Y.dtype)
     return Y
 
 
