@@ -56,7 +56,7 @@ where it is loaded (PyTorch's dispatcher chooses), with fake implementations so 
 formula registered on the operator. Each checks its operands (dtype, shape, the ``(m, s)``
 table) before any data is read and resolves negative/conjugate view bits. Eager calls on plain
 CPU tensors that the kernel takes run the operator's CPU implementation directly (the
-dispatcher's own cost, ~10 µs, exceeds a 3 × 3 exponential's).
+dispatcher's own cost exceeds a 3 × 3 exponential's).
 
 The Fréchet derivative ``L(A, E) = ∫₀¹ e^{(1−t)A} E e^{tA} dt`` is computed alongside
 (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4), with the same
@@ -234,8 +234,8 @@ def _direct(A: torch.Tensor) -> bool:
     Exactly the calls the dispatcher would send to that kernel with nothing else in the way:
     plain CPU float32/float64 tensors (no subclass, functorch wrapper, negative/conjugate view
     bit), ``0 < n ≤ N_MAX``, no ``TorchDispatchMode`` active, not under ``torch.compile``.
-    It saves the dispatcher's ~10 µs (~20 µs with autograd) per call, more than a whole 3 × 3
-    exponential takes; everything else goes through ``torch.ops.liegroup.expm``.
+    It saves the dispatcher's per-call cost, more than a whole 3 × 3 exponential takes;
+    everything else goes through ``torch.ops.liegroup.expm``.
     """
     if not (_EAGER_DIRECT and _USE_KERNEL and _ckernel is not None):
         return False
