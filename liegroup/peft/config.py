@@ -22,7 +22,6 @@ from typing import Any
 from liegroup._version import __version__
 from liegroup.errors import CheckpointError, DTypeError
 from liegroup.peft.generators.base import check_options
-from liegroup.peft.updates.base import parse_exp_map
 
 __all__ = ["CONFIG_NAME", "LieRAConfig"]
 
@@ -65,8 +64,13 @@ class LieRAConfig:
         exclude_modules: same syntax; matched modules are skipped.
         modules_to_save: same syntax; matched modules are trained in full (a per-adapter
             copy, e.g. a new classifier head) and saved with the adapter.
-        exp_map: ``"exact"`` (``W ⊙ exp(ΔW)``), ``"first_order"`` (``W + W ⊙ ΔW``) or an int
-            ``k`` (Taylor order ``k``).
+        exp_map: ``"first_order"`` (``W + W ⊙ ΔW``), ``"exact"`` (``W ⊙ exp(ΔW)``) or an
+            int ``k`` (Taylor order ``k``). ``None`` (the default) takes the update's own
+            default and stores it: ``"first_order"`` for ``update="hadamard"`` — on the
+            digits demo (two tasks, 5 seeds) it ties the exact map on test accuracy, is ahead
+            on validation and tolerates a 10× range of learning rates — and ``"exact"`` for
+            the others (the mode-wise groups need it; ``"additive"`` ignores it). Choose
+            ``"exact"`` when no weight may change sign, or to unmerge by the group inverse.
         generator: a registered generator name (``"lora"``) or a
             :class:`~liegroup.peft.generators.Generator` subclass (registered on use).
         layout: ``"mode1"`` (rows ``C_out``, cols ``C_in/g·∏k``) or ``"loralib"`` (the paper's
@@ -99,7 +103,7 @@ class LieRAConfig:
     target_modules: list[str] | str = field(default_factory=list)
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | str | None = None
-    exp_map: str | int = "exact"
+    exp_map: str | int | None = None
     generator: Any = "lora"
     layout: str = "mode1"
     dropout: float = 0.0
@@ -130,7 +134,6 @@ class LieRAConfig:
         self.target_modules = tm
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules", True)
         self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save", True)
-        parse_exp_map(self.exp_map)
         if self.layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
@@ -143,7 +146,9 @@ class LieRAConfig:
 
         if not isinstance(self.update, str):
             raise DTypeError(f"update must be a registered update name, got {self.update!r}")
-        update = get_update(self.update, self.exp_map)  # validates the name
+        if self.exp_map is None:
+            self.exp_map = get_update(self.update, "exact").default_exp_map
+        update = get_update(self.update, self.exp_map)  # validates the name and the map
         gen_cls = get_generator(self.generator)
         self.generator = gen_cls.name
         u_kind = getattr(update, "algebra_kind", "tensor")

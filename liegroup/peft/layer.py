@@ -226,6 +226,7 @@ class LieRALayer(nn.Module):
         )
         gen_cls = get_generator(config.generator)
         generator = gen_cls(spec)
+        assert config.exp_map is not None  # LieRAConfig.__post_init__ resolved it
         update = get_update(config.update, config.exp_map)
         check_adapter(W, generator, update)  # a generator that does not fit W fails here
         if update.zeros_frozen:

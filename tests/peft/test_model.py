@@ -58,6 +58,7 @@ TARGETS = ["conv1", "block.0", "block.2", "seq", "fc"]
 def _model(seed: int = 0, **kw) -> tuple[Net, LieRAModel, torch.Tensor]:
     torch.manual_seed(seed)
     net = Net().to(DT)
+    kw.setdefault("exp_map", "exact")  # the model verbs' tests cover the group-inverse unmerge
     cfg = LieRAConfig(rank=2, alpha=4.0, target_modules=TARGETS, modules_to_save=["head"], **kw)
     model = get_peft_model(net, cfg)
     x = torch.randn(2, 3, 10, 9, dtype=DT)
@@ -468,3 +469,14 @@ def test_register_generator_errors():
 
     with pytest.raises(ValueError, match="already taken"):
         register_generator(Clash)
+
+
+def test_the_default_map_is_the_updates_own_and_is_stored():
+    """``exp_map=None`` resolves to first order for the Hadamard update (the demo's evidence)
+    and to the exact map for the mode-wise groups, which need it; the config keeps the value.
+    """
+    assert LieRAConfig(target_modules=["x"]).exp_map == "first_order"
+    cfg = LieRAConfig(target_modules=["x"], update="so", generator="modewise")
+    assert cfg.exp_map == "exact"
+    assert LieRAConfig.from_dict(cfg.to_dict()).exp_map == "exact"
+    assert LieRAConfig(target_modules=["x"], exp_map="exact").exp_map == "exact"

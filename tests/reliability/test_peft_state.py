@@ -220,7 +220,8 @@ def _underflowing(dtype: torch.dtype = torch.float32) -> LieRAModel:
     net = nn.Sequential(nn.Linear(3, 2, bias=False)).to(dtype)
     with torch.no_grad():
         net[0].weight.fill_(torch.finfo(dtype).tiny * 4)  # e^-10 · W underflows to 0
-    model = get_peft_model(net, LieRAConfig(rank=1, alpha=1.0, target_modules=["0"]))
+    model = get_peft_model(net, LieRAConfig(rank=1, alpha=1.0, target_modules=["0"],
+                                            exp_map="exact"))
     g = model.generators()["0"]
     with torch.no_grad():
         g.B.fill_(-10.0)
@@ -265,7 +266,8 @@ def test_merge_unmerge_cycles_in_float32_drift_at_most_a_few_ulps_per_cycle() ->
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(16, 16))
     W = net[0].weight.detach().clone()
-    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"])).eval()
+    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"],
+                                            exp_map="exact")).eval()
     with torch.no_grad():
         model.generators()["0"].B.uniform_(-1, 1)
     n = 100

@@ -65,6 +65,8 @@ class Update(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: the map a config with ``exp_map=None`` gets for this update
+    default_exp_map: ClassVar[str | int] = "exact"
     invertible: ClassVar[bool] = False
     zeros_frozen: ClassVar[bool] = False
 

@@ -31,6 +31,7 @@ class HadamardExp(Update):
     """
 
     name = "hadamard"
+    default_exp_map = "first_order"
     zeros_frozen = True
 
     def __init__(self, exp_map: str | int = "exact") -> None:
