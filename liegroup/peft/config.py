@@ -239,8 +239,10 @@ class LieRAConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid UTF-8 JSON: {e}") from e
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
         if not isinstance(d, dict):
             raise CheckpointError(f"{path} must hold a JSON object")
         return cls.from_dict(d)
