@@ -21,6 +21,7 @@ from typing import Any
 
 from liegroup._version import __version__
 from liegroup.errors import CheckpointError, DTypeError
+from liegroup.peft._files import read_json
 from liegroup.peft.generators.base import check_options
 
 __all__ = ["CONFIG_NAME", "LieRAConfig"]
@@ -233,16 +234,5 @@ class LieRAConfig:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> LieRAConfig:
         """Read ``adapter_config.json`` from ``directory``."""
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid UTF-8 JSON: {e}") from e
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        d = read_json(directory, CONFIG_NAME)
         return cls.from_dict(d)

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from liegroup._version import __version__
 from liegroup.errors import AdapterStateError, CheckpointError
+from liegroup.peft._files import read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.generators.base import Generator
 from liegroup.peft.layer import (
@@ -572,30 +572,12 @@ class LieRAModel(nn.Module):
         state = self.adapter_state_dict(name)
         # own copies: tied modules_to_save tensors share memory, which safetensors refuses
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        directory = os.fspath(save_directory)
-        created = not os.path.isdir(directory)
-        temps: list[str] = []
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", dir=directory)
-            os.close(fd)
-            temps.append(tmp_w)
-            save_file(tensors, tmp_w, metadata={"format": "pt", "liegroup_version": __version__})
-            fd, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", dir=directory)
-            os.close(fd)
-            temps.append(tmp_c)
-            config.save_as(tmp_c)
-            os.replace(tmp_w, os.path.join(directory, WEIGHTS_NAME))
-            os.replace(tmp_c, os.path.join(directory, CONFIG_NAME))
-        except OSError as e:
-            raise CheckpointError(f"cannot write the adapter to {directory!r}: {e}") from e
-        finally:
-            for t in temps:
-                with contextlib.suppress(OSError):
-                    os.remove(t)
-            if created and not os.listdir(directory):
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)
+        write_files(save_directory, {
+            WEIGHTS_NAME: lambda p: save_file(
+                tensors, p, metadata={"format": "pt", "liegroup_version": __version__}
+            ),
+            CONFIG_NAME: config.save_as,
+        })
 
     def load_adapter(
         self,
@@ -708,18 +690,7 @@ class LieRAModel(nn.Module):
 def _read_checkpoint(
     directory: str | os.PathLike[str],
 ) -> tuple[LieRAConfig, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config = LieRAConfig.load(directory)
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    return config, tensors
+    return LieRAConfig.load(directory), read_tensors(directory, WEIGHTS_NAME)
 
 
 def get_peft_model(

@@ -52,9 +52,7 @@ import json
 import os
 import re
 import tempfile
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -62,9 +60,10 @@ from torch import nn
 
 from liegroup.errors import AdapterStateError, CheckpointError, UnsupportedModuleError
 from liegroup.peft._engine import is_transposed_linear
+from liegroup.peft._files import read_json, read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
-from liegroup.peft.layer import LieRALayer, ModulesToSaveWrapper
-from liegroup.peft.model import WEIGHTS_NAME, LieRAModel
+from liegroup.peft.layer import LieRALayer
+from liegroup.peft.model import WEIGHTS_NAME, LieRAModel, _logical_modules
 
 __all__ = ["export_hira", "import_hira"]
 
@@ -143,18 +142,6 @@ def _from_hira(kind: str, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor
 def _exact_names(names: list[str]) -> str:
     """A regex that ``re.fullmatch``-es exactly ``names`` (peft and LieRA read it alike)."""
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
-
-
-# ---------------------------------------------------------------------------- files
-def _atomic_write(directory: str, name: str, write: Any) -> None:
-    """Write ``directory/name`` through a temporary name in the same folder, then rename."""
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -270,17 +257,17 @@ def export_hira(
         "rank_pattern": rank_pattern,
     }
     _check_saves_match(model.get_base_model(), saves)
-    out = os.fspath(directory)
-    os.makedirs(out, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(out, WEIGHTS_NAME, lambda p: save_file(cpu, p, metadata={"format": "pt"}))
+    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     text = json.dumps(hira_config, indent=2, sort_keys=True)
 
     def write_config(p: str) -> None:
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(out, CONFIG_NAME, write_config)
+    write_files(directory, {
+        WEIGHTS_NAME: lambda p: save_file(cpu, p, metadata={"format": "pt"}),
+        CONFIG_NAME: write_config,
+    })
 
 
 class _eval:  # noqa: N801 (a context manager used like a function)
@@ -300,7 +287,7 @@ class _eval:  # noqa: N801 (a context manager used like a function)
 
 def _check_saves_match(base: nn.Module, saves: list[str]) -> None:
     """Refuse ``modules_to_save`` names that peft's rule (``key.endswith(name)``) reads wider."""
-    names = [n for n, _ in _plain_modules(base)]
+    names = [n for n, _ in _logical_modules(base)]
     for s in saves:
         extra = [n for n in names if n != s and n.endswith(s)]
         if extra:
@@ -308,19 +295,6 @@ def _check_saves_match(base: nn.Module, saves: list[str]) -> None:
                 f"modules_to_save entry {s!r} would also select {extra[:3]} under peft's "
                 "suffix rule (key.endswith(name)); rename or drop it before exporting"
             )
-
-
-def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of ``model`` as a fresh base has them (adapter wrappers are leaves)."""
-
-    def walk(prefix: str, m: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        for child_name, child in m.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            yield name, child
-            if not isinstance(child, (LieRALayer, ModulesToSaveWrapper)):
-                yield from walk(name, child)
-
-    yield from walk("", model)
 
 
 # ---------------------------------------------------------------------------- import
@@ -367,34 +341,21 @@ def import_hira(
         >>> tuple(m.base_model[0].generators["default"].A.shape)
         (2, 5)
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     src = os.fspath(directory)
-    cfg_path = os.path.join(src, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"no {CONFIG_NAME} in {src!r}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hira = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {cfg_path}: {e}") from e
-    if not isinstance(hira, dict) or hira.get("peft_type") != PEFT_TYPE:
-        got = hira.get("peft_type") if isinstance(hira, dict) else None
-        raise CheckpointError(f"not a HiRA adapter config (peft_type={got!r}) in {src!r}")
+    hira = read_json(src, CONFIG_NAME)
+    if hira.get("peft_type") != PEFT_TYPE:
+        raise CheckpointError(
+            f"not a HiRA adapter config (peft_type={hira.get('peft_type')!r}) in {src!r}"
+        )
     for key in ("layers_to_transform", "layers_pattern"):
         if hira.get(key) not in (None, [], ""):
             raise CheckpointError(f"HiRA option {key}={hira[key]!r} is not supported on import")
-    path = os.path.join(src, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no {WEIGHTS_NAME} in {src!r} (only safetensors checkpoints load)")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    tensors = read_tensors(src, WEIGHTS_NAME)
 
     base = model.get_base_model() if isinstance(model, LieRAModel) else model
-    modules = dict(_plain_modules(base))
+    modules = dict(_logical_modules(base))
     factors: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -409,7 +370,7 @@ def import_hira(
         else:
             rest[k] = t
     if not factors:
-        raise CheckpointError(f"no hira_A/hira_B tensors in {path}")
+        raise CheckpointError(f"no hira_A/hira_B tensors in {os.path.join(src, WEIGHTS_NAME)}")
     out: dict[str, torch.Tensor] = {}
     for mod, pair in sorted(factors.items()):
         if set(pair) != {"hira_A", "hira_B"}:
