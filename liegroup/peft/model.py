@@ -212,11 +212,13 @@ class LieRAModel(nn.Module):
         }
 
     def _save_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        return [
-            (n, m)
-            for n, m in _logical_modules(self.base_model)
-            if isinstance(m, ModulesToSaveWrapper)
-        ]
+        seen: set[int] = set()
+        out = []
+        for n, m in _logical_modules(self.base_model):
+            if isinstance(m, ModulesToSaveWrapper) and id(m) not in seen:
+                seen.add(id(m))
+                out.append((n, m))
+        return out
 
     def _inject(self, adapter_name: str, config: LieRAConfig) -> None:
         if not isinstance(config, LieRAConfig):
@@ -301,13 +303,19 @@ class LieRAModel(nn.Module):
                     gen.prune_(config.rank_pattern[name])
                 if self.active_adapter != adapter_name:
                     layer.active_adapter = self._layer_active(layer)
+            wrapped: dict[int, ModulesToSaveWrapper] = {}  # one module, several names
             for name, module in saves:
+                if id(module) in wrapped:
+                    _set_submodule(self.base_model, name, wrapped[id(module)])
+                    undo.append(functools.partial(_set_submodule, self.base_model, name, module))
+                    continue
                 if isinstance(module, ModulesToSaveWrapper):
                     wrapper = module
                 else:
                     wrapper = ModulesToSaveWrapper(module, name)
                     _set_submodule(self.base_model, name, wrapper)
                     undo.append(functools.partial(_set_submodule, self.base_model, name, module))
+                wrapped[id(module)] = wrapped[id(wrapper)] = wrapper
                 wrapper.add_adapter(adapter_name)
                 undo.append(functools.partial(wrapper.delete_adapter, adapter_name))
                 wrapper.set_adapter(self.active_adapter)

@@ -305,3 +305,23 @@ def test_a_meta_weight_raises_a_device_error() -> None:
         net = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(DeviceError, match="meta"):
         get_peft_model(net, LieRAConfig(rank=1, target_modules=["0"]))
+
+
+def test_a_module_to_save_used_twice_gets_one_trained_copy(tmp_path) -> None:
+    """One head under two names got two wrappers, each with its own trained copy."""
+    torch.manual_seed(6)
+    head = nn.Linear(4, 4)
+    net = nn.Sequential(nn.Linear(4, 4), head, nn.Tanh(), head)
+    base = copy.deepcopy(net)
+    assert base[1] is base[3]
+    model = get_peft_model(net, LieRAConfig(rank=1, target_modules=["0"],
+                                            modules_to_save=["1", "3"]))
+    assert net[1] is net[3] and len(model._save_wrappers()) == 1
+    x = torch.randn(2, 4)
+    _train_a_little(model, x)
+    model.eval()
+    y = model(x).detach()
+    model.save_pretrained(tmp_path)
+    loaded = LieRAModel.from_pretrained(base, tmp_path)
+    assert base[1] is base[3]
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
