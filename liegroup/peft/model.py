@@ -32,7 +32,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from liegroup.peft.layer import (
 
 __all__ = ["WEIGHTS_NAME", "LieRAModel", "get_peft_model"]
 
+_W = TypeVar("_W", bound=nn.Module)
 WEIGHTS_NAME = "adapter_model.safetensors"
 _SAVE_PREFIX = "modules_to_save."
 
@@ -90,6 +91,17 @@ def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 yield from walk(name, child)
 
     yield from walk("", model)
+
+
+def _first_names(model: nn.Module, kind: type[_W]) -> list[tuple[str, _W]]:
+    """``(name, module)`` for each module of type ``kind``, once, under its first name."""
+    seen: set[int] = set()
+    out = []
+    for n, m in _logical_modules(model):
+        if isinstance(m, kind) and id(m) not in seen:
+            seen.add(id(m))
+            out.append((n, m))
+    return out
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -177,13 +189,7 @@ class LieRAModel(nn.Module):
         A layer reachable under several names (one module used twice) is listed once, under
         its first name.
         """
-        seen: set[int] = set()
-        out = []
-        for n, m in _logical_modules(self.base_model):
-            if isinstance(m, LieRALayer) and id(m) not in seen:
-                seen.add(id(m))
-                out.append((n, m))
-        return out
+        return _first_names(self.base_model, LieRALayer)
 
     def _restore_flags(self) -> None:
         for p, flag in self._user_flags:
@@ -212,13 +218,7 @@ class LieRAModel(nn.Module):
         }
 
     def _save_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        seen: set[int] = set()
-        out = []
-        for n, m in _logical_modules(self.base_model):
-            if isinstance(m, ModulesToSaveWrapper) and id(m) not in seen:
-                seen.add(id(m))
-                out.append((n, m))
-        return out
+        return _first_names(self.base_model, ModulesToSaveWrapper)
 
     def _inject(self, adapter_name: str, config: LieRAConfig) -> None:
         if not isinstance(config, LieRAConfig):
