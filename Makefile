@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # while an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install test test-all lint demo bench docs clean
+.PHONY: install test test-all lint demo bench docs timm clean
 
 $(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c \
           liegroup/peft/_engine/_cfused.c liegroup/peft/_engine/_ctucker.c \
@@ -56,5 +56,28 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
+# timm needs torchvision, and no torchvision wheel imports beside the pinned CPU torch above
+# (PyPI's torchvision is a CUDA build: `torchvision::nms does not exist`). `make timm` builds a
+# separate venv with a torch/torchvision pair that imports together and runs the timm example
+# and tests there; it is not part of `make test`. The default pairs are those these machines
+# hold on disk (x86-64: a CUDA build of about 5.5 GB that runs on the CPU; aarch64: a CPU
+# build); set TIMM_TORCH for another matching pair.
+TIMM_VENV := .venv-timm
+ifeq ($(shell uname -m),aarch64)
+TIMM_TORCH ?= torch==2.9.1 torchvision==0.24.1
+else
+TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
+endif
+$(TIMM_VENV)/.installed: pyproject.toml Makefile setup.py
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install -q $(TIMM_TORCH) timm
+	$(TIMM_VENV)/bin/python -m pip install -q -e ".[dev]" $(TIMM_TORCH) timm
+	touch $@
+
+timm: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python -m examples.timm_convnext
+	$(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/hf/test_timm.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
