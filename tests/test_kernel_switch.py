@@ -80,8 +80,9 @@ def test_import_without_the_built_extension_warns_once(tmp_path: pathlib.Path) -
         "expm(torch.eye(3)); liegroup.peft._engine.compiled_kernel()"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path),
-                                            "LIEGROUP_DISABLE_KERNELS": ""},
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                             "LIEGROUP_DISABLE_KERNELS": ""},
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("KernelUnavailableWarning") == 2, out.stderr

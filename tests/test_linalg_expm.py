@@ -85,10 +85,19 @@ def test_expm_sympy_exact(A: list[list[int]], expm_path: ExpmPath) -> None:
     assert rel_err(X, ref) <= 8 * U64 * max(1.0, expm_kappa(np.array(A, dtype=float)))
 
 
-def test_expm_nilpotent_exact_bits(expm_path: ExpmPath) -> None:
+def test_expm_nilpotent_keeps_unit_triangular_structure(expm_path: ExpmPath) -> None:
+    """exp(N) = I + N + N²/2 for N³ = 0: the strict lower part is exactly 0 and the diagonal
+    exactly 1 (every product there has an exact-zero factor, and the Padé quotient of a unit
+    triangular pair is unit triangular); the upper part is within the rounding of the Padé
+    evaluation, a few u of ‖exp(N)‖ (its entries are not exact: the summation order and
+    fused multiply-adds of the CPU's BLAS decide their last bits)."""
     N = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    expected = torch.eye(3, dtype=torch.float64) + N + N @ N / 2
-    torch.testing.assert_close(expm(N), expected, rtol=2 * U64, atol=0)
+    expected = torch.eye(3, dtype=torch.float64) + N + N @ N / 2  # exact in float64
+    X = expm(N)
+    assert torch.equal(X.tril(-1), torch.zeros(3, 3, dtype=torch.float64))
+    assert torch.equal(X.diagonal(), torch.ones(3, dtype=torch.float64))
+    kappa = max(1.0, expm_kappa(N.numpy()))
+    assert rel_err(X.numpy(), expected.numpy()) <= 8 * U64 * kappa
 
 
 # --------------------------------------------------------------------------- properties
