@@ -299,3 +299,16 @@ def test_lowrank_form_autograd_matches_the_torch_formulation(kernel: bool,
         assert got is not None and want is not None
         scale = float(want.abs().max())
         assert float((got.double() - want).abs().max()) <= 64 * 2.0**-24 * scale
+
+
+def test_a_frozen_parameter_takes_the_eager_direct_path() -> None:
+    """A base layer's frozen weight is an ``nn.Parameter``: it skips the dispatcher as a tensor
+    does; a tensor subclass (which may override dispatch) does not."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    W = torch.nn.Parameter(torch.randn(3, 4), requires_grad=False)
+    assert ops._eager_direct(W, torch.randn(3, 1), None)
+    assert not ops._eager_direct(torch.randn(3, 4).as_subclass(Sub))
+    assert not ops._eager_direct(W, torch.randn(3, 1, device="meta"))

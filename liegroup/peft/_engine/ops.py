@@ -156,6 +156,10 @@ def _kernel_takes(numel: int, r: int, *ts: torch.Tensor) -> bool:
     return all(t.dtype is _F32 and t.is_cpu for t in ts)
 
 
+# A frozen base weight is an nn.Parameter: a plain tensor to the dispatcher (its
+# __torch_function__ is disabled), so it takes the direct path too; subclasses of either do not.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 # Internal switch for tests: False sends eager CPU calls through the dispatcher too.
 _EAGER_DIRECT: bool = True
 
@@ -173,7 +177,7 @@ def _eager_direct(*ts: torch.Tensor | None) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or (type(t) is torch.Tensor and t.is_cpu) for t in ts)
+    return all(t is None or (type(t) in _PLAIN_TYPES and t.is_cpu) for t in ts)
 
 
 # ---------------------------------------------------------------------------- torch maths
