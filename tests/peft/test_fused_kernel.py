@@ -361,6 +361,21 @@ def test_exp_special_inputs(isa: str) -> None:
     assert not np.signbit(out[3]) and not np.signbit(out[7])
 
 
+def test_exp_bits_do_not_depend_on_the_other_lanes(isa: str) -> None:
+    """A vector with every lane in [-87, 88] takes the kernel's short path; one lane outside
+    sends it through the general path. Both give the same bits for every in-range entry."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.uniform(-87.0, 88.0, 4096),
+                        [-87.0, 88.0, 0.0, -0.0, 1e-30, -86.99999, 87.99999]]).astype(np.float32)
+    alone = _kernel_exp(x)  # whole vectors in range (the tail vector too: zero-padded)
+    # the same values with an out-of-range neighbour in every vector of every width
+    mixed = np.empty(2 * x.size, dtype=np.float32)
+    mixed[0::2], mixed[1::2] = x, np.float32(-100.0)
+    assert np.array_equal(_kernel_exp(mixed)[0::2], alone)
+    mixed[1::2] = np.float32(np.nan)
+    assert np.array_equal(_kernel_exp(mixed)[0::2], alone)
+
+
 # --------------------------------------------------------------------------- 3. form
 ROWS = [1, 2, 7, 10]
 COLS = [1, 5, 17, 33, 1000]

@@ -392,6 +392,9 @@ PyMODINIT_FUNC PyInit__cfused(void) {
 #else /* ================================================================ body */
 
 #define VW (CF_VB / 4)
+/* Ranks per group of the gradient kernel in this body: with 16 vector registers (baseline,
+ * AVX2) a row pair's 2 x 8 accumulators and 8 vectors of R would spill, so 4. */
+#define KG (CF_VB >= 64 ? CF_KG : CF_KG / 2)
 typedef float CF_S(vf) __attribute__((vector_size(CF_VB)));
 typedef int32_t CF_S(vi) __attribute__((vector_size(CF_VB)));
 #define vf CF_S(vf)
@@ -406,14 +409,22 @@ CF_FI void CF_S(st)(float *p, vf v) { memcpy(p, &v, sizeof v); }
 CF_FI vf CF_S(splat)(float s) { return (vf){0} + s; }
 CF_FI vf CF_S(sel)(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
-/* exp(x), about 1 ulp: x = n ln2 + t, |t| <= ln2/2, exp(t) by Cephes' expf polynomial,
- * 2^n applied as two factors (n in [-150, 129] after clamping, each factor a normal). */
-CF_FI vf CF_S(vexp)(vf x) {
-    x = CF_S(sel)(x > 89.0f, CF_S(splat)(89.0f), x);
-    x = CF_S(sel)(x < -104.0f, CF_S(splat)(-104.0f), x);
-    vf nf = x * 1.44269504088896341f + 12582912.0f;
-    nf = nf - 12582912.0f;
-    nf = CF_S(sel)(x == x, nf, CF_S(splat)(0.0f)); /* NaN: no conversion of NaN to int */
+/* Whether every lane of the comparison mask m is set. */
+CF_FI int CF_S(all)(vi m) {
+#if CF_VB == 32 && defined(CF_X86_ISA)
+    return _mm256_movemask_ps((__m256)m) == 0xFF;
+#elif CF_VB == 64 && defined(CF_X86_ISA)
+    return _mm512_movepi32_mask((__m512i)m) == 0xFFFF;
+#else
+    uint64_t b[CF_VB / 8], a = ~(uint64_t)0;
+    memcpy(b, &m, sizeof b);
+    for (int q = 0; q < CF_VB / 8; q++) a &= b[q];
+    return a == ~(uint64_t)0;
+#endif
+}
+
+/* exp(t) for the reduced argument t = x - n ln2 (n = nf), by Cephes' expf polynomial. */
+CF_FI vf CF_S(vexp_poly)(vf x, vf nf) {
     vf t = x - nf * 0.693359375f;
     t = t - nf * -2.12194440e-4f;
     vf p = 1.9875691500e-4f * t + 1.3981999507e-3f;
@@ -421,9 +432,28 @@ CF_FI vf CF_S(vexp)(vf x) {
     p = p * t + 4.1665795894e-2f;
     p = p * t + 1.6666665459e-1f;
     p = p * t + 5.0000001201e-1f;
-    vf y = p * (t * t) + t + 1.0f;
+    return p * (t * t) + t + 1.0f;
+}
+
+/* exp(x), about 1 ulp: x = n ln2 + t, |t| <= ln2/2, exp(t) by Cephes' expf polynomial,
+ * 2^n applied as two factors (n in [-150, 129] after clamping, each factor a normal).
+ * A vector whose every lane lies in [-87, 88] (NaN fails the test) skips the clamps and the
+ * NaN lane and scales by 2^n in one product (n in [-126, 127], the result normal): the same
+ * bits as the general path, which scales a normal value exactly there. */
+CF_FI vf CF_S(vexp)(vf x) {
+    if (CF_S(all)((x >= -87.0f) & (x <= 88.0f))) {
+        vf nf = x * 1.44269504088896341f + 12582912.0f;
+        nf = nf - 12582912.0f;
+        const vf y = CF_S(vexp_poly)(x, nf);
+        return y * (vf)((__builtin_convertvector(nf, vi) + 127) << 23);
+    }
+    x = CF_S(sel)(x > 89.0f, CF_S(splat)(89.0f), x);
+    x = CF_S(sel)(x < -104.0f, CF_S(splat)(-104.0f), x);
+    vf nf = x * 1.44269504088896341f + 12582912.0f;
+    nf = nf - 12582912.0f;
+    nf = CF_S(sel)(x == x, nf, CF_S(splat)(0.0f)); /* NaN: no conversion of NaN to int */
+    vf y = CF_S(vexp_poly)(x, nf);
 #if CF_VB == 64 && defined(CF_X86_ISA)
-    (void)x;
     return (vf)_mm512_scalef_ps((__m512)y, (__m512)nf); /* y 2^n, one rounding */
 #endif
     vi n = __builtin_convertvector(nf, vi);
@@ -716,8 +746,8 @@ CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
                 CF_S(st)(gd1 + (pv - p0),
                          two ? CF_S(gdelta)(jb, i1, jv, tail, Rtail, VW, 0) : (vf){0});
             }
-            for (int k0 = 0; k0 < r; k0 += CF_KG) {
-                const int kn = r - k0 < CF_KG ? r - k0 : CF_KG;
+            for (int k0 = 0; k0 < r; k0 += KG) {
+                const int kn = r - k0 < KG ? r - k0 : KG;
 #define CF_GROUP(n) CF_S(grads_group)(jb, k0, n, i, i1, two, p0, pv, with_tail, gd0, gd1, Rtail)
                 switch (kn) {
                 case 1: CF_GROUP(1); break;
@@ -743,20 +773,26 @@ CF_FN void CF_S(grads_rows)(cf_job *jb) {
     memset(jb->gL + (size_t)jb->row0 * r, 0, sizeof(float) * (size_t)(jb->row1 - jb->row0) * r);
     float Rtail[CF_RMAX * VW];
     if (tail) CF_S(tail_r)(jb->R, cols, r, cols - tail, tail, Rtail);
+    if (r > KG) {
+        CF_S(grads_multi)(jb, Rtail);
+        return;
+    }
     switch (r) {
     case 1: CF_S(grads_pass)(jb, 1, Rtail); break;
     case 2: CF_S(grads_pass)(jb, 2, Rtail); break;
     case 3: CF_S(grads_pass)(jb, 3, Rtail); break;
     case 4: CF_S(grads_pass)(jb, 4, Rtail); break;
+#if KG > 4
     case 5: CF_S(grads_pass)(jb, 5, Rtail); break;
     case 6: CF_S(grads_pass)(jb, 6, Rtail); break;
     case 7: CF_S(grads_pass)(jb, 7, Rtail); break;
-    case 8: CF_S(grads_pass)(jb, 8, Rtail); break;
-    default: CF_S(grads_multi)(jb, Rtail); break;
+    default: CF_S(grads_pass)(jb, 8, Rtail); break;
+#endif
     }
 }
 
 #undef vf
 #undef vi
+#undef KG
 #undef VW
 #endif
