@@ -59,7 +59,8 @@
  * weights of a ResNet-50 (rank 8, AVX-512, 2 MiB L2): with 512 columns (L1-sized panels) the
  * many short row segments ran slower than the prefetcher-friendly long ones (below). */
 #define CF_PANEL 2048
-/* Rank handled per pass of the gradient kernel (its accumulators live in registers). */
+/* Most ranks per pass of the gradient kernel (its accumulators live in registers); each
+ * body takes KG <= CF_KG of them, by its register count. */
 #define CF_KG 8
 /* Largest rank taken (larger: the caller's torch path). */
 #define CF_RMAX 256
@@ -650,7 +651,7 @@ CF_FI void CF_S(load_r)(const float *R, int cols, int k0, const int KN, int j, v
     for (int k = 0; k < KN; k++) rv[k] = CF_S(ld)(R + (size_t)(k0 + k) * cols + j);
 }
 
-/* Rank r = KN <= CF_KG (a compile-time constant after inlining): one pass over the rows, G_Δ
+/* Rank r = KN <= KG (a compile-time constant after inlining): one pass over the rows, G_Δ
  * formed in registers per column vector. */
 CF_FI void CF_S(grads_pass)(cf_job *jb, const int KN, const float *Rtail) {
     const int cols = jb->cols, tail = cols % VW, jv = cols - tail;
@@ -721,10 +722,10 @@ CF_FI void CF_S(grads_group)(cf_job *jb, int k0, const int KN, int i, int i1, in
     CF_S(pair_end)(jb, i, i1, two, k0, KN, a0, a1);
 }
 
-/* Ranks above CF_KG (the accumulators of CF_KG ranks fill the registers): G_Δ of a row pair's
+/* Ranks above KG (the accumulators of KG ranks fill the registers): G_Δ of a row pair's
  * panel is formed once into an L1 buffer (G and M read once, the exact map's exp(L R) over all
  * ranks computed once per entry) and every rank group runs on it; a pass per group over G and
- * M would read them and recompute exp once per group. For rank <= CF_KG the one-pass kernel
+ * M would read them and recompute exp once per group. For rank <= KG the one-pass kernel
  * above is faster (the buffer's cost is not repaid there). */
 CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
     const int cols = jb->cols, r = jb->r, tail = cols % VW, jv = cols - tail;
