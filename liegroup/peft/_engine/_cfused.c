@@ -424,6 +424,12 @@ CF_FI int CF_S(all)(vi m) {
 #endif
 }
 
+/* n = round(x / ln2) (round to nearest even by the 1.5 * 2^23 shift). */
+CF_FI vf CF_S(vexp_n)(vf x) {
+    vf nf = x * 1.44269504088896341f + 12582912.0f;
+    return nf - 12582912.0f;
+}
+
 /* exp(t) for the reduced argument t = x - n ln2 (n = nf), by Cephes' expf polynomial. */
 CF_FI vf CF_S(vexp_poly)(vf x, vf nf) {
     vf t = x - nf * 0.693359375f;
@@ -443,16 +449,14 @@ CF_FI vf CF_S(vexp_poly)(vf x, vf nf) {
  * bits as the general path, which scales a normal value exactly there. */
 CF_FI vf CF_S(vexp)(vf x) {
     if (CF_S(all)((x >= -87.0f) & (x <= 88.0f))) {
-        vf nf = x * 1.44269504088896341f + 12582912.0f;
-        nf = nf - 12582912.0f;
+        const vf nf = CF_S(vexp_n)(x);
         const vf y = CF_S(vexp_poly)(x, nf);
         return y * (vf)((__builtin_convertvector(nf, vi) + 127) << 23);
     }
     x = CF_S(sel)(x > 89.0f, CF_S(splat)(89.0f), x);
     x = CF_S(sel)(x < -104.0f, CF_S(splat)(-104.0f), x);
-    vf nf = x * 1.44269504088896341f + 12582912.0f;
-    nf = nf - 12582912.0f;
-    nf = CF_S(sel)(x == x, nf, CF_S(splat)(0.0f)); /* NaN: no conversion of NaN to int */
+    /* NaN: n = 0, no conversion of NaN to int */
+    vf nf = CF_S(sel)(x == x, CF_S(vexp_n)(x), CF_S(splat)(0.0f));
     vf y = CF_S(vexp_poly)(x, nf);
 #if CF_VB == 64 && defined(CF_X86_ISA)
     return (vf)_mm512_scalef_ps((__m512)y, (__m512)nf); /* y 2^n, one rounding */
@@ -755,10 +759,12 @@ CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
                 case 2: CF_GROUP(2); break;
                 case 3: CF_GROUP(3); break;
                 case 4: CF_GROUP(4); break;
+#if KG > 4
                 case 5: CF_GROUP(5); break;
                 case 6: CF_GROUP(6); break;
                 case 7: CF_GROUP(7); break;
                 default: CF_GROUP(8); break;
+#endif
                 }
 #undef CF_GROUP
             }
