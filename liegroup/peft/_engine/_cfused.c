@@ -442,16 +442,33 @@ CF_FI vf CF_S(vexp_poly)(vf x, vf nf) {
     return p * (t * t) + t + 1.0f;
 }
 
+/* Whether every lane of x[0..nv) lies in [-87, 88] (NaN fails the test). */
+CF_FI int CF_S(in_short_range)(const vf *x, const int nv) {
+    vi m = (x[0] >= -87.0f) & (x[0] <= 88.0f);
+    for (int v = 1; v < nv; v++) m &= (x[v] >= -87.0f) & (x[v] <= 88.0f);
+    return CF_S(all)(m);
+}
+
+/* exp of x[0..nv) in place, every lane in [-87, 88]: n in [-126, 127], so 2^n is one normal
+ * factor and y 2^n is exact. Each step runs over all nv vectors before the next, so that
+ * their independent chains interleave; an entry sees the same operations whatever nv is. */
+CF_FI void CF_S(vexp_short)(vf *x, const int nv) {
+    vf nf[CF_KG];
+    for (int v = 0; v < nv; v++) nf[v] = CF_S(vexp_n)(x[v]);
+    for (int v = 0; v < nv; v++)
+        x[v] = CF_S(vexp_poly)(x[v], nf[v]) *
+               (vf)((__builtin_convertvector(nf[v], vi) + 127) << 23);
+}
+
 /* exp(x), about 1 ulp: x = n ln2 + t, |t| <= ln2/2, exp(t) by Cephes' expf polynomial,
  * 2^n applied as two factors (n in [-150, 129] after clamping, each factor a normal).
- * A vector whose every lane lies in [-87, 88] (NaN fails the test) skips the clamps and the
- * NaN lane and scales by 2^n in one product (n in [-126, 127], the result normal): the same
- * bits as the general path, which scales a normal value exactly there. */
+ * A vector whose every lane lies in [-87, 88] takes vexp_short, which skips the clamps and
+ * the NaN lane: the same bits as the general path, which scales a normal value exactly
+ * there. */
 CF_FI vf CF_S(vexp)(vf x) {
-    if (CF_S(all)((x >= -87.0f) & (x <= 88.0f))) {
-        const vf nf = CF_S(vexp_n)(x);
-        const vf y = CF_S(vexp_poly)(x, nf);
-        return y * (vf)((__builtin_convertvector(nf, vi) + 127) << 23);
+    if (CF_S(in_short_range)(&x, 1)) {
+        CF_S(vexp_short)(&x, 1);
+        return x;
     }
     x = CF_S(sel)(x > 89.0f, CF_S(splat)(89.0f), x);
     x = CF_S(sel)(x < -104.0f, CF_S(splat)(-104.0f), x);
@@ -467,6 +484,18 @@ CF_FI vf CF_S(vexp)(vf x) {
     vf s1 = (vf)((n1 + 127) << 23);
     vf s2 = (vf)((n2 + 127) << 23);
     return y * s1 * s2;
+}
+
+/* s[0..nv) in place: exp(s) (mode 0) or s + 1 (mode 1), the factor that multiplies W; with
+ * every lane in the short range, one vexp_short over all nv vectors. */
+CF_FI void CF_S(factor)(int mode, vf *s, const int nv) {
+    if (mode != 0) {
+        for (int v = 0; v < nv; v++) s[v] = s[v] + 1.0f;
+    } else if (CF_S(in_short_range)(s, nv)) {
+        CF_S(vexp_short)(s, nv);
+    } else {
+        for (int v = 0; v < nv; v++) s[v] = CF_S(vexp)(s[v]);
+    }
 }
 
 /* Σ_k L[row, k] R[k, j..j+VW) for two column vectors. */
@@ -504,7 +533,48 @@ CF_FI vf CF_S(ldn)(const float *p, int n) {
 }
 
 CF_FI vf CF_S(apply)(int mode, vf w, vf s) {
-    return mode == 0 ? w * CF_S(vexp)(s) : (s + 1.0f) * w;
+    CF_S(factor)(mode, &s, 1);
+    return w * s;
+}
+
+/* The four rows i..i+3 of W' over the vector columns [0, jv), pairs of vectors at a time: each
+ * vector of R is loaded once for four rows (R is re-read from L2 once per block of rows);
+ * each entry's arithmetic is the single-row one of form_rows. Operands come as values:
+ * read through jb, every store to out would make the compiler reload them
+ * (-fno-strict-aliasing). */
+CF_FI void CF_S(form_four)(const int mode, const float *W, const float *l, const float *R,
+                           float *out, int cols, int r, int jv, int prefetch) {
+    for (int j = 0; j + 2 * VW <= jv; j += 2 * VW) {
+        if (prefetch) /* the next four rows (as in grads) */
+            for (int q = 4; q < 8; q++) {
+                __builtin_prefetch(W + (size_t)q * cols + j, 0, 3);
+                __builtin_prefetch(W + (size_t)q * cols + j + VW, 0, 3);
+            }
+        vf s[8];
+        for (int v = 0; v < 8; v++) s[v] = (vf){0};
+        for (int k = 0; k < r; k++) {
+            const vf b0 = CF_S(ld)(R + (size_t)k * cols + j);
+            const vf b1 = CF_S(ld)(R + (size_t)k * cols + j + VW);
+            for (int q = 0; q < 4; q++) {
+                const float lq = l[(size_t)q * r + k];
+                s[2 * q] += lq * b0;
+                s[2 * q + 1] += lq * b1;
+            }
+        }
+        CF_S(factor)(mode, s, 8);
+        for (int q = 0; q < 4; q++) {
+            const size_t o = (size_t)q * cols + j;
+            CF_S(st)(out + o, CF_S(ld)(W + o) * s[2 * q]);
+            CF_S(st)(out + o + VW, CF_S(ld)(W + o + VW) * s[2 * q + 1]);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        const float *lq = l + (size_t)q * r;
+        const size_t o = (size_t)q * cols;
+        for (int j = jv / (2 * VW) * (2 * VW); j < jv; j += VW)
+            CF_S(st)(out + o + j,
+                     CF_S(apply)(mode, CF_S(ld)(W + o + j), CF_S(dot1)(lq, R, cols, r, j)));
+    }
 }
 
 CF_FN void CF_S(form_rows)(cf_job *jb) {
@@ -514,40 +584,13 @@ CF_FN void CF_S(form_rows)(cf_job *jb) {
     const int tail = cols % VW, jv = cols - tail;
     if (tail) CF_S(tail_r)(R, cols, r, jv, tail, Rtail);
     int i = jb->row0;
-    /* four rows at a time: each vector of R is loaded once for four rows (R is re-read from
-     * L2 once per block of rows); each entry's arithmetic is the single-row one below */
     for (; i + 4 <= jb->row1; i += 4) {
-        const float *l = jb->L + (size_t)i * r;
-        for (int j = 0; j + 2 * VW <= jv; j += 2 * VW) {
-            if (i + 8 <= jb->row1) /* the next four rows (as in grads) */
-                for (int q = 4; q < 8; q++) {
-                    __builtin_prefetch(jb->W + (size_t)(i + q) * cols + j, 0, 3);
-                    __builtin_prefetch(jb->W + (size_t)(i + q) * cols + j + VW, 0, 3);
-                }
-            vf s[4][2];
-            for (int q = 0; q < 4; q++) s[q][0] = s[q][1] = (vf){0};
-            for (int k = 0; k < r; k++) {
-                const vf b0 = CF_S(ld)(R + (size_t)k * cols + j);
-                const vf b1 = CF_S(ld)(R + (size_t)k * cols + j + VW);
-                for (int q = 0; q < 4; q++) {
-                    const float lq = l[(size_t)q * r + k];
-                    s[q][0] += lq * b0;
-                    s[q][1] += lq * b1;
-                }
-            }
-            for (int q = 0; q < 4; q++) {
-                const size_t o = (size_t)(i + q) * cols + j;
-                CF_S(st)(jb->out + o, CF_S(apply)(mode, CF_S(ld)(jb->W + o), s[q][0]));
-                CF_S(st)(jb->out + o + VW, CF_S(apply)(mode, CF_S(ld)(jb->W + o + VW), s[q][1]));
-            }
-        }
-        for (int q = 0; q < 4; q++) {
-            const float *lq = l + (size_t)q * r;
-            const size_t o = (size_t)(i + q) * cols;
-            for (int j = jv / (2 * VW) * (2 * VW); j < jv; j += VW)
-                CF_S(st)(jb->out + o + j,
-                         CF_S(apply)(mode, CF_S(ld)(jb->W + o + j), CF_S(dot1)(lq, R, cols, r, j)));
-        }
+        const size_t o = (size_t)i * cols;
+        const int pf = i + 8 <= jb->row1;
+        if (mode == 0)
+            CF_S(form_four)(0, jb->W + o, jb->L + (size_t)i * r, R, jb->out + o, cols, r, jv, pf);
+        else
+            CF_S(form_four)(1, jb->W + o, jb->L + (size_t)i * r, R, jb->out + o, cols, r, jv, pf);
     }
     for (; i < jb->row1; i++) {
         const float *l = jb->L + (size_t)i * r, *w = jb->W + (size_t)i * cols;
@@ -590,6 +633,30 @@ CF_FI vf CF_S(gdelta)(const cf_job *jb, int i, int j, int n, const float *Rsrc, 
     if (jb->mode == 1) g *= CF_S(vexp)(CF_S(dot1)(jb->L + (size_t)i * jb->r, Rsrc, rstride,
                                                   jb->r, jr));
     return g;
+}
+
+/* G_Δ of the row pair (i, i1) at the full column vector j into d0, d1 (d1 zero unless two):
+ * gdelta's arithmetic per entry, the exact map's two exps in one vexp_short where both
+ * vectors are in its range. */
+CF_FI void CF_S(gdelta_pair)(const cf_job *jb, int i, int i1, int two, int j, float *d0,
+                             float *d1) {
+    if (jb->mode != 1) {
+        CF_S(st)(d0, CF_S(gdelta)(jb, i, j, VW, jb->R, jb->cols, j));
+        CF_S(st)(d1, two ? CF_S(gdelta)(jb, i1, j, VW, jb->R, jb->cols, j) : (vf){0});
+        return;
+    }
+    const int cols = jb->cols, r = jb->r;
+    const float *R = jb->R, *l0 = jb->L + (size_t)i * r, *l1 = jb->L + (size_t)i1 * r;
+    vf e[2] = {{0}, {0}};
+    for (int k = 0; k < r; k++) {
+        const vf b = CF_S(ld)(R + (size_t)k * cols + j);
+        e[0] += l0[k] * b;
+        e[1] += l1[k] * b;
+    }
+    CF_S(factor)(0, e, 2);
+    const size_t o0 = (size_t)i * cols + j, o1 = (size_t)i1 * cols + j;
+    CF_S(st)(d0, CF_S(ld)(jb->G + o0) * CF_S(ld)(jb->M + o0) * e[0]);
+    CF_S(st)(d1, two ? CF_S(ld)(jb->G + o1) * CF_S(ld)(jb->M + o1) * e[1] : (vf){0});
 }
 
 /* Column j of rows n0 and n1 of G (and M) towards the cache: a row's segment of a panel is
@@ -678,15 +745,15 @@ CF_FI void CF_S(grads_pass)(cf_job *jb, const int KN, const float *Rtail) {
                 vf rv[CF_KG], g0, g1;
                 CF_S(load_r)(R, cols, 0, KN, j, rv);
                 if (exact) { /* exp(L R) from the R vectors just loaded (dot1's sum) */
-                    vf s0 = {0}, s1 = {0};
+                    vf e[2] = {{0}, {0}};
                     for (int k = 0; k < KN; k++) {
-                        s0 += l0[k] * rv[k];
-                        s1 += l1[k] * rv[k];
+                        e[0] += l0[k] * rv[k];
+                        e[1] += l1[k] * rv[k];
                     }
+                    CF_S(factor)(0, e, 2);
                     const size_t o0 = (size_t)i * cols + j, o1 = (size_t)i1 * cols + j;
-                    g0 = CF_S(ld)(jb->G + o0) * CF_S(ld)(jb->M + o0) * CF_S(vexp)(s0);
-                    g1 = two ? CF_S(ld)(jb->G + o1) * CF_S(ld)(jb->M + o1) * CF_S(vexp)(s1)
-                             : (vf){0};
+                    g0 = CF_S(ld)(jb->G + o0) * CF_S(ld)(jb->M + o0) * e[0];
+                    g1 = two ? CF_S(ld)(jb->G + o1) * CF_S(ld)(jb->M + o1) * e[1] : (vf){0};
                 } else {
                     g0 = CF_S(gdelta)(jb, i, j, VW, R, cols, j);
                     g1 = two ? CF_S(gdelta)(jb, i1, j, VW, R, cols, j) : (vf){0};
@@ -742,9 +809,7 @@ CF_FN void CF_S(grads_multi)(cf_job *jb, const float *Rtail) {
             const int n0 = i + 2 < jb->row1 ? i + 2 : i, n1 = i + 3 < jb->row1 ? i + 3 : n0;
             for (int j = p0; j < pv; j += VW) {
                 CF_S(prefetch_rows)(jb, n0, n1, j);
-                CF_S(st)(gd0 + (j - p0), CF_S(gdelta)(jb, i, j, VW, jb->R, cols, j));
-                CF_S(st)(gd1 + (j - p0),
-                         two ? CF_S(gdelta)(jb, i1, j, VW, jb->R, cols, j) : (vf){0});
+                CF_S(gdelta_pair)(jb, i, i1, two, j, gd0 + (j - p0), gd1 + (j - p0));
             }
             if (with_tail) {
                 CF_S(st)(gd0 + (pv - p0), CF_S(gdelta)(jb, i, jv, tail, Rtail, VW, 0));

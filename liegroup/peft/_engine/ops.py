@@ -354,7 +354,9 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
         _form_into_cpu(W, L, R, first_order, out)
     else:
         torch.ops.liegroup.lowrank_form_into(W, L, R, first_order, out)
-    return out.view(W.shape)
+    # a view is a dispatcher call (tens of µs once a layer's passes have evicted the
+    # interpreter from cache): the engine's workspace has W's shape already
+    return out if out.shape == W.shape else out.view(W.shape)
 
 
 # ---------------------------------------------------------------------------- factor grads
