@@ -9,7 +9,8 @@ first that the kernel takes the call (``ops._kernel_takes``), or count the calls
   ``_USE_KERNEL`` switch;
 * its ``exp`` is within 1 ulp of the float64 exponential on every instruction-set body this
   CPU has, with exact inf / 0 / NaN / 1 where they are due and correctly rounded subnormal
-  results away from rounding midpoints;
+  results away from rounding midpoints; an entry's bits do not depend on the other entries
+  that share its vector, its four-row block (form) or its row pair (gradients);
 * ``form`` (both maps) and ``factor_grads`` (three modes) agree with float64 references to
   bounds derived from the float32 unit roundoff ``u`` (standard dot-product error analysis:
   ``|fl(x·y) − x·y| ≤ γ_n |x|·|y|``, ``γ_n = n u / (1 − n u)``), over shapes exercising the
@@ -374,6 +375,49 @@ def test_exp_bits_do_not_depend_on_the_other_lanes(isa: str) -> None:
     assert np.array_equal(_kernel_exp(mixed)[0::2], alone)
     mixed[1::2] = np.float32(np.nan)
     assert np.array_equal(_kernel_exp(mixed)[0::2], alone)
+
+
+def _kernel_exp_rows(X: np.ndarray) -> np.ndarray:
+    """exp of a (rows, cols) array through form: W = 1, L = I, R = X (row i's rank sum adds
+    exact zeros to 1·x, so it is x for finite X); four rows go through one row block."""
+    rows = X.shape[0]
+    out = form(torch.ones(X.shape), torch.eye(rows), torch.from_numpy(X).contiguous(), False)
+    return out.numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("other", [-100.0, 100.0, 50.0])
+def test_exp_bits_do_not_depend_on_the_rows_beside(isa: str, other: float) -> None:
+    """A block of four rows takes one range test and one interleaved exp: an entry's bits are
+    those of its row formed alone, whatever the block's other rows hold (below the range,
+    overflowing to inf, in range)."""
+    cols = 64 + 16 + 5  # the two-vector loop of every width, one-vector columns, a tail
+    x = np.random.default_rng(11).uniform(-87.0, 88.0, cols).astype(np.float32)
+    alone = _kernel_exp(x)
+    for row in range(4):
+        X = np.full((4, cols), other, dtype=np.float32)
+        X[row] = x
+        assert np.array_equal(_kernel_exp_rows(X)[row], alone), row
+
+
+@pytest.mark.parametrize("r", [2, 9], ids=["one pass", "rank groups"])
+@pytest.mark.parametrize("other", [-100.0, -90.0, 50.0])
+def test_gradient_exp_bits_do_not_depend_on_the_paired_row(isa: str, r: int,
+                                                           other: float) -> None:
+    """The gradient pass takes a row pair's two exps together (G ⊙ M ⊙ exp(L R)): with
+    G = M = 1, L = [I 0] and R = [X; 0], ∂L/∂R's row i is exp(X_i) exactly, the same bits
+    whatever the paired row holds and as the form's exp of the row alone."""
+    cols = 64 + 16 + 5
+    x = np.random.default_rng(12).uniform(-87.0, 88.0, cols).astype(np.float32)
+    alone = _kernel_exp(x)
+    for row in range(2):
+        R = torch.zeros(r, cols)
+        R[:2] = float(other)
+        R[row] = torch.from_numpy(x)
+        L = torch.zeros(2, r)
+        L[0, 0] = L[1, 1] = 1.0
+        ones = torch.ones(2, cols)
+        _, g_r = factor_grads(ones, ones, L, R, ops.GRAD_TIMES_EXP)
+        assert np.array_equal(g_r[row].numpy().astype(np.float64), alone), row
 
 
 # --------------------------------------------------------------------------- 3. form

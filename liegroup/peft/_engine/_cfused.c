@@ -453,7 +453,7 @@ CF_FI int CF_S(in_short_range)(const vf *x, const int nv) {
  * factor and y 2^n is exact. Each step runs over all nv vectors before the next, so that
  * their independent chains interleave; an entry sees the same operations whatever nv is. */
 CF_FI void CF_S(vexp_short)(vf *x, const int nv) {
-    vf nf[CF_KG];
+    vf nf[8]; /* nv <= 8 */
     for (int v = 0; v < nv; v++) nf[v] = CF_S(vexp_n)(x[v]);
     for (int v = 0; v < nv; v++)
         x[v] = CF_S(vexp_poly)(x[v], nf[v]) *
