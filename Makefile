@@ -10,8 +10,7 @@ TORCH  := torch==2.13.0
 .PHONY: install test test-all lint demo bench docs timm clean
 
 $(STAMP): pyproject.toml Makefile setup.py liegroup/linalg/_cexpm.c \
-          liegroup/peft/_engine/_cfused.c liegroup/peft/_engine/_ctucker.c \
-          liegroup/peft/_engine/_ctucker.h
+          liegroup/peft/_engine/_cfused.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

@@ -56,8 +56,7 @@ setup(
         ),
         Extension(
             "liegroup.peft._engine._cfused",
-            sources=["liegroup/peft/_engine/_cfused.c", "liegroup/peft/_engine/_ctucker.c"],
-            depends=["liegroup/peft/_engine/_ctucker.h"],
+            sources=["liegroup/peft/_engine/_cfused.c"],
             extra_compile_args=(
                 [*_ARGS, "-ffp-contract=fast", "-Werror=implicit-function-declaration"]
                 if _ARGS

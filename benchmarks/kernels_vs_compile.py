@@ -4,8 +4,8 @@ Run: ``.venv/bin/python -m benchmarks.kernels_vs_compile [--threads 1,2] [--roun
 [--steps 5] [--quick] [--no-layers] [--out DIR]``
 
 For every compiled entry point of ``liegroup/peft/_engine`` (``_cfused.c``: the weight form
-and the factor gradients; ``_ctucker.c``: Tucker's factors and their backward), on CPU,
-float32, rank 8, three ways of computing the same thing are timed side by side:
+and the factor gradients), on CPU, float32, rank 8, three ways of computing the same thing
+are timed side by side:
 
 * **kernel** — the eager op (``liegroup.peft._engine.ops``) through the C kernel;
 * **torch eager** — the same op with the kernel switched off (``ops._USE_KERNEL = False``:
@@ -58,11 +58,6 @@ FORM_SHAPES: tuple[tuple[str, int, int], ...] = (
     ("1024×1024 (Linear 1024)", 1024, 1024),
     ("512×4608 (Conv2d 512→512 3×3)", 512, 4608),
     ("2048×8192 (Linear 8192→2048)", 2048, 8192),
-)
-# (label, weight shape, kernel ranks): Tucker, rank 8 on modes 0 and 1
-TUCKER_SHAPES: tuple[tuple[str, tuple[int, ...], int], ...] = (
-    ("512×512×3×3, kernel ranks 3", (512, 512, 3, 3), 3),
-    ("32×32×3×3×3, kernel ranks 3", (32, 32, 3, 3, 3), 3),
 )
 LAYERS: tuple[tuple[str, Callable[[], nn.Module], tuple[int, ...]], ...] = (
     ("Conv2d 512→512 3×3, x (8,512,14,14)",
@@ -175,56 +170,6 @@ def lowrank_rows(rounds: int, steps: int, shapes: tuple[tuple[str, int, int], ..
     return out
 
 
-def _tucker_compiled(core: torch.Tensor, *us: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return ops._tucker_torch(core, us, 1.0)
-
-
-def _tucker_case(label: str, shape: tuple[int, ...], kr: int, rounds: int, steps: int
-                 ) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    ranks = [min(RANK, shape[0]), min(RANK, shape[1])] + [min(kr, n) for n in shape[2:]]
-    core = torch.randn(*ranks, generator=g).requires_grad_(True)
-    us = [torch.linalg.qr(torch.randn(n, r, generator=g))[0].requires_grad_(True)
-          for n, r in zip(shape, ranks, strict=True)]
-    cols = 1
-    for n in shape[1:]:
-        cols *= n
-    gL = torch.randn(shape[0], ranks[0], generator=g)
-    gR = torch.randn(ranks[0], cols, generator=g)
-    inputs = [core, *us]
-    cf = _compile(_tucker_compiled)
-
-    def fwd_eager() -> object:
-        with torch.no_grad():
-            return ops.tucker_factors(core, us, 1.0)
-
-    def fwd_compiled() -> object:
-        with torch.no_grad():
-            return cf(core, *us)
-
-    def both_eager() -> object:
-        return torch.autograd.grad(ops.tucker_factors(core, us, 1.0), inputs, (gL, gR))
-
-    def both_compiled() -> object:
-        return torch.autograd.grad(cf(core, *us), inputs, (gL, gR))
-
-    declined = not ops._tucker_kernel_takes(core, us)
-    out = []
-    for entry, a, c in (("tucker_factors forward", fwd_eager, fwd_compiled),
-                        ("tucker_factors forward+backward", both_eager, both_compiled)):
-        runs = {"kernel": a, "torch eager": _off(a), "compiled": c}
-        out.append(_row(entry, label, declined, interleaved_rounds(runs, "kernel", rounds, steps)))
-    return out
-
-
-def tucker_rows(rounds: int, steps: int) -> list[dict]:
-    out = []
-    for label, shape, kr in TUCKER_SHAPES:
-        out += _tucker_case(label, shape, kr, rounds, steps)
-        print(f"... tucker {label}", file=sys.stderr, flush=True)
-    return out
-
-
 FULL_EAGER = "full fine-tuning (eager)"
 
 
@@ -331,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(nt)
         torch._dynamo.reset()  # inductor's C++ specialises on the thread count
         rows = lowrank_rows(rounds, steps, FORM_SHAPES[:2] if args.quick else FORM_SHAPES)
-        rows += tucker_rows(rounds, steps)
         if not (args.quick or args.no_layers):
             rows += layer_rows(max(3, rounds - 2), max(2, steps - 2))
         tables[nt] = rows

@@ -44,12 +44,9 @@ CC=aarch64-linux-gnu-gcc
 (cd "$R/repo"
  $CC "${F[@]}" "${INC[@]}" -Iliegroup/linalg -c liegroup/linalg/_cexpm.c -o /tmp/a_cexpm.o
  $CC -shared /tmp/a_cexpm.o -o liegroup/linalg/_cexpm.cpython-311-aarch64-linux-gnu.so
- for f in _cfused _ctucker; do
-   $CC "${F[@]}" -ffp-contract=fast -Werror=implicit-function-declaration "${INC[@]}" \
-       -c "liegroup/peft/_engine/$f.c" -o "/tmp/a_$f.o"
- done
- $CC -shared /tmp/a__cfused.o /tmp/a__ctucker.o \
-     -o liegroup/peft/_engine/_cfused.cpython-311-aarch64-linux-gnu.so)
+ $CC "${F[@]}" -ffp-contract=fast -Werror=implicit-function-declaration "${INC[@]}" \
+     -c liegroup/peft/_engine/_cfused.c -o /tmp/a__cfused.o
+ $CC -shared /tmp/a__cfused.o -o liegroup/peft/_engine/_cfused.cpython-311-aarch64-linux-gnu.so)
 
 cat > "$R/run_suite.sh" <<'EOF'
 #!/bin/bash

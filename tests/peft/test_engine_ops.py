@@ -64,27 +64,6 @@ def test_opcheck_factor_grads(kernel: bool) -> None:
                               (G.clone(), M, L, R, mode, 2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_tucker_factors_with_autograd(kernel: bool, dtype: torch.dtype) -> None:
-    g = torch.Generator().manual_seed(1)
-    core = torch.randn(2, 3, 2, 2, generator=g, dtype=dtype, requires_grad=True)
-    us = [torch.randn(n, r, generator=g, dtype=dtype, requires_grad=True)
-          for n, r in ((5, 2), (4, 3), (3, 2), (3, 2))]
-    torch.library.opcheck(torch.ops.liegroup.tucker_factors.default, (core, us, 0.5))
-
-
-def test_tucker_torch_backward_is_the_gradient_of_its_forward() -> None:
-    """The closed-form backward of the torch implementation against float64 gradcheck."""
-    g = torch.Generator().manual_seed(2)
-    for shape, ranks in (((4, 3), (2, 2)), ((4, 3, 3), (2, 2, 2)), ((3, 2, 3, 2), (2, 2, 2, 1))):
-        core = torch.randn(*ranks, generator=g, dtype=torch.float64, requires_grad=True)
-        us = [torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True)
-              for n, r in zip(shape, ranks, strict=True)]
-        assert torch.autograd.gradcheck(
-            lambda c, *u: ops.tucker_factors(c, u, 0.7), (core, *us)
-        )
-
-
 # ------------------------------------------------------------------------------ validation
 BAD_FACTORS = [
     pytest.param((6, 3), (3, 9), ShapeError, id="cols-short"),  # reads past R, past W
@@ -132,20 +111,6 @@ def test_operators_refuse_mixed_or_integer_dtypes_and_short_buffers(kernel: bool
         ops.lowrank_factor_grads(W, None, L, R, ops.GRAD_TIMES)
     with pytest.raises(ValueError, match="rule"):
         ops.lowrank_factor_grads(W, W, L, R, 7)
-
-
-def test_tucker_operator_refuses_inconsistent_cores_and_gradients(kernel: bool) -> None:
-    core = torch.randn(2, 2, 2)
-    us = [torch.randn(4, 2), torch.randn(3, 2), torch.randn(3, 2)]
-    with pytest.raises(ShapeError, match="ranks"):
-        ops.tucker_factors(torch.randn(2, 3, 2), us, 1.0)
-    with pytest.raises(ShapeError, match="2 to 8"):
-        ops.tucker_factors(torch.randn(2), us[:1], 1.0)
-    with pytest.raises(DTypeError):
-        ops.tucker_factors(core.double(), us, 1.0)
-    with pytest.raises(ShapeError, match="gradients"):
-        torch.ops.liegroup.tucker_factors_backward(core, us, 1.0, torch.zeros(4, 2),
-                                                   torch.zeros(2, 8))
 
 
 def test_a_model_whose_generator_returns_bad_factors_raises_before_the_kernel(

@@ -103,9 +103,6 @@ def test_operators_pass_opcheck_on_cuda() -> None:
     torch.library.opcheck(torch.ops.liegroup.lowrank_form.default, (W, L, R, False))
     torch.library.opcheck(torch.ops.liegroup.lowrank_factor_grads.default,
                           (torch.randn_like(W), W, L, R, ops.GRAD_TIMES_EXP))
-    core = torch.randn(2, 2, 2, device="cuda", requires_grad=True)
-    us = [torch.randn(n, 2, device="cuda", requires_grad=True) for n in (5, 4, 3)]
-    torch.library.opcheck(torch.ops.liegroup.tucker_factors.default, (core, us, 0.5))
 
 
 def test_no_workspace_on_cuda_and_step_memory_within_full_fine_tuning() -> None:

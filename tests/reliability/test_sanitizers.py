@@ -1,13 +1,13 @@
 """The C kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-``liegroup/linalg/_cexpm.c`` and ``liegroup/peft/_engine/_cfused.c`` (+ ``_ctucker.c``) are
+``liegroup/linalg/_cexpm.c`` and ``liegroup/peft/_engine/_cfused.c`` are
 built here as Python extensions with ``-fsanitize=address,undefined`` (no ISA clones, ``-O0``)
 and driven, in a subprocess that preloads the ASan runtime, through their real entry points
 with buffers from the C ``malloc`` (so every read or write past an operand's end hits a red
 zone): every matrix size from 1 to ``N_MAX`` and beyond, empty and single-matrix batches,
 overflowing, prescaled, triangular and non-finite inputs, the Fréchet derivative in all its
-call forms; the fused Hadamard kernels at rank 1 and ``CF_RMAX``, one and two threads; Tucker
-with 2-4 modes. Any sanitizer report fails the test with its output.
+call forms; the fused Hadamard kernels at rank 1 and ``CF_RMAX``, one and two threads. Any
+sanitizer report fails the test with its output.
 
 Skipped (with the reason) where the compiler or its sanitizer runtimes are missing.
 """
@@ -187,22 +187,6 @@ _DRIVER = textwrap.dedent(
                 gl, gr = buf(rows * r, 4), buf(r * cols, 4)
                 for mode in (0, 1, 2):
                     cf.grads(mode, rows, cols, r, G, W, Lp, Rp, gl, gr, nt)
-        for dims, ranks in (((2, 3), (1, 2)), ((4, 3, 3), (2, 2, 3)), ((3, 2, 2, 2), (2, 2, 1, 2))):
-            N = len(dims)
-            core_n = math.prod(ranks)
-            core = buf(core_n, 4, [rng.uniform(-1, 1) for _ in range(core_n)])
-            us = tuple(
-                buf(d * q, 4, [rng.uniform(-1, 1) for _ in range(d * q)])
-                for d, q in zip(dims, ranks)
-            )
-            K = math.prod(dims[2:])
-            Lo, Ro = buf(dims[0] * ranks[0], 4), buf(ranks[0] * dims[1] * K, 4)
-            cf.tucker(dims, ranks, core, us, 0.5, Lo, Ro)
-            gl = buf(dims[0] * ranks[0], 4, [1.0] * (dims[0] * ranks[0]))
-            gr = buf(ranks[0] * dims[1] * K, 4, [1.0] * (ranks[0] * dims[1] * K))
-            gc = buf(core_n, 4)
-            gus = tuple(buf(d * q, 4) for d, q in zip(dims, ranks))
-            cf.tucker_grads(dims, ranks, core, us, 0.5, gl, gr, gc, gus)
     for p in live:
         libc.free(p)
     print("DRIVER-OK")
@@ -224,12 +208,12 @@ def test_c_kernels_clean_under_address_and_undefined_behaviour_sanitizers(
     _build(cc, cexpm, ["liegroup/linalg/_cexpm.c"], ["-DCEXPM_NO_ISA", "-Iliegroup/linalg"])
     args = [str(cexpm)]
     fused_src = ROOT / "liegroup/peft/_engine/_cfused.c"
-    if fused_src.exists() and (ROOT / "liegroup/peft/_engine/_ctucker.c").exists():
+    if fused_src.exists():
         cfused = tmp_path / "_cfused_san.so"
         _build(
             cc,
             cfused,
-            ["liegroup/peft/_engine/_cfused.c", "liegroup/peft/_engine/_ctucker.c"],
+            ["liegroup/peft/_engine/_cfused.c"],
             ["-pthread", "-Iliegroup/peft/_engine"],
         )
         args.append(str(cfused))

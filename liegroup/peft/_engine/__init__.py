@@ -59,12 +59,10 @@ __all__ = [
     "compiled_kernel",
     "is_transposed_linear",
     "transposed_linear_class",
-    "tucker_factors",
     "weights_outside_autocast",
 ]
 
 compiled_kernel = ops.compiled_kernel
-tucker_factors = ops.tucker_factors
 
 
 TRANSPOSED_LINEAR = OpGeometry("linear", transposed=True)

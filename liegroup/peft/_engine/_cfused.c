@@ -27,7 +27,6 @@
  * AVX2+FMA and AVX-512 and chosen at load time (`isa()`), as liegroup/linalg/_cexpm.c does.
  *
  * The file includes itself once per instruction set: the part after the #else is the body.
- * The module also exposes the Tucker generator's factors (tucker, tucker_grads: _ctucker.c).
  */
 #ifndef CF_BODY
 
@@ -37,8 +36,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "_ctucker.h"
 
 #if !defined(_WIN32)
 #include <pthread.h>
@@ -255,89 +252,6 @@ static PyObject *cf_py_grads(PyObject *self, PyObject *args) {
     return cf_launch(&job, 1, nt);
 }
 
-/* A tuple of n ints (each >= 1) into out; 0 with a ValueError set otherwise. */
-static int cf_ints(PyObject *t, int n, int *out) {
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) return 0;
-    for (int i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PyTuple_GET_ITEM(t, i));
-        if (v < 1 || v > 1 << 30) return 0;
-        out[i] = (int)v;
-    }
-    return 1;
-}
-
-/* A tuple of n addresses (non-null) into out. */
-static int cf_ptrs(PyObject *t, int n, void **out) {
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) return 0;
-    for (int i = 0; i < n; i++)
-        if (!cf_ptr(PyTuple_GET_ITEM(t, i), &out[i]) || !out[i]) return 0;
-    return 1;
-}
-
-/* The Tucker shape (dims, ranks, core address, factor addresses); 0 with an error set. */
-static int cf_tucker_shape(PyObject *dims, PyObject *ranks, PyObject *core, PyObject *us,
-                           ct_shape *sh) {
-    void *p[CT_MAX_MODES], *c = NULL;
-    Py_ssize_t n = PyTuple_Check(dims) ? PyTuple_GET_SIZE(dims) : 0;
-    sh->N = (int)n;
-    int ok = n >= 2 && n <= CT_MAX_MODES && cf_ints(dims, sh->N, sh->n) &&
-             cf_ints(ranks, sh->N, sh->r) && cf_ptrs(us, sh->N, p) && cf_ptr(core, &c) && c;
-    sh->core = (const float *)c;
-    for (int m = 0; ok && m < sh->N; m++) {
-        sh->U[m] = (const float *)p[m];
-        ok = m < 2 || sh->r[m] <= sh->n[m];
-    }
-    if (!ok && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "_cfused.tucker: bad shape or addresses");
-    return ok && !PyErr_Occurred();
-}
-
-static PyObject *cf_py_tucker(PyObject *self, PyObject *args) {
-    PyObject *dims, *ranks, *core, *us, *pl, *pr;
-    float s;
-    void *l, *r;
-    ct_shape sh;
-    int rc;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOfOO", &dims, &ranks, &core, &us, &s, &pl, &pr) ||
-        !cf_tucker_shape(dims, ranks, core, us, &sh) || !cf_ptr(pl, &l) || !cf_ptr(pr, &r))
-        return NULL;
-    if (!l || !r) {
-        PyErr_SetString(PyExc_ValueError, "_cfused.tucker: null output");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    rc = ct_forward(&sh, s, (float *)l, (float *)r);
-    Py_END_ALLOW_THREADS
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-static PyObject *cf_py_tucker_grads(PyObject *self, PyObject *args) {
-    PyObject *dims, *ranks, *core, *us, *pgl, *pgr, *pgc, *pgu;
-    float s;
-    void *gl, *gr, *gc, *gu[CT_MAX_MODES];
-    ct_shape sh;
-    int rc;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOfOOOO", &dims, &ranks, &core, &us, &s, &pgl, &pgr, &pgc,
-                          &pgu) ||
-        !cf_tucker_shape(dims, ranks, core, us, &sh) || !cf_ptr(pgl, &gl) ||
-        !cf_ptr(pgr, &gr) || !cf_ptr(pgc, &gc))
-        return NULL;
-    if (!gl || !gr || !gc || !cf_ptrs(pgu, sh.N, gu)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "_cfused.tucker_grads: bad addresses");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    rc = ct_backward(&sh, s, (const float *)gl, (const float *)gr, (float *)gc,
-                     (float *const *)gu);
-    Py_END_ALLOW_THREADS
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 static PyObject *cf_py_isa(PyObject *self, PyObject *args) {
     const char *name = NULL;
     (void)self;
@@ -358,13 +272,6 @@ static PyMethodDef cf_methods[] = {
      "grads(mode, rows, cols, r, g_ptr, m_ptr, l_ptr, r_ptr, gl_ptr, gr_ptr, threads): with "
      "D = G * M (mode 0), G * M * exp(L R) (mode 1) or G (mode 2; m_ptr unused), gl = D R^T "
      "(rows, r) and gr = L^T D (r, cols); C-contiguous float32, outputs overwritten."},
-    {"tucker", cf_py_tucker, METH_VARARGS,
-     "tucker(dims, ranks, core_ptr, u_ptrs, s, l_ptr, r_ptr): the Tucker generator's "
-     "L = s U0 (n0, r0) and R = unfold0(core x1 U1 ... ) (r0, n1 n2 ...), see _ctucker.c; "
-     "C-contiguous float32."},
-    {"tucker_grads", cf_py_tucker_grads, METH_VARARGS,
-     "tucker_grads(dims, ranks, core_ptr, u_ptrs, s, gl_ptr, gr_ptr, gcore_ptr, gu_ptrs): "
-     "the gradients of the core and every factor from those of L and R (overwritten)."},
     {"isa", cf_py_isa, METH_VARARGS,
      "isa([name]) -> the instruction set in use ('baseline', 'avx2', 'avx512'); with name "
      "('auto', 'baseline', 'avx2', 'avx512') switch first (ValueError if this CPU lacks it)."},

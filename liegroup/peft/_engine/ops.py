@@ -9,9 +9,7 @@ before any raw pointer is read:
   buffer (the engine's workspace);
 * ``liegroup::lowrank_factor_grads(G, M, L, R, rule)`` → ``(G_Δ Rᵀ, Lᵀ G_Δ)`` with
   ``G_Δ = G ⊙ M`` (rule 0), ``G ⊙ M ⊙ exp(L R)`` (rule 1) or ``G`` (rule 2);
-  ``liegroup::lowrank_factor_grads_`` may use ``G`` as scratch (the engine's own ``∂L/∂W'``);
-* ``liegroup::tucker_factors(core, us, s)`` → ``(s·U₀, unfold₀(G ×₁ U₁ ⋯))`` with its
-  gradient op ``liegroup::tucker_factors_backward`` (registered as its autograd formula).
+  ``liegroup::lowrank_factor_grads_`` may use ``G`` as scratch (the engine's own ``∂L/∂W'``).
 
 Each op's default implementation is written in torch ops: it serves CUDA, every dtype other
 than float32, ranks above the kernel's limit, ``LIEGROUP_DISABLE_KERNELS=1`` and installs
@@ -31,8 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,7 +45,6 @@ __all__ = [
     "exp_taylor",
     "lowrank_factor_grads",
     "lowrank_form",
-    "tucker_factors",
 ]
 
 _k: Any = load_extension("liegroup.peft._engine._cfused")
@@ -490,202 +485,3 @@ def lowrank_factor_grads(
             return _grads_cpu(G, M, L, R, rule)
         out = torch.ops.liegroup.lowrank_factor_grads(G, M, L, R, rule)
     return out[0], out[1]
-
-
-# ---------------------------------------------------------------------------- Tucker
-def _check_tucker(core: torch.Tensor, us: Sequence[torch.Tensor]) -> None:
-    if not 2 <= len(us) <= 8:
-        raise ShapeError(f"tucker_factors: 2 to 8 factors, got {len(us)}")
-    for m, u in enumerate(us):
-        if u.dtype != core.dtype or not u.is_floating_point():
-            raise DTypeError(f"tucker_factors: factor {m} is {u.dtype}, the core {core.dtype}")
-        if u.device != core.device:
-            raise ValueError(f"tucker_factors: factor {m} is on {u.device}, the core on "
-                             f"{core.device}")
-        if u.dim() != 2:
-            raise ShapeError(f"tucker_factors: factor {m} must be a matrix, got {tuple(u.shape)}")
-    if core.dim() != len(us) or any(core.shape[m] != u.shape[1] for m, u in enumerate(us)):
-        raise ShapeError(
-            f"tucker_factors: core {tuple(core.shape)} must have the factors' ranks "
-            f"{tuple(u.shape[1] for u in us)}"
-        )
-
-
-def _kron(us: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """``U_a ⊗ U_b ⊗ ⋯`` (``[[1]]`` for no factor: a Linear's weight has no kernel modes)."""
-    if not us:
-        return like.new_ones((1, 1))
-    k = us[0]
-    for u in us[1:]:
-        k = torch.kron(k, u)
-    return k
-
-
-def _tucker_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    r0, r1 = core.shape[0], core.shape[1]
-    S = torch.nn.functional.linear(core.reshape(r0, r1, -1), _kron(us[2:], core))  # (r₀, r₁, K)
-    return us[0] * s, torch.matmul(us[1], S).reshape(r0, -1)
-
-
-def _tucker_backward_torch(core: torch.Tensor, us: Sequence[torch.Tensor], s: float,
-                           gL: torch.Tensor, gR: torch.Tensor) -> list[torch.Tensor]:
-    """``[∂core, ∂U₀, …]`` of :func:`_tucker_torch` in closed form."""
-    r0, r1 = core.shape[0], core.shape[1]
-    n1 = us[1].shape[0]
-    kr = _kron(us[2:], core)  # (K, Kr)
-    c3 = core.reshape(r0, r1, -1)
-    S = torch.nn.functional.linear(c3, kr)  # (r₀, r₁, K)
-    g3 = gR.reshape(r0, n1, -1)  # (r₀, n₁, K)
-    g_u1 = torch.einsum("aik,ajk->ij", g3, S)
-    gS = torch.matmul(us[1].T, g3)  # (r₀, r₁, K)
-    g_core = torch.matmul(gS, kr).reshape(core.shape)
-    rest = list(us[2:])
-    if not rest:  # a Linear's weight: no kernel modes
-        return [g_core, gL * s, g_u1]
-    g_kron = torch.einsum("abk,abq->kq", gS, c3)  # (K, Kr)
-    gk = g_kron.reshape(*(u.shape[0] for u in rest), *(u.shape[1] for u in rest))
-    g_rest = [_kron_factor_grad(gk, rest, m) for m in range(len(rest))]
-    return [g_core, gL * s, g_u1, *g_rest]
-
-
-def _kron_factor_grad(gk: torch.Tensor, us: Sequence[torch.Tensor], m: int) -> torch.Tensor:
-    """``∂/∂U_m`` of ``⟨gK, U_a ⊗ U_b ⊗ ⋯⟩`` with ``gK`` laid out as ``(n_a, n_b, …, r_a, …)``."""
-    q = len(us)
-    letters = "abcdefgh"
-    ns, rs = letters[:q], letters[:q].upper()
-    terms = [f"{ns}{rs}"] + [f"{ns[j]}{rs[j]}" for j in range(q) if j != m]
-    spec = ",".join(terms) + f"->{ns[m]}{rs[m]}"
-    return torch.einsum(spec, gk, *[us[j] for j in range(q) if j != m])
-
-
-def _tucker_kernel_takes(core: torch.Tensor, us: Sequence[torch.Tensor]) -> bool:
-    if _k is None or not _USE_KERNEL:
-        return False
-    if any(t.dtype is not _F32 or not t.is_cpu for t in (core, *us)):
-        return False
-    return all(u.shape[1] <= u.shape[0] for u in us[2:])
-
-
-def _tucker_args(core: torch.Tensor, us: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-    return (tuple(u.shape[0] for u in us), tuple(core.shape), core.data_ptr(),
-            tuple(u.data_ptr() for u in us))
-
-
-@torch.library.custom_op("liegroup::tucker_factors", mutates_args=())
-def _tucker_factors_op(core: torch.Tensor, us: list[torch.Tensor], s: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_tucker(core, us)
-    return _tucker_torch(_plain(core), [_plain(u) for u in us], s)
-
-
-@_tucker_factors_op.register_kernel("cpu")
-def _(core: torch.Tensor, us: list[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_tucker(core, us)
-    core, us = _plain(core), [_plain(u) for u in us]
-    if not _tucker_kernel_takes(core, us):
-        return _tucker_torch(core, us, s)
-    n0, r0 = us[0].shape
-    L = torch.empty((n0, r0), dtype=_F32)
-    R = torch.empty((r0, math.prod(u.shape[0] for u in us[1:])), dtype=_F32)
-    _k.tucker(*_tucker_args(core, us), s, L.data_ptr(), R.data_ptr())
-    return L, R
-
-
-@_tucker_factors_op.register_fake
-def _(core: torch.Tensor, us: list[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_tucker(core, us)
-    n0, r0 = us[0].shape
-    cols = math.prod(u.shape[0] for u in us[1:])
-    return core.new_empty((n0, r0)), core.new_empty((r0, cols))
-
-
-@torch.library.custom_op("liegroup::tucker_factors_backward", mutates_args=())
-def _tucker_backward_op(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
-                        gR: torch.Tensor) -> list[torch.Tensor]:
-    _check_tucker(core, us)
-    _check_tucker_grads(core, us, gL, gR)
-    return _tucker_backward_torch(_plain(core), [_plain(u) for u in us], s, _plain(gL),
-                                  _plain(gR))
-
-
-@_tucker_backward_op.register_kernel("cpu")
-def _(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
-      gR: torch.Tensor) -> list[torch.Tensor]:
-    _check_tucker(core, us)
-    _check_tucker_grads(core, us, gL, gR)
-    core, us, gL, gR = _plain(core), [_plain(u) for u in us], _plain(gL), _plain(gR)
-    if not _tucker_kernel_takes(core, us):  # gL, gR: the core's dtype and device (checked)
-        return _tucker_backward_torch(core, us, s, gL, gR)
-    g_core = torch.empty_like(core)
-    g_us = [torch.empty_like(u) for u in us]
-    _k.tucker_grads(*_tucker_args(core, us), s, gL.data_ptr(), gR.data_ptr(),
-                    g_core.data_ptr(), tuple(g.data_ptr() for g in g_us))
-    return [g_core, *g_us]
-
-
-@_tucker_backward_op.register_fake
-def _(core: torch.Tensor, us: list[torch.Tensor], s: float, gL: torch.Tensor,
-      gR: torch.Tensor) -> list[torch.Tensor]:
-    _check_tucker(core, us)
-    return [torch.empty_like(core), *(torch.empty_like(u) for u in us)]
-
-
-def _check_tucker_grads(core: torch.Tensor, us: Sequence[torch.Tensor], gL: torch.Tensor,
-                        gR: torch.Tensor) -> None:
-    n0, r0 = us[0].shape
-    cols = math.prod(u.shape[0] for u in us[1:])
-    if tuple(gL.shape) != (n0, r0) or tuple(gR.shape) != (r0, cols):
-        raise ShapeError(
-            f"tucker_factors_backward: gradients {tuple(gL.shape)}, {tuple(gR.shape)} must "
-            f"have the factors' shapes {(n0, r0)}, {(r0, cols)}"
-        )
-    if gL.dtype != core.dtype or gR.dtype != core.dtype:
-        raise DTypeError("tucker_factors_backward: gradients must have the core's dtype")
-    if gL.device != core.device or gR.device != core.device:
-        raise ValueError("tucker_factors_backward: gradients must be on the core's device")
-
-
-def _tucker_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    core, us, s = inputs
-    ctx.s, ctx.n = s, len(us)
-    ctx.save_for_backward(core, *us)
-
-
-def _tucker_grad(ctx: Any, gL: torch.Tensor | None, gR: torch.Tensor | None
-                 ) -> tuple[Any, ...]:
-    core, *us = ctx.saved_tensors
-    n0, r0 = us[0].shape
-    cols = math.prod(u.shape[0] for u in us[1:])
-    gL = core.new_zeros((n0, r0)) if gL is None else gL.to(core.dtype)
-    gR = core.new_zeros((r0, cols)) if gR is None else gR.to(core.dtype)
-    g = torch.ops.liegroup.tucker_factors_backward(core, us, ctx.s, gL, gR)
-    return g[0], list(g[1:]), None
-
-
-_tucker_factors_op.register_autograd(_tucker_grad, setup_context=_tucker_setup)
-
-
-def tucker_factors(core: torch.Tensor, us: Sequence[torch.Tensor], scaling: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s·U₀, unfold₀(G ×₁ U₁ ⋯ ×_{N−1} U_{N−1}))``, differentiable in ``G`` and every ``U_m``.
-
-    Args:
-        core: ``G`` of shape ``(r₀, …, r_{N−1})``, ``2 ≤ N ≤ 8``.
-        us: ``U_m`` of shape ``(n_m, r_m)``.
-        scaling: ``s``.
-
-    Returns:
-        ``L (n₀, r₀)`` and ``R (r₀, n₁·…·n_{N−1})``: ``L @ R`` is the mode-0 unfolding of
-        ``s·(G ×₀ U₀ ⋯)``.
-
-    Example:
-        >>> import torch
-        >>> core = torch.ones(1, 1, 1)
-        >>> us = [torch.ones(2, 1), torch.ones(3, 1), torch.ones(2, 1)]
-        >>> L, R = tucker_factors(core, us, 0.5)
-        >>> (L @ R).shape
-        torch.Size([2, 6])
-    """
-    L, R = torch.ops.liegroup.tucker_factors(core, list(us), float(scaling))
-    return L, R

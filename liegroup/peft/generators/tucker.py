@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.peft._engine import tucker_factors
 from liegroup.peft.generators.base import Generator, GeneratorSpec
 from liegroup.peft.registry import register_generator
 
@@ -88,8 +87,7 @@ class TuckerGenerator(Generator):
         one batched product laid out as the unfolding. When every kernel mode has size 1 (a
         Linear, a 1×1 conv) ``K`` is a scalar and the unfolding is ``(G·K) U₁ᵀ``: one
         ``linear``. Autograd keeps only the factors and core-sized operands, nothing
-        proportional to the weight. With a kernel mode of size > 1 the product runs as one
-        operator, ``liegroup::tucker_factors`` (one autograd node instead of about twenty).
+        proportional to the weight. Plain torch ops, which ``torch.compile`` fuses.
         """
         # the ParameterList's own dict, in index order (iterating the list itself is slow)
         us: list[torch.Tensor] = [*self.factors_list._parameters.values()]  # type: ignore[list-item]
@@ -103,7 +101,11 @@ class TuckerGenerator(Generator):
                     k = k * u
                 core = core.reshape(r0, r1) * k
             return left, torch.nn.functional.linear(core, us[1])  # (r₀, C_in) = G Kᵀ U₁ᵀ
-        return tucker_factors(core, us, self.scaling)
+        k = us[2]
+        for u in us[3:]:
+            k = torch.kron(k, u)  # (K, K_r): U₂ ⊗ ⋯ ⊗ U_{N−1}
+        S = torch.nn.functional.linear(core.reshape(r0, r1, -1), k)  # (r₀, r₁, K) = G Kᵀ
+        return us[0] * self.scaling, torch.matmul(us[1], S).reshape(r0, -1)
 
 
 register_generator(TuckerGenerator)
