@@ -69,12 +69,18 @@ def _reference(g: TuckerGenerator, absolute: bool, gL: torch.Tensor, gR: torch.T
 
 
 def _chain(g: TuckerGenerator) -> dict[str, int]:
-    """The longest chain of roundings per output (see the module docstring)."""
+    """An upper bound on the chain of roundings per output (see the module docstring).
+
+    ``R``: the ``N − 3`` products of a ``Kron`` entry, the ``K_r`` terms of ``S = G·Kronᵀ``,
+    the ``r₁`` terms of ``U₁ S``. A gradient: the forward's chain plus the terms of every
+    backward sum on its path: ``∂S`` (``n₁``), ``∂U₁`` (``r₀K``), ``∂G`` (``K``), ``∂Kron``
+    (``r₀r₁``, counted as ``r₀r₁K``) and a kernel factor's (at most ``K·K_r``).
+    """
     r0, r1, *kr = g.ranks
     n1, *ks = g.weight_shape[1:]
     K, Kr, N = math.prod(ks), math.prod(kr), len(g.ranks)
     fwd = Kr + r1 + N
-    grad = n1 + 16 + r0 * r1 * K + K * Kr + r0 * K + fwd
+    grad = n1 + r0 * r1 * K + K * Kr + r0 * K + fwd
     return {"R": fwd, "grad": grad}
 
 

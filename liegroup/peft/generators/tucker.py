@@ -93,8 +93,8 @@ class TuckerGenerator(Generator):
         us: list[torch.Tensor] = [*self.factors_list._parameters.values()]  # type: ignore[list-item]
         r0, r1 = self.ranks[0], self.ranks[1]
         core: torch.Tensor = self.core
+        left = us[0] * self.scaling
         if self._scalar_kernel:  # kernel modes of size 1: K is a scalar
-            left = us[0] * self.scaling
             if len(us) > 2:
                 k = us[2]
                 for u in us[3:]:
@@ -105,7 +105,7 @@ class TuckerGenerator(Generator):
         for u in us[3:]:
             k = torch.kron(k, u)  # (K, K_r): U₂ ⊗ ⋯ ⊗ U_{N−1}
         S = torch.nn.functional.linear(core.reshape(r0, r1, -1), k)  # (r₀, r₁, K) = G Kᵀ
-        return us[0] * self.scaling, torch.matmul(us[1], S).reshape(r0, -1)
+        return left, torch.matmul(us[1], S).reshape(r0, -1)
 
 
 register_generator(TuckerGenerator)
