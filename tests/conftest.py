@@ -1,4 +1,5 @@
-"""Shared test settings: hypothesis profiles, dtype helpers and the expm-path fixture."""
+"""Shared test settings: hypothesis profiles, dtype helpers, the expm-path fixture, and the
+``inductor`` marker's skip where torch.compile's CPU backend has no C++ compiler."""
 
 from __future__ import annotations
 
@@ -18,6 +19,34 @@ from hypothesis import HealthCheck, settings
 _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="liegroup-tests-inductor-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
 atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
+
+
+def inductor_cpu_compiler() -> str | None:
+    """Why inductor cannot compile on the CPU here (no working C++ compiler), or ``None``.
+
+    torch.compile's default backend compiles C++ for CPU graphs; a machine without a compiler
+    (an install that took liegroup's torch implementations) cannot run it, so the tests marked
+    ``inductor`` skip there, saying so. The other compile tests use ``aot_eager`` and run.
+    """
+    from torch._inductor import config, exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return f"no working C++ compiler for inductor (tried {config.cpp.cxx!r})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("inductor")]
+    if not marked:
+        return
+    reason = inductor_cpu_compiler()
+    if reason is not None:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=f"torch.compile's CPU backend: {reason}"))
+
 
 settings.register_profile(
     "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]

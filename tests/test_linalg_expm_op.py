@@ -192,6 +192,7 @@ def test_opcheck(dtype: torch.dtype, expm_path: ExpmPath) -> None:
 
 
 # --------------------------------------------------------------------------- torch.compile
+@pytest.mark.inductor
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compiled_expm_matches_eager(dtype: torch.dtype, expm_path: ExpmPath) -> None:
     torch._dynamo.reset()

@@ -17,7 +17,9 @@ from liegroup.errors import DomainError, NonFiniteError
 G = liegroup.Hadamard((4,))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)]
+)
 def test_hadamard_log_domain_check_is_a_graph_assertion(backend: str) -> None:
     torch._dynamo.reset()
     log = torch.compile(G.log, backend=backend, fullgraph=True)

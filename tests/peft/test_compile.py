@@ -107,6 +107,7 @@ def test_fullgraph_matches_eager_every_generator_map_layer(layer: str, gen: str,
     [("linear", "lora", "exact"), ("conv2d", "tucker", "first_order"),
      ("depthwise", "adalora", "additive")],
 )
+@pytest.mark.inductor
 def test_inductor_fullgraph_matches_eager(layer: str, gen: str, emap: str) -> None:
     _check(layer, gen, emap, "inductor")
 
