@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -96,10 +95,16 @@ _DIRECT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-@functools.cache
+# the series' coefficients as floats, made once: a plain dict lookup, which Dynamo traces on
+# torch 2.9 and 2.13 alike (torch 2.9's Dynamo does not inline a functools.cache wrapper)
+_SERIES_FLOATS: dict[str, tuple[float, ...]] = {
+    name: tuple(float(c) for c in coeffs) for name, coeffs in SERIES.items()
+}
+
+
 def _floats(name: str, dtype: torch.dtype) -> tuple[tuple[float, ...], float]:
     sw = switch(name, dtype)
-    return tuple(float(x) for x in SERIES[name][: sw.terms]), sw.threshold
+    return _SERIES_FLOATS[name][: sw.terms], sw.threshold
 
 
 def series(name: str, z: torch.Tensor) -> torch.Tensor:
