@@ -72,8 +72,8 @@ def _resolve(name: str) -> object:
         try:
             obj: object = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            missing = e.name or ""
-            if missing.split(".")[0] != "liegroup":  # a third-party extra, e.g. transformers
+            missing = e.name
+            if missing is not None and missing.split(".")[0] != "liegroup":  # e.g. transformers
                 pytest.skip(f"{module} needs {missing!r}, an optional dependency not installed")
             continue
         for attr in parts[i:]:
