@@ -92,6 +92,33 @@ def test_noncontiguous_operands_read_as_their_values(
     expm_path.check_used()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outputs_have_the_strides_their_fakes_promise(dtype: torch.dtype,
+                                                      expm_path: ExpmPath) -> None:
+    """A compiled graph lays out what follows an operator by its fake's strides; operands
+    that are contiguous with other strides (a size-1 dimension's stride is free) must not
+    pass those strides on to the real outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    A = _rand(3, 3, 3, dtype=dtype, seed=5)
+    operands = [
+        A[:1].as_strided((1, 3, 3), (100, 3, 1)),  # a size-1 batch with a free stride
+        A.unsqueeze(1).permute(1, 0, 2, 3),  # (1, 3, 3, 3), strides (9, 9, 3, 1)
+        A.mT,  # not contiguous
+    ]
+    for V in operands:
+        X, ms = OPS.expm(V)
+        real = {"expm": X, "expm_backward": OPS.expm_backward(V, V, ms)}
+        real["frechet X"], real["frechet L"] = OPS.expm_frechet(V, V)
+        with FakeTensorMode() as mode:
+            F, fms = OPS.expm(mode.from_tensor(V))
+            fake = {"expm": F, "expm_backward": OPS.expm_backward(mode.from_tensor(V), F, fms)}
+            fake["frechet X"], fake["frechet L"] = OPS.expm_frechet(mode.from_tensor(V), F)
+        for name, t in real.items():
+            assert t.stride() == fake[name].stride(), (name, V.stride(), t.stride())
+    expm_path.check_used()
+
+
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     ("bad", "err"),

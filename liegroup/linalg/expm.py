@@ -858,7 +858,7 @@ def _expm_torch(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # a valid (m, s) table for the backward (which has nothing to compute)
         ms = torch.zeros((B, 2), dtype=torch.int32)
         ms[:, 0] = _CONSTS[A.dtype].degs[0]
-        return torch.empty_like(A), ms
+        return A.new_empty(A.shape), ms
     Af = A.reshape(B, n, n)
     X, m, s = _expm_core(Af)
     _check_overflow(X, Af)
@@ -950,7 +950,7 @@ _expm_op.register_autograd(_expm_grad, setup_context=_expm_setup)
 def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, B = A.shape[-1], _batch(A)
     if B == 0 or n == 0:
-        return torch.zeros_like(A), torch.zeros_like(A)
+        return A.new_zeros(A.shape), A.new_zeros(A.shape)
     Af, Ef = A.reshape(B, n, n), E.reshape(B, n, n)
     _, m, s, s0, _ = _decide(Af)
     X, L = _frechet_core(Af, Ef, m, s + s0)
@@ -961,7 +961,9 @@ def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torc
 def _kernel_frechet(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` by the kernel (checked operands, ``0 < n ≤ N_MAX``)."""
     n = A.shape[-1]
-    X, L = torch.empty_like(A), torch.empty_like(A)
+    # contiguous strides, as the fake says, also for an A whose size-1 dims have others
+    X = torch.empty_like(A, memory_format=torch.contiguous_format)
+    L = torch.empty_like(A, memory_format=torch.contiguous_format)
     B = _batch(A)
     if B:
         bad = _ckernel.frechet(

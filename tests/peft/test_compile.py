@@ -112,6 +112,52 @@ def test_inductor_fullgraph_matches_eager(layer: str, gen: str, emap: str) -> No
     _check(layer, gen, emap, "inductor")
 
 
+class _ChannelsLastNet(nn.Module):
+    """A ConvNeXt-like stack: a strided conv, a depthwise conv, a Linear on the permuted
+    activations, a 1×1 and a 3×3 conv — channels-last weights of both kinds (the depthwise
+    and 1×1 ones also count as contiguous, with other strides)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.fc = nn.Linear(8, 8)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.fc(self.dw(h).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv(self.pw(h).relu())
+
+
+@pytest.mark.inductor
+def test_inductor_fullgraph_matches_eager_in_channels_last() -> None:
+    """Inductor checks the strides of what it hands an op against those it derived while
+    tracing; a channels-last model must trace and run with the same numbers as eager."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the compiled kernel takes every weight
+    try:
+        torch.manual_seed(0)
+        cfg = LieRAConfig(rank=2, target_modules=["stem", "dw", "fc", "pw", "conv"])
+        eager = get_peft_model(_ChannelsLastNet(), cfg)
+        with torch.no_grad():
+            for p in eager.parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn_like(p))
+        eager = eager.to(memory_format=torch.channels_last)
+        compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+        x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+        for step in range(2):
+            y0, g0 = _run(eager, x + step)
+            y1, g1 = _run(compiled, x + step)
+            _close(y0, y1, f"output (step {step})")
+            for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
+                _close(a, b, f"gradient {i} (step {step})")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_compiled_model_merges_to_the_same_outputs() -> None:
     model = _model("conv2d", "lora", "exact")
     x = torch.randn(*LAYERS["conv2d"][1])

@@ -138,6 +138,29 @@ def test_a_model_whose_generator_returns_bad_factors_raises_before_the_kernel(
 
 
 # ------------------------------------------------------------------------------ view bits
+@pytest.mark.parametrize("shape", [(6, 1, 3, 3), (6, 4, 1, 1), (6, 4, 3, 3), (6, 5, 2)])
+def test_lowrank_form_output_has_the_strides_its_fake_promises(kernel: bool,
+                                                                shape: tuple[int, ...]) -> None:
+    """A compiled graph lays out what follows ``W'`` by the fake's strides: the real op's must
+    be the same, also for a channels-last depthwise or 1×1 weight, whose strides are those of
+    channels-last and which is contiguous too (``opcheck`` does not compare such strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(shape, generator=g)
+    if W.dim() == 4:
+        W = W.to(memory_format=torch.channels_last)
+    L = torch.randn(shape[0], 2, generator=g)
+    R = torch.randn(2, W[0].numel(), generator=g)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.liegroup.lowrank_form(*(mode.from_tensor(t) for t in (W, L, R)), False)
+    for first in (False, True):
+        real = torch.ops.liegroup.lowrank_form(W, L, R, first)
+        assert real.stride() == fake.stride(), (W.stride(), real.stride(), fake.stride())
+        assert real.stride() == ops.lowrank_form(W, L, R, first).stride()
+        assert torch.equal(real, ops.lowrank_form(W.contiguous(), L, R, first))
+
+
 def test_negative_view_and_strided_operands_give_their_plain_values(kernel: bool) -> None:
     W, L, R = _factors()
     neg_R = torch.complex(torch.zeros_like(R), -R).conj().imag  # a negative view of R

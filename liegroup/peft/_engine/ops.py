@@ -246,7 +246,10 @@ def _form_cpu(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
     W, L, R = _plain(W), _plain(L), _plain(R)
     if not _kernel_takes(W.numel(), L.shape[1], W):
         return _form_torch(W, L, R, first_order, None)
-    out = torch.empty_like(W)
+    # contiguous strides, as the fake says, even where W's are ambiguous (a channels-last
+    # depthwise or 1×1 conv weight is contiguous too, with other strides): a compiled graph
+    # lays out what follows W' by the fake's strides
+    out = torch.empty_like(W, memory_format=torch.contiguous_format)
     _form_kernel(W, L, R, first_order, out)
     return out
 
