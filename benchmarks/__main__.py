@@ -8,8 +8,9 @@ default 16), ``--optimizer adamw`` (default ``sgd``, without momentum), ``--auto
 optimizer), ``--compile`` (every method, full fine-tuning too, also timed through
 ``torch.compile(module, fullgraph=True)`` in the same interleaved rounds: compiled ratio to
 compiled full fine-tuning and compiled / eager of the same method; compile time excluded;
-memory stays the eager step's), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
-``DIR/bench-cpu[-bf16][-adamw][-compile][-quick].md`` and ``.json`` and prints the tables.
+memory stays the eager step's), ``--channels-last`` (the networks, module and input, in
+``torch.channels_last``), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
+``DIR/bench-cpu[-bf16][-adamw][-compile][-cl][-quick].md`` and ``.json`` and prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
 
@@ -36,6 +37,7 @@ from benchmarks.suite import (
     memory_in_this_process,
     method_names,
     set_autocast,
+    set_channels_last,
     set_method_filter,
     set_optimizer,
 )
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="forward and loss under torch.autocast('cpu', torch.bfloat16)")
     ap.add_argument("--compile", action="store_true",
                     help="also time every method under torch.compile(fullgraph=True)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="networks (module and input) in torch.channels_last")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     set_method_filter(args.methods or None)
     set_autocast(torch.bfloat16 if args.autocast else None)
     set_optimizer(args.optimizer)
+    set_channels_last(args.channels_last)
     all_cases = cases(args.quick, args.layer_batch)
     if args.memory_case:  # internal: one case's peak memory, in a fresh process
         case = next(c for c in all_cases if c.name == args.memory_case)
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float32" + (", forward under bf16 autocast" if args.autocast else ""),
         "optimizer": OPTIMIZERS[args.optimizer], "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
-        "compiled": args.compile,
+        "compiled": args.compile, "channels_last": args.channels_last,
     }
     results: dict[str, dict] = {}
     for case in selected:
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["--autocast", args.autocast]
         if args.optimizer != "sgd":
             extra += ["--optimizer", args.optimizer]
+        if args.channels_last:
+            extra += ["--channels-last"]
         mem = {} if args.no_memory else bench_memory(case.name, args.quick, args.threads, extra)
         rows = {}
         full_mem = mem.get(FULL)
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     name = "bench-cpu" + ("-bf16" if args.autocast else "") + (
         "" if args.optimizer == "sgd" else f"-{args.optimizer}") + (
-        "-compile" if args.compile else "") + ("-quick" if args.quick else "")
+        "-compile" if args.compile else "") + ("-cl" if args.channels_last else "") + (
+        "-quick" if args.quick else "")
     stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:
         f.write(md)
@@ -167,6 +175,8 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         "of the two maps' ratio in the same round.",
         "",
     ]
+    if meta.get("channels_last"):
+        lines[0] += " Networks (module and input) in torch.channels_last."
     compiled = bool(meta.get("compiled"))
     if compiled:
         lines[0] += (

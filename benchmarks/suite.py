@@ -187,6 +187,15 @@ def set_optimizer(name: str) -> None:
     _OPTIMIZER = name
 
 
+_CHANNELS_LAST = False
+
+
+def set_channels_last(on: bool) -> None:
+    """Run the networks (model cases: module and input) in ``torch.channels_last``."""
+    global _CHANNELS_LAST
+    _CHANNELS_LAST = on
+
+
 def set_autocast(dtype: torch.dtype | None) -> None:
     """Run every method's forward and loss under ``torch.autocast("cpu", dtype)`` (or not)."""
     global _AUTOCAST
@@ -228,9 +237,12 @@ class Stepper:
 
     def __init__(self, case: Case, module: nn.Module, compiled: bool = False) -> None:
         torch.manual_seed(1)
-        self.module = module
         self.x = torch.randn(case.input_shape)
         self.is_model = case.is_model
+        if _CHANNELS_LAST and case.is_model:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.module = module
         if case.is_model:
             self.labels = torch.randint(0, 10, (case.input_shape[0],))
         else:

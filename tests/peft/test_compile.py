@@ -4,7 +4,8 @@ Every generator × map × layer type traces as one graph (``fullgraph=True`` rai
 break) and matches eager forward and gradients to float32 rounding, in training mode. The full
 matrix runs through AOTAutograd (``aot_eager``: Dynamo's graph and the joint forward/backward
 graph, without code generation); a cross-section runs through inductor, which CI runs on the
-CPU.
+CPU, and a channels-last model (eager against its contiguous twin, and under inductor, which
+checks the strides of what each op returns).
 
 The bound: eager and compiled compute the same expression with other roundings (the kernel's
 ``exp`` vs inductor's, fused vs unfused sums), each within a few ``u`` per operation of the
@@ -131,6 +132,36 @@ class _ChannelsLastNet(nn.Module):
         return self.conv(self.pw(h).relu())
 
 
+def _channels_last_model() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = LieRAConfig(rank=2, target_modules=["stem", "dw", "fc", "pw", "conv"])
+    model = get_peft_model(_ChannelsLastNet(), cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_eager_channels_last_model_matches_its_contiguous_twin() -> None:
+    """Channels-last weights are read in memory order (``R``'s columns permuted, ``∂L/∂R``'s
+    back): the same outputs and gradients as the contiguous model, to float32 rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the compiled kernel (where built) takes every weight
+    try:
+        plain = _channels_last_model()
+        cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+        assert not cl.base_model.conv.base_layer.weight.is_contiguous()
+        x = torch.randn(2, 3, 12, 12)
+        y0, g0 = _run(plain, x)
+        y1, g1 = _run(cl, x.contiguous(memory_format=torch.channels_last))
+        _close(y0, y1, "output")
+        for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
+            _close(a, b, f"gradient {i}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.inductor
 def test_inductor_fullgraph_matches_eager_in_channels_last() -> None:
     """Inductor checks the strides of what it hands an op against those it derived while
@@ -138,14 +169,7 @@ def test_inductor_fullgraph_matches_eager_in_channels_last() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the compiled kernel takes every weight
     try:
-        torch.manual_seed(0)
-        cfg = LieRAConfig(rank=2, target_modules=["stem", "dw", "fc", "pw", "conv"])
-        eager = get_peft_model(_ChannelsLastNet(), cfg)
-        with torch.no_grad():
-            for p in eager.parameters():
-                if p.requires_grad:
-                    p.copy_(0.3 * torch.randn_like(p))
-        eager = eager.to(memory_format=torch.channels_last)
+        eager = _channels_last_model().to(memory_format=torch.channels_last)
         compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
         x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
         for step in range(2):

@@ -138,27 +138,84 @@ def test_a_model_whose_generator_returns_bad_factors_raises_before_the_kernel(
 
 
 # ------------------------------------------------------------------------------ view bits
-@pytest.mark.parametrize("shape", [(6, 1, 3, 3), (6, 4, 1, 1), (6, 4, 3, 3), (6, 5, 2)])
-def test_lowrank_form_output_has_the_strides_its_fake_promises(kernel: bool,
-                                                                shape: tuple[int, ...]) -> None:
-    """A compiled graph lays out what follows ``W'`` by the fake's strides: the real op's must
-    be the same, also for a channels-last depthwise or 1×1 weight, whose strides are those of
-    channels-last and which is contiguous too (``opcheck`` does not compare such strides)."""
+LAYOUTS = {  # weight shape, memory format
+    "depthwise channels-last": ((6, 1, 3, 3), torch.channels_last),  # contiguous too
+    "1x1 channels-last": ((6, 4, 1, 1), torch.channels_last),  # contiguous too
+    "3x3 channels-last": ((6, 4, 3, 3), torch.channels_last),
+    "3d channels-last": ((5, 3, 2, 3, 2), torch.channels_last_3d),
+    "conv1d": ((6, 5, 2), torch.contiguous_format),
+}
+
+
+def _laid_out(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape, fmt = LAYOUTS[name]
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+    L = 0.5 * torch.randn(shape[0], 3, generator=g)
+    R = 0.5 * torch.randn(3, W[0].numel(), generator=g)
+    return W, L, R
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_lowrank_form_keeps_the_weights_layout_and_its_fake_says_so(kernel: bool,
+                                                                    name: str) -> None:
+    """``W'`` has ``W``'s strides (a channels-last model stays channels-last), the strides
+    its fake gives a compiled graph (``opcheck`` does not compare them), and ``W``'s values:
+    entry by entry the same operations as on a contiguous copy of ``W``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(shape, generator=g)
-    if W.dim() == 4:
-        W = W.to(memory_format=torch.channels_last)
-    L = torch.randn(shape[0], 2, generator=g)
-    R = torch.randn(2, W[0].numel(), generator=g)
+    W, L, R = _laid_out(name)
     with FakeTensorMode() as mode:
         fake = torch.ops.liegroup.lowrank_form(*(mode.from_tensor(t) for t in (W, L, R)), False)
+    assert fake.stride() == W.stride()
     for first in (False, True):
         real = torch.ops.liegroup.lowrank_form(W, L, R, first)
-        assert real.stride() == fake.stride(), (W.stride(), real.stride(), fake.stride())
-        assert real.stride() == ops.lowrank_form(W, L, R, first).stride()
+        assert real.stride() == W.stride()
+        assert ops.lowrank_form(W, L, R, first).stride() == W.stride()
         assert torch.equal(real, ops.lowrank_form(W.contiguous(), L, R, first))
+        buf = torch.empty(W.shape)  # the engine's workspace: W' in W's memory order there
+        into = ops.lowrank_form(W, L, R, first, buf)
+        assert into.data_ptr() == buf.data_ptr() and into.stride() == W.stride()
+        assert torch.equal(into, real)
+
+
+def _grads_ref(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+               rule: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 ``(G_Δ Rᵀ, Lᵀ G_Δ)`` and the sums of the products' magnitudes."""
+    rows, cols = L.shape[0], R.shape[1]
+    D = G.double().reshape(rows, cols)
+    if rule != ops.GRAD_PLAIN:
+        assert M is not None
+        D = D * M.double().reshape(rows, cols)
+        if rule == ops.GRAD_TIMES_EXP:
+            D = D * torch.exp(L.double() @ R.double())
+    Ld, Rd = L.double(), R.double()
+    return D @ Rd.T, Ld.T @ D, D.abs() @ Rd.abs().T, Ld.abs().T @ D.abs()
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("scratch", [False, True])
+def test_factor_grads_read_a_channels_last_gradient_as_its_values(kernel: bool, name: str,
+                                                                  scratch: bool) -> None:
+    """A channels-last ``∂L/∂W'`` (with ``M`` in its layout or in another) gives the factor
+    gradients of its values, within the rounding of sums of ``cols`` (``∂L/∂L``) and ``rows``
+    (``∂L/∂R``) products in float32 (the sums run in another order than for a contiguous
+    ``G``), and ``∂L/∂R`` in ``R``'s own column order."""
+    W, L, R = _laid_out(name)
+    G = torch.randn(W.shape, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=LAYOUTS[name][1])
+    u = torch.finfo(torch.float32).eps / 2
+    rows, cols = L.shape[0], R.shape[1]
+    for rule, M in ((ops.GRAD_TIMES, W), (ops.GRAD_TIMES, W.contiguous()),
+                    (ops.GRAD_TIMES_EXP, W), (ops.GRAD_PLAIN, None)):
+        want_l, want_r, mag_l, mag_r = _grads_ref(G, M, L, R, rule)
+        got_l, got_r = ops.lowrank_factor_grads(G.clone(), M, L, R, rule, scratch=scratch)
+        # each product within a few u (exp: the kernel's 1 ulp), each sum within n·u of its
+        # terms' magnitudes
+        for got, want, mag, n in ((got_l, want_l, mag_l, cols), (got_r, want_r, mag_r, rows)):
+            assert got.shape == want.shape
+            err = (got.double() - want).abs()
+            assert bool((err <= (n + 8) * u * mag + 1e-30).all()), float((err / mag).max())
 
 
 def test_negative_view_and_strided_operands_give_their_plain_values(kernel: bool) -> None:

@@ -88,6 +88,35 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _memory_order(t: torch.Tensor, rows: int) -> list[int] | None:
+    """The dims of a dense, non-contiguous ``t`` in memory order, dim 0 outermost, or ``None``.
+
+    ``t.permute(order)`` is then contiguous: its entries in memory order, each of the ``rows``
+    rows (dim 0) one run of ``cols`` entries — a channels-last conv weight
+    ``(C_out, C_in, *k)`` is read as ``(C_out, *k, C_in)``. The element-wise maps pair entry
+    ``(i, j)`` of ``L R`` with entry ``(i, j)`` of ``W``, so ``R``'s columns are permuted the
+    same way (:func:`_permute_cols`), and ``∂L/∂R``'s back (:func:`_unpermute_cols`).
+    """
+    if t.is_contiguous() or t.dim() < 3 or rows != t.shape[0] or t.is_neg() or t.is_conj():
+        return None
+    size, stride = t.shape, t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (d != 0, size[d] == 1, -stride[d], d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _permute_cols(R: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor:
+    """``R (r, cols)``, its columns in the memory order of a ``shape`` tensor (a copy)."""
+    r = R.shape[0]
+    return R.reshape(r, *shape[1:]).permute(0, *order[1:]).reshape(r, -1)
+
+
+def _unpermute_cols(gR: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor:
+    """:func:`_permute_cols` undone: columns in memory order back to ``shape``'s own order."""
+    r, q = gR.shape[0], order[1:]
+    back = [1 + q.index(d) for d in range(1, len(shape))]
+    return gR.reshape(r, *(shape[d] for d in q)).permute(0, *back).reshape(r, -1)
+
+
 def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
                    *more: tuple[str, torch.Tensor | None]) -> None:
     """Raise a typed error unless ``W``, ``L``, ``R`` (and ``more``) fit one low-rank call."""
@@ -232,32 +261,49 @@ def _grads_torch(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: to
 
 
 # ---------------------------------------------------------------------------- form
+def _form_laid_out(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
+                   kernel: bool) -> torch.Tensor:
+    """``W'`` with the strides of ``torch.empty_like(W)`` (those of a dense ``W``).
+
+    ``W'`` keeps ``W``'s layout, as ``W * exp(ΔW)`` in torch ops would: a channels-last model
+    stays channels-last, eagerly and in a compiled graph (which lays out the ops after ``W'``
+    by the fake's strides). A channels-last ``W`` is read and written in memory order, with
+    ``R``'s columns permuted to match: no copy of ``W``.
+    """
+    out = torch.empty_like(W)
+    Wv, Rv, ov = W, R, out
+    if not out.is_contiguous():
+        order = _memory_order(out, L.shape[0])
+        if order is None or W.stride() != out.stride():
+            # a layout the rows do not run through: formed in row-major order, then laid out
+            return out.copy_(_form_laid_out(W.contiguous(), L, R, first_order, kernel))
+        Wv, Rv, ov = W.permute(order), _permute_cols(R, W.shape, order), out.permute(order)
+    Wv, L, Rv = _plain(Wv), _plain(L), _plain(Rv)
+    if kernel and _kernel_takes(Wv.numel(), L.shape[1], Wv):
+        _form_kernel(Wv, L, Rv, first_order, ov)
+    else:
+        _form_torch(Wv, L, Rv, first_order, ov)
+    return out
+
+
 @torch.library.custom_op("liegroup::lowrank_form", mutates_args=())
 def _lowrank_form_op(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
                      first_order: bool) -> torch.Tensor:
     _check_lowrank("lowrank_form", W, L, R)
-    return _form_torch(_plain(W), L, R, first_order, None)
+    return _form_laid_out(W, L, R, first_order, kernel=False)
 
 
 @_lowrank_form_op.register_kernel("cpu")
 def _form_cpu(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
               first_order: bool) -> torch.Tensor:
     _check_lowrank("lowrank_form", W, L, R)
-    W, L, R = _plain(W), _plain(L), _plain(R)
-    if not _kernel_takes(W.numel(), L.shape[1], W):
-        return _form_torch(W, L, R, first_order, None)
-    # contiguous strides, as the fake says, even where W's are ambiguous (a channels-last
-    # depthwise or 1×1 conv weight is contiguous too, with other strides): a compiled graph
-    # lays out what follows W' by the fake's strides
-    out = torch.empty_like(W, memory_format=torch.contiguous_format)
-    _form_kernel(W, L, R, first_order, out)
-    return out
+    return _form_laid_out(W, L, R, first_order, kernel=True)
 
 
 @_lowrank_form_op.register_fake
 def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool) -> torch.Tensor:
     _check_lowrank("lowrank_form", W, L, R)
-    return torch.empty_like(W, memory_format=torch.contiguous_format)
+    return torch.empty_like(W)
 
 
 def _form_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -329,8 +375,12 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
         W: any shape, ``rows·cols`` entries.
         L: ``(rows, r)``; R: ``(r, cols)``; one floating dtype and device with ``W``.
         first_order: ``W ⊙ (1 + L R)`` instead of the exponential.
-        out: a contiguous buffer with ``W``'s entries to write into (returned, viewed as
-            ``W``'s shape).
+        out: a contiguous buffer with ``W``'s entries to write into (returned as a view
+            of ``W``'s shape, and of ``W``'s strides where ``W`` is channels-last: the
+            buffer then holds ``W'`` in ``W``'s memory order).
+
+    Returns:
+        ``W'``, laid out as ``W`` (``torch.empty_like(W)``'s strides) without ``out``.
 
     Raises:
         ShapeError: factors that do not unfold ``W``, or a bad ``out``.
@@ -343,6 +393,12 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
         tensor([[4., 4.],
                 [4., 4.]])
     """
+    if out is not None and not W.is_contiguous():
+        order = _memory_order(W, L.shape[0])
+        if order is not None:  # channels-last: W' in W's memory order, as the op lays it out
+            Wp = lowrank_form(W.permute(order), L, _permute_cols(R, W.shape, order),
+                              first_order, out)
+            return Wp.permute(sorted(range(W.dim()), key=order.__getitem__))
     direct = _eager_direct(W, L, R, out)
     if out is None:
         if direct:
@@ -386,23 +442,43 @@ def _grads_fake(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
     return L.new_empty(L.shape), R.new_empty(R.shape)
 
 
+def _grads_laid_out(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
+                    rule: int, block_rows: int, inplace: bool,
+                    kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_Δ Rᵀ, Lᵀ G_Δ)``; ``inplace``: ``G`` is scratch.
+
+    A channels-last ``G`` (and ``M`` of its strides) is read in memory order with ``R``'s
+    columns permuted to match: no copy.
+    """
+    order = _memory_order(G, L.shape[0])
+    if order is not None and (M is None or rule == GRAD_PLAIN or M.stride() == G.stride()):
+        shape = G.shape
+        Mv = None if M is None or rule == GRAD_PLAIN else M.permute(order)
+        g_l, g_r = _grads_laid_out(G.permute(order), Mv, L, _permute_cols(R, shape, order),
+                                   rule, block_rows, inplace, kernel)
+        return g_l, _unpermute_cols(g_r, shape, order)
+    if kernel:
+        got = _grads_kernel(G, M, L, R, rule)
+        if got is not None:
+            return got
+    if inplace and (not G.is_contiguous() or G.is_neg() or G.is_conj()):
+        G = _plain(G)  # a private copy: scratch that is not the caller's
+    return _grads_torch(G if inplace else _plain(G), None if M is None else _plain(M), L, R,
+                        rule, block_rows, inplace=inplace)
+
+
 @torch.library.custom_op("liegroup::lowrank_factor_grads", mutates_args=())
 def _lowrank_factor_grads_op(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
                              R: torch.Tensor, rule: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_grads("lowrank_factor_grads", G, M, L, R, rule)
-    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, rule,
-                        _default_block(L, R), inplace=False)
+    return _grads_laid_out(G, M, L, R, rule, _default_block(L, R), inplace=False, kernel=False)
 
 
 @_lowrank_factor_grads_op.register_kernel("cpu")
 def _grads_cpu(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor,
                rule: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_grads("lowrank_factor_grads", G, M, L, R, rule)
-    got = _grads_kernel(G, M, L, R, rule)
-    if got is not None:
-        return got
-    return _grads_torch(_plain(G), None if M is None else _plain(M), L, R, rule,
-                        _default_block(L, R), inplace=False)
+    return _grads_laid_out(G, M, L, R, rule, _default_block(L, R), inplace=False, kernel=True)
 
 
 @_lowrank_factor_grads_op.register_fake
@@ -418,10 +494,7 @@ def _lowrank_factor_grads_inplace_op(
     block_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_grads("lowrank_factor_grads_", G, M, L, R, rule)
-    if not G.is_contiguous() or G.is_neg() or G.is_conj():
-        G = _plain(G)  # a private copy: scratch that is not the caller's
-    return _grads_torch(G, None if M is None else _plain(M), L, R, rule, block_rows,
-                        inplace=True)
+    return _grads_laid_out(G, M, L, R, rule, block_rows, inplace=True, kernel=False)
 
 
 @_lowrank_factor_grads_inplace_op.register_kernel("cpu")
@@ -429,13 +502,7 @@ def _grads_inplace_cpu(G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
                        R: torch.Tensor, rule: int,
                        block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_grads("lowrank_factor_grads_", G, M, L, R, rule)
-    got = _grads_kernel(G, M, L, R, rule)
-    if got is not None:
-        return got
-    if not G.is_contiguous() or G.is_neg() or G.is_conj():
-        G = _plain(G)
-    return _grads_torch(G, None if M is None else _plain(M), L, R, rule, block_rows,
-                        inplace=True)
+    return _grads_laid_out(G, M, L, R, rule, block_rows, inplace=True, kernel=True)
 
 
 @_lowrank_factor_grads_inplace_op.register_fake
