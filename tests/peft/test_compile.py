@@ -132,9 +132,9 @@ class _ChannelsLastNet(nn.Module):
         return self.conv(self.pw(h).relu())
 
 
-def _channels_last_model() -> nn.Module:
+def _channels_last_model(emap: str = "exact") -> nn.Module:
     torch.manual_seed(0)
-    cfg = LieRAConfig(rank=2, target_modules=["stem", "dw", "fc", "pw", "conv"])
+    cfg = LieRAConfig(rank=2, target_modules=["stem", "dw", "fc", "pw", "conv"], **MAPS[emap])
     model = get_peft_model(_ChannelsLastNet(), cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -162,14 +162,42 @@ def test_eager_channels_last_model_matches_its_contiguous_twin() -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("emap", list(MAPS))
+def test_traced_adapted_weight_keeps_the_weights_layout(emap: str, kernel: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Dynamo traces hands the base op ``W'`` in ``W``'s strides (the kernel's operator,
+    the additive ``addmm``, the torch ops of the Hadamard maps alike): the compiler lays out
+    the conv after it by them, so a channels-last model compiles to channels-last convs."""
+    from liegroup.peft import _engine as engine
+    from liegroup.peft._engine import ops
+
+    monkeypatch.setattr(ops, "_USE_KERNEL", kernel and ops._USE_KERNEL)
+    model = _channels_last_model(emap).to(memory_format=torch.channels_last)
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    base_op = engine.base_op
+
+    def spy(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        seen.append((base.weight.stride(), weight.stride()))
+        return base_op(base, x, weight)
+
+    monkeypatch.setattr(engine, "base_op", spy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced route
+    model(torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last))
+    assert len(seen) == 5 - (emap == "additive")  # additive Linear: its own traced node
+    for w_stride, wp_stride in seen:
+        assert wp_stride == w_stride
+
+
 @pytest.mark.inductor
-def test_inductor_fullgraph_matches_eager_in_channels_last() -> None:
+@pytest.mark.parametrize("emap", ["exact", "additive"])
+def test_inductor_fullgraph_matches_eager_in_channels_last(emap: str) -> None:
     """Inductor checks the strides of what it hands an op against those it derived while
     tracing; a channels-last model must trace and run with the same numbers as eager."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the compiled kernel takes every weight
     try:
-        eager = _channels_last_model().to(memory_format=torch.channels_last)
+        eager = _channels_last_model(emap).to(memory_format=torch.channels_last)
         compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
         x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
         for step in range(2):
