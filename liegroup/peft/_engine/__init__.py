@@ -145,7 +145,7 @@ def _traced_forward(base: nn.Module, x: torch.Tensor, W: torch.Tensor,
             return base_op(base, x, torch.ops.liegroup.lowrank_form(W, L, R, kind[1] == 1))
     with weights_outside_autocast(x):
         Wp = _traced_weight(W, factors, delta, update)
-    if Wp.stride() != W.stride() and Wp.shape == W.shape:
+    if Wp.stride() != W.stride():
         # W' in W's layout, as the kernel's operator gives it: the compiler lays out the
         # conv after W' by W''s strides (a channels-last model stays channels-last); it
         # writes the fused W' into this buffer, no extra pass

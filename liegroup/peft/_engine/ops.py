@@ -110,11 +110,15 @@ def _permute_cols(R: torch.Tensor, shape: torch.Size, order: list[int]) -> torch
     return R.reshape(r, *shape[1:]).permute(0, *order[1:]).reshape(r, -1)
 
 
+def _inverse(order: list[int]) -> list[int]:
+    """The permutation that undoes ``permute(order)``."""
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
 def _unpermute_cols(gR: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor:
     """:func:`_permute_cols` undone: columns in memory order back to ``shape``'s own order."""
-    r, q = gR.shape[0], order[1:]
-    back = [1 + q.index(d) for d in range(1, len(shape))]
-    return gR.reshape(r, *(shape[d] for d in q)).permute(0, *back).reshape(r, -1)
+    r = gR.shape[0]  # dim 0 stands for rows, which memory order keeps first
+    return gR.reshape(r, *(shape[d] for d in order[1:])).permute(_inverse(order)).reshape(r, -1)
 
 
 def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
@@ -398,7 +402,7 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
         if order is not None:  # channels-last: W' in W's memory order, as the op lays it out
             Wp = lowrank_form(W.permute(order), L, _permute_cols(R, W.shape, order),
                               first_order, out)
-            return Wp.permute(sorted(range(W.dim()), key=order.__getitem__))
+            return Wp.permute(_inverse(order))
     direct = _eager_direct(W, L, R, out)
     if out is None:
         if direct:
