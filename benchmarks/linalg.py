@@ -33,7 +33,7 @@ import torch
 from liegroup.linalg import compiled_kernel, expm, logm
 from tests.linalg_cases import HARD, expm_kappa, expm_ref, logm_ref, rel_err
 
-EXPM = importlib.import_module("liegroup.linalg.expm")
+EXPM = importlib.import_module("liegroup.linalg._expm_ops")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "linalg.md"
 BEGIN = "<!-- BENCHMARK:BEGIN (written by python -m benchmarks.linalg) -->"
 END = "<!-- BENCHMARK:END -->"

@@ -25,7 +25,7 @@ from liegroup.errors import DomainError, DTypeError, NonFiniteError, ShapeError
 from liegroup.linalg import expm, expm_frechet
 from tests.test_linalg_ckernel import ExpmPath
 
-EXPM = importlib.import_module("liegroup.linalg.expm")
+EXPM = importlib.import_module("liegroup.linalg._expm_ops")
 DTYPES = [torch.float64, torch.float32]
 OPS = torch.ops.liegroup
 

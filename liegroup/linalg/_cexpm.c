@@ -163,7 +163,7 @@ static long long cx_s_top(double n6, double n8, double n10, const cx_consts *c) 
     return cx_min(cx_max(s6, s8), cx_max(s8, s10));
 }
 
-/* sinh(x)/x without cancellation (as liegroup.linalg.expm._sinhc). */
+/* sinh(x)/x without cancellation (as liegroup.linalg._expm_pade._sinhc). */
 static inline double cx_sinhc(double x) {
     if (fabs(x) < 1e-2) {
         double x2 = x * x;
