@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from liegroup._validation import check_tensor, normalize_mode
-from liegroup.errors import ShapeError
+from liegroup.errors import DeviceError, DTypeError, ShapeError
 
 __all__ = ["fold", "mode_product", "multi_mode_product", "unfold"]
 
@@ -96,6 +96,12 @@ def mode_product(T: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         Tensor of shape ``(I_0, ..., J, ..., I_{N-1})``.
 
+    Raises:
+        DTypeError: ``T`` or ``M`` is not a real floating tensor, or their dtypes differ
+            (no silent promotion or rounding: convert one, e.g. ``M.to(T.dtype)``).
+        DeviceError: ``T`` and ``M`` are on different devices.
+        ShapeError: ``M`` is not ``(J, I_k)`` or ``k`` is out of range.
+
     Example:
         >>> import torch
         >>> T = torch.randn(2, 3, 4)
@@ -104,6 +110,16 @@ def mode_product(T: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor:
     """
     check_tensor(T, "T")
     check_tensor(M, "M")
+    if M.dtype != T.dtype:
+        raise DTypeError(
+            f"mode_product needs T and M of the same dtype, got T {T.dtype} and M {M.dtype}; "
+            "convert one explicitly to the dtype to compute in, e.g. M.to(T.dtype)"
+        )
+    if M.device != T.device:
+        raise DeviceError(
+            f"mode_product needs T and M on the same device, got T on {T.device} and M on "
+            f"{M.device}; move one, e.g. M.to(T.device)"
+        )
     if T.dim() == 0:
         raise ShapeError("T must have at least one mode")
     k = normalize_mode(k, T.dim())

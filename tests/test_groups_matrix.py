@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import liegroup
-from liegroup.errors import DomainError, ShapeError
+from liegroup.errors import DomainError, DTypeError, NonFiniteError, OverflowResultError, ShapeError
 from liegroup.groups.matrix import MatrixLieGroup
 from tests.conftest import eps
 
@@ -215,3 +215,60 @@ def test_docs_groups_code_runs():
         exec(compile(code, f"docs/groups.md block {i}", "exec"), ns)
     assert torch.allclose(ns["w"], torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
     assert ns["W2"].shape == ns["W"].shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_gl_inverse_refuses_singular_matrices(dtype):
+    G = liegroup.GL(2)
+    with pytest.raises(DomainError, match=r"singular, so not in GL\(2\) \(the input is unbatch"):
+        G.inverse(torch.zeros(2, 2, dtype=dtype))
+    batch = torch.eye(2, dtype=dtype).repeat(3, 1, 1)
+    batch[1] = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=dtype)
+    with pytest.raises(DomainError, match=r"batch index \[\[1\]\]"):
+        G.inverse(batch)
+    with pytest.raises(NonFiniteError):
+        G.inverse(torch.full((2, 2), float("nan"), dtype=dtype))
+    # invertible, but the inverse is beyond the dtype's range
+    tiny = torch.finfo(dtype).tiny
+    with pytest.raises(OverflowResultError, match="beyond the range"):
+        G.inverse(torch.diag(torch.tensor([tiny / 4, 1.0], dtype=dtype)))
+    g = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=dtype)
+    inv = G.inverse(g)
+    assert inv.dtype == dtype
+    assert torch.equal(inv, torch.tensor([[0.5, -0.5], [0.0, 1.0]], dtype=dtype))
+    assert bool(liegroup.SL(2).contains(liegroup.SL(2).inverse(liegroup.SL(2).random())))
+
+
+@pytest.mark.parametrize("G", ALL, ids=repr)
+def test_batch_sizes_and_batch_broadcasting_are_checked(G):
+    for make in (G.identity, G.random, G.random_algebra):
+        with pytest.raises(ShapeError, match="non-negative"):
+            make(-1)
+        with pytest.raises(DTypeError, match="ints"):
+            make(2.0)
+        assert make(0).shape == (0, *G.point_shape)
+    with pytest.raises(ShapeError, match=r"g \(3,\) and h \(4,\) do not broadcast"):
+        G.compose(G.identity(3), G.identity(4))
+    assert G.compose(G.identity(3, 1), G.identity(4)).shape == (3, 4, *G.point_shape)
+
+
+def test_domain_errors_name_no_empty_index_for_unbatched_input():
+    for G, g in [
+        (liegroup.SO(3), 2 * torch.eye(3)),
+        (liegroup.SE(3), 2 * torch.eye(4)),
+        (liegroup.SL(3), 2 * torch.eye(3)),
+        (liegroup.GL(2), torch.zeros(2, 2)),
+    ]:
+        with pytest.raises(DomainError) as info:
+            G.log(g)
+        assert "[[]]" not in str(info.value)
+        with pytest.raises(DomainError) as info:
+            G.project(torch.zeros_like(g)) if isinstance(G, liegroup.GL) else G.exp(g)
+        assert "[[]]" not in str(info.value)
+        assert "unbatched" in str(info.value)
+    with pytest.raises(DomainError, match="unbatched"):
+        liegroup.SO(3).log(2 * torch.eye(3))
+    with pytest.raises(DomainError, match=r"batch index \[\[1\]\]"):
+        liegroup.SO(3).log(torch.stack([torch.eye(3), 2 * torch.eye(3)]))
+    with pytest.raises(DomainError, match="unbatched"):
+        liegroup.SO(4).exp(liegroup.SO(4).hat(torch.full((6,), 1e4)))  # angles too large

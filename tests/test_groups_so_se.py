@@ -562,3 +562,15 @@ def test_so3_dense_angle_sweep_against_mpmath(dtype):
     for i, th in enumerate(angles * 2):
         w = (torch.tensor(_axis(1000 + i), dtype=torch.float64) * th).to(dtype)
         _check_so3_exp_log_mpmath(w, so3_exp(w), th, 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G", [liegroup.SO(2), liegroup.SO(3), liegroup.SO(5), liegroup.SE(3)],
+                         ids=repr)
+def test_random_in_half_precision_is_the_float32_draw_rounded_once(dtype, G):
+    g = G.random(7, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    assert g.dtype == dtype and g.shape == (7, *G.point_shape)
+    assert bool(G.contains(g).all())
+    if isinstance(G, liegroup.SO):
+        ref = G.random(7, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(g, ref.to(dtype))

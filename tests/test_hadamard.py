@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from liegroup import Hadamard
-from liegroup.errors import DomainError, DTypeError, ShapeError
+from liegroup.errors import DomainError, DTypeError, NonFiniteError, OverflowResultError, ShapeError
 from liegroup.groups import taylor_exp, taylor_remainder_bound
 from tests.conftest import eps
 
@@ -188,3 +188,69 @@ def test_errors():
     assert not bool(G.contains(torch.tensor([[1.0, 0.0], [1.0, 1.0]])))
     assert not bool(G.contains(torch.tensor([[1.0, float("nan")], [1.0, 1.0]])))
     assert not bool(G.contains(torch.tensor([[1.0, 1e-9], [1.0, 1.0]]), atol=1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_exp_refuses_non_finite_input_and_unrepresentable_results(dtype):
+    G = Hadamard((2,))
+    fi = torch.finfo(dtype)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        G.exp(torch.tensor([float("nan"), 0.0], dtype=dtype))
+    with pytest.raises(NonFiniteError):
+        G.exp(torch.tensor([-float("inf"), 0.0], dtype=dtype))  # exp(-inf) = 0: not in G
+    with pytest.raises(NonFiniteError):
+        G.exp(torch.tensor([float("nan"), 0.0], dtype=dtype), order=1)
+    over = torch.tensor([math.log(fi.max) + 1, 0.0], dtype=dtype)
+    with pytest.raises(OverflowResultError, match=r"overflows.*\[\[0\]\]"):
+        G.exp(over)
+    # a finite X whose exp underflows to 0: 0 is not in the group either
+    under = torch.tensor([0.0, math.log(fi.tiny) + math.log(fi.eps) - 2], dtype=dtype)
+    assert torch.exp(under)[1] == 0
+    with pytest.raises(OverflowResultError, match=r"underflows to 0.*\[\[1\]\]"):
+        G.exp(under)
+    # the Taylor maps may be zero or negative (they are not group exponentials), but not inf
+    assert G.exp(torch.tensor([-1.0, 0.0], dtype=dtype), order=1)[0] == 0
+    with pytest.raises(OverflowResultError, match="order-2 Taylor"):
+        G.exp(torch.tensor([fi.max, 0.0], dtype=dtype), order=2)
+    # in range, both ends
+    lo, hi = math.log(fi.tiny), math.log(fi.max) - 1
+    y = G.exp(torch.tensor([lo, hi], dtype=dtype))
+    assert bool(G.contains(y))
+
+
+def test_inverse_refuses_points_off_the_group():
+    G = Hadamard((2,))
+    with pytest.raises(DomainError, match=r"zero entries, e\.g\. at \[\[0\]\]"):
+        G.inverse(torch.tensor([0.0, 1.0]))
+    with pytest.raises(DomainError):
+        G.inverse(torch.tensor([-0.0, 1.0]))
+    with pytest.raises(NonFiniteError):
+        G.inverse(torch.tensor([float("inf"), 1.0]))
+    with pytest.raises(NonFiniteError):
+        G.inverse(torch.tensor([float("nan"), 1.0]))
+    sub = torch.finfo(torch.float32).tiny / 8  # a subnormal: 1/sub overflows float32
+    with pytest.raises(OverflowResultError, match="1/g exceeds"):
+        G.inverse(torch.tensor([sub, 1.0]))
+    g = torch.tensor([[2.0, -0.25], [1e-30, -1e30]])
+    assert torch.equal(G.inverse(g), torch.reciprocal(g))
+
+
+def test_non_broadcastable_batches_and_bad_batch_sizes_raise_shape_error():
+    G = Hadamard((2,))
+    a, b = torch.ones(3, 2), torch.ones(4, 2)
+    with pytest.raises(ShapeError, match=r"g \(3,\) and h \(4,\) do not broadcast"):
+        G.compose(a, b)
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        G.Ad(a, b)
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        G.bracket(a, b)
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        G.act(a, b)
+    assert G.compose(torch.ones(3, 1, 2), b).shape == (3, 4, 2)
+    assert G.bracket(torch.ones(3, 1, 2), b).shape == (3, 4, 2)
+    for make in (G.identity, G.random, G.random_algebra):
+        with pytest.raises(ShapeError, match="non-negative"):
+            make(-1)
+        with pytest.raises(DTypeError, match="ints"):
+            make(2.5)  # type: ignore[arg-type]
+        assert make(0, 3).shape == (0, 3, 2)

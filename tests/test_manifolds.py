@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import liegroup
-from liegroup.errors import DomainError, DTypeError, ShapeError
+from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.manifolds import LieGroupManifold
 from tests.conftest import eps
 
@@ -408,3 +408,75 @@ def test_product_packing_and_its_errors():
     H = LieGroupManifold(liegroup.Hadamard(2))
     with pytest.raises(ValueError, match="1 tensor expected"):
         H.pack_point(torch.ones(2), torch.ones(2))
+
+
+# ------------------------------------------------------------------ points off the group
+OFF_GROUP = {
+    "SO3": lambda: 2 * torch.eye(3, dtype=torch.float64),  # the clean-up would make it −I
+    "SE3": lambda: torch.block_diag(2 * torch.eye(3), torch.ones(1)).double(),
+    "SL3": lambda: 2 * torch.eye(3, dtype=torch.float64),  # det 8: rescaling would hide it
+    "GL3": lambda: torch.zeros(3, 3, dtype=torch.float64),  # singular
+    "Hadamard": lambda: torch.tensor([[0.0, 1, 1], [1, 1, 1]], dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(OFF_GROUP))
+def test_expmap_from_a_point_off_the_group_raises_domain_error(name):
+    M = _manifold(name)
+    x = OFF_GROUP[name]()
+    assert not M.check_point_on_manifold(x)
+    for step in (M.expmap, M.retr):
+        with pytest.raises(DomainError, match="not a point of") as info:
+            step(x, torch.zeros_like(x))
+        assert "diverged" not in str(info.value)
+    # a point on the group whose step is zero comes back unchanged (to the clean-up)
+    y = _point(M, (), torch.float64, 0)
+    torch.testing.assert_close(M.expmap(y, torch.zeros_like(y)), y, rtol=0, atol=1e-13)
+
+
+def test_expmap_off_group_in_a_product_factor_and_in_a_batch():
+    M = _manifold("Product")
+    x = M.pack_point(2 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    with pytest.raises(DomainError, match="factor 0"):
+        M.expmap(x, torch.zeros_like(x))
+    S = _manifold("SO3")
+    xs = torch.stack([torch.eye(3), 2 * torch.eye(3)]).double()
+    with pytest.raises(DomainError, match="not a point of SO"):
+        S.expmap(xs, torch.zeros_like(xs))
+    # documented: the step checks orthogonality, not the determinant's sign; a reflection is
+    # reported by check_point_on_manifold
+    refl = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    ok, reason = S.check_point_on_manifold(refl, explain=True)
+    assert not ok and "det" in str(reason)
+
+
+
+
+def test_hadamard_step_that_underflows_to_zero_raises_and_keeps_the_point():
+    M = LieGroupManifold(liegroup.Hadamard((3,)))
+    x = geoopt.ManifoldParameter(torch.ones(3), manifold=M)
+    opt = geoopt.optim.RiemannianSGD([x], lr=1e3)
+    x.grad = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(OverflowResultError, match=r"underflows.*Lower the learning rate"):
+        opt.step()
+    assert torch.equal(x.detach(), torch.ones(3))
+    # the overflow side still reports the divergence
+    x.grad = -x.grad
+    with pytest.raises(OverflowResultError, match="overflows"):
+        opt.step()
+    assert torch.equal(x.detach(), torch.ones(3))
+    # a large step that stays representable is taken
+    opt = geoopt.optim.RiemannianSGD([x], lr=10.0)
+    x.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    assert bool((x.detach() > 0).all()) and bool((x.detach() < 1e-4).all())
+
+
+def test_hadamard_projx_refuses_zero_entries():
+    M = LieGroupManifold(liegroup.Hadamard((3,)))
+    with pytest.raises(DomainError, match=r"zero entries, e\.g\. at \[\[0\]\]"):
+        M.projx(torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(DomainError):
+        M.projx(torch.tensor([1.0, -0.0, 1.0]))
+    x = torch.tensor([1e-30, -2.0, 1.0])
+    assert torch.equal(M.projx(x), x)

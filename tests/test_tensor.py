@@ -88,3 +88,13 @@ def test_errors():
         tensor.multi_mode_product(T, [torch.eye(2), torch.eye(3)], modes=[0])
     with pytest.raises(DTypeError, match="int"):
         tensor.unfold(T, 1.0)  # type: ignore[arg-type]
+
+
+def test_mode_product_refuses_mixed_dtypes():
+    T = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(DTypeError, match=r"T torch\.float64 and M torch\.float32.*M\.to"):
+        tensor.mode_product(T, torch.eye(2), 0)
+    with pytest.raises(DTypeError, match="same dtype"):
+        tensor.multi_mode_product(T, [torch.eye(2, dtype=torch.float64), torch.eye(3)])
+    out = tensor.mode_product(T, torch.eye(2, dtype=torch.float64), 0)
+    assert out.dtype == torch.float64 and torch.equal(out, T)

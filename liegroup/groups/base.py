@@ -17,12 +17,80 @@ Example:
 from __future__ import annotations
 
 import abc
+import operator
 
 import torch
 
 from liegroup._validation import check_tensor, check_trailing_shape
+from liegroup.errors import DTypeError, ShapeError
 
-__all__ = ["LieGroup"]
+__all__ = ["LieGroup", "broadcast_batch", "check_batch", "where_batch"]
+
+
+def check_batch(batch: tuple[object, ...]) -> tuple[int, ...]:
+    """Return ``batch`` as a tuple of non-negative ints, else raise a typed error.
+
+    Raises:
+        DTypeError: an entry is not an integer.
+        ShapeError: an entry is negative.
+
+    Example:
+        >>> check_batch((2, 3))
+        (2, 3)
+    """
+    out = []
+    for b in batch:
+        try:
+            i = operator.index(b)  # type: ignore[arg-type]
+        except TypeError:
+            raise DTypeError(
+                f"batch sizes must be ints, got {type(b).__name__} {b!r} in {batch}"
+            ) from None
+        if isinstance(b, bool) or i < 0:
+            raise ShapeError(
+                f"batch sizes must be non-negative ints, got {b!r} in {batch}; pass the batch "
+                "shape as separate ints, e.g. G.identity(4, 2)"
+            )
+        out.append(i)
+    return tuple(out)
+
+
+def broadcast_batch(
+    a: torch.Tensor, b: torch.Tensor, ndim: int, names: tuple[str, str]
+) -> tuple[int, ...]:
+    """Broadcast the batch shapes of ``a`` and ``b`` (all but their last ``ndim`` dims).
+
+    Raises:
+        ShapeError: the batch shapes do not broadcast, naming both.
+
+    Example:
+        >>> import torch
+        >>> broadcast_batch(torch.ones(4, 1, 2), torch.ones(3, 2), 1, ("g", "h"))
+        (4, 3)
+    """
+    ba, bb = a.shape[: a.dim() - ndim], b.shape[: b.dim() - ndim]
+    try:
+        return tuple(torch.broadcast_shapes(ba, bb))
+    except RuntimeError:
+        raise ShapeError(
+            f"the batch shapes of {names[0]} {tuple(ba)} and {names[1]} {tuple(bb)} do not "
+            "broadcast (each dimension must be equal or 1); reshape or index one of them"
+        ) from None
+
+
+def where_batch(idx: list[list[int]]) -> str:
+    """Where the failing points are, as a phrase to append to an error message.
+
+    ``idx`` comes from :func:`liegroup._validation.offending` on a per-point mask; for an
+    unbatched input (empty indices) the phrase says so instead of printing ``[[]]``.
+
+    Example:
+        >>> where_batch([[0], [2]]), where_batch([[]])
+        (', e.g. at batch index [[0], [2]]', ' (the input is unbatched)')
+    """
+    if all(len(i) == 0 for i in idx):
+        return " (the input is unbatched)"
+    return f", e.g. at batch index {idx}"
 
 
 class LieGroup(abc.ABC):

@@ -30,6 +30,7 @@ import torch
 
 from liegroup._validation import check_finite, offending
 from liegroup.errors import DomainError
+from liegroup.groups.base import check_batch, where_batch
 from liegroup.groups.matrix import _HALF, MatrixLieGroup, default_atol
 
 __all__ = ["GL", "SL"]
@@ -91,7 +92,7 @@ class GL(MatrixLieGroup):
             count, bad = hit
             raise DomainError(
                 f"{count} matrices are numerically singular (no nearest invertible "
-                f"matrix exists), e.g. at batch index {bad}"
+                f"matrix exists){where_batch(bad)}"
             )
         return g
 
@@ -163,6 +164,7 @@ class GL(MatrixLieGroup):
             >>> liegroup.GL(3).random_algebra(2).shape
             torch.Size([2, 3, 3])
         """
+        batch = check_batch(batch)
         X = torch.randn(*batch, self.n, self.n, dtype=dtype, device=device, generator=generator)
         return X / math.sqrt(self.n)
 
@@ -232,7 +234,7 @@ class SL(GL):
             count, idx = hit
             raise DomainError(
                 f"{count} matrices cannot be scaled onto SL({n}) (singular, or a "
-                f"negative determinant with n even), e.g. at batch index {idx}"
+                f"negative determinant with n even){where_batch(idx)}"
             )
         scale = sign * torch.exp(-logabs / n) if n % 2 else torch.exp(-logabs / n)
         return g * scale[..., None, None]

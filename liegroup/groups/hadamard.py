@@ -34,8 +34,8 @@ from collections.abc import Sequence
 import torch
 
 from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
-from liegroup.errors import DomainError, DTypeError, ShapeError
-from liegroup.groups.base import LieGroup
+from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
+from liegroup.groups.base import LieGroup, broadcast_batch, check_batch
 
 __all__ = ["Hadamard", "taylor_exp", "taylor_remainder_bound"]
 
@@ -166,14 +166,23 @@ class Hadamard(LieGroup):
     ) -> torch.Tensor:
         """All ones, shape ``(*batch, *shape)``.
 
+        Raises:
+            ShapeError: a batch size is negative.
+            DTypeError: a batch size is not an int.
+
         Example:
             >>> Hadamard((2,)).identity(3).shape
             torch.Size([3, 2])
         """
+        batch = check_batch(batch)
         return torch.ones(*batch, *self.shape, dtype=dtype, device=device)
 
     def compose(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Element-wise product ``g ⊙ h``.
+        """Element-wise product ``g ⊙ h`` (batch shapes broadcast).
+
+        Raises:
+            ShapeError: a trailing shape is not ``shape``, or the batch shapes do not
+                broadcast.
 
         Example:
             >>> import torch
@@ -182,10 +191,17 @@ class Hadamard(LieGroup):
         """
         self.check_point(g, "g")
         self.check_point(h, "h")
+        broadcast_batch(g, h, len(self.shape), ("g", "h"))
         return g * h
 
     def inverse(self, g: torch.Tensor) -> torch.Tensor:
         """Element-wise reciprocal ``1 / g``.
+
+        Raises:
+            NonFiniteError: ``g`` has NaN or infinite entries.
+            DomainError: ``g`` has zero entries (0 is not in the group), naming them.
+            OverflowResultError: ``g`` has entries so small (subnormal) that their reciprocal
+                exceeds the dtype's range.
 
         Example:
             >>> import torch
@@ -193,13 +209,47 @@ class Hadamard(LieGroup):
             tensor([ 0.5000, -0.2500])
         """
         self.check_point(g, "g")
-        return torch.reciprocal(g)
+        out = torch.reciprocal(g)
+        if out.device.type == "meta":  # shapes only (model init on meta): nothing to check
+            return out
+        # one host synchronisation: 1/g is finite and non-zero exactly when g is on the group
+        # and its reciprocal is representable
+        hit = offending(~torch.isfinite(out) | (out == 0))
+        if hit is not None:
+            check_finite(g, "g")
+            zero = offending(g == 0)
+            if zero is not None:
+                raise DomainError(
+                    f"inverse: g has {zero[0]} zero entries, e.g. at {zero[1]}; 0 is not in the "
+                    "Hadamard group and has no inverse (check how g was built, or use "
+                    "G.contains(g) to filter)"
+                )
+            count, idx = hit
+            vals = [g[tuple(i)].item() for i in idx]
+            raise OverflowResultError(
+                f"inverse: 1/g exceeds the range of {g.dtype} (largest finite "
+                f"{torch.finfo(g.dtype).max:.3g}) in {count} entries, e.g. at {idx} (values "
+                f"{vals}); compute in a wider dtype"
+            )
+        return out
 
     def exp(self, X: torch.Tensor, order: int | None = None) -> torch.Tensor:
         """Element-wise ``exp(X)``, or its Taylor truncation of ``order`` k (``1 + X`` for 1).
 
         The truncated map is not a group exponential (``1 + X`` can be zero or negative); it is
         LieRA's cheap approximation, with error bound :func:`taylor_remainder_bound`.
+
+        The result is checked with one host synchronisation (as ``SO``/``SE``/``GL``'s
+        ``exp``); under ``torch.compile`` the check is an in-graph assertion; on the ``meta``
+        device (no values) only the shape is propagated.
+
+        Raises:
+            NonFiniteError: ``X`` has NaN or infinite entries.
+            OverflowResultError: ``X`` is finite but the result is not representable: an entry
+                overflows the dtype (``exp(X) > max``, i.e. ``X > ln(max)``, 88.7 in float32)
+                or, for the exact map, underflows to 0 (``X`` below about −103.9 in float32,
+                −745.1 in float64), which is not in the group. Nothing is returned as
+                ``inf`` or 0.
 
         Example:
             >>> import torch
@@ -208,9 +258,33 @@ class Hadamard(LieGroup):
             (tensor([1.6487]), tensor([1.5000]))
         """
         self.check_algebra(X, "X")
+        out = torch.exp(X) if order is None else taylor_exp(X, order)
+        if out.device.type == "meta":  # shapes only (model init on meta): nothing to check
+            return out
+        bad = ~torch.isfinite(out)
         if order is None:
-            return torch.exp(X)
-        return taylor_exp(X, order)
+            bad = bad | (out == 0)
+        hit = offending(bad)
+        if hit is not None:
+            check_finite(X, "X")
+            count, idx = hit
+            vals = [X[tuple(i)].item() for i in idx]
+            fi = torch.finfo(out.dtype)
+            if order is None:
+                lo = math.log(fi.tiny) + math.log(fi.eps / 2)  # half the least subnormal
+                hi = math.log(fi.max)
+                why = (
+                    f"exp(X) overflows (above {fi.max:.3g}) or underflows to 0 (not in the "
+                    f"group); exp is representable for X in [{lo:.5g}, {hi:.5g}] in {out.dtype}"
+                )
+            else:
+                why = f"the order-{order} Taylor map overflows (above {fi.max:.3g})"
+            raise OverflowResultError(
+                f"exp: {why}; {count} entries of X give no representable result, e.g. at "
+                f"{idx} (values {vals}). Nothing is returned as inf/0: compute in a wider "
+                "dtype, or find what made X so large (learning rate too high?)"
+            )
+        return out
 
     def log(self, g: torch.Tensor) -> torch.Tensor:
         """Element-wise log on the identity component (all entries finite and > 0).
@@ -246,7 +320,9 @@ class Hadamard(LieGroup):
         """
         self.check_algebra(X, "X")
         self.check_algebra(Y, "Y")
-        return torch.zeros_like(X + Y)
+        batch = broadcast_batch(X, Y, len(self.shape), ("X", "Y"))
+        dtype = torch.promote_types(X.dtype, Y.dtype)
+        return torch.zeros(*batch, *self.shape, dtype=dtype, device=X.device)
 
     def Ad(self, g: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Identity map ``Ad_g X = X`` (abelian group), broadcast to ``g``'s batch.
@@ -258,7 +334,8 @@ class Hadamard(LieGroup):
         """
         self.check_point(g, "g")
         self.check_algebra(X, "X")
-        return X.expand(torch.broadcast_shapes(g.shape, X.shape))
+        batch = broadcast_batch(g, X, len(self.shape), ("g", "X"))
+        return X.expand(*batch, *self.shape)
 
     def act(self, g: torch.Tensor, T: torch.Tensor, **kwargs: object) -> torch.Tensor:
         """Action on a tensor of the group's shape: ``T ⊙ g``.
@@ -277,6 +354,7 @@ class Hadamard(LieGroup):
         self.check_point(g, "g")
         check_tensor(T, "T")
         check_trailing_shape(T, self.shape, "T")
+        broadcast_batch(g, T, len(self.shape), ("g", "T"))
         return T * g
 
     def random(
@@ -309,6 +387,7 @@ class Hadamard(LieGroup):
             >>> Hadamard((2, 3)).random_algebra(5).shape
             torch.Size([5, 2, 3])
         """
+        batch = check_batch(batch)
         return torch.randn(
             *batch, *self.shape, dtype=dtype, device=device, generator=generator
         )

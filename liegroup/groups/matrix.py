@@ -29,8 +29,8 @@ import torch
 
 from liegroup import tensor as _tensor
 from liegroup._validation import check_finite, check_tensor, normalize_mode, offending
-from liegroup.errors import DomainError, ShapeError
-from liegroup.groups.base import LieGroup
+from liegroup.errors import DomainError, OverflowResultError, ShapeError
+from liegroup.groups.base import LieGroup, broadcast_batch, check_batch, where_batch
 
 __all__ = ["MatrixLieGroup", "default_atol"]
 
@@ -96,17 +96,26 @@ class MatrixLieGroup(LieGroup):
     ) -> torch.Tensor:
         """Identity matrix ``I``, shape ``(*batch, n, n)``.
 
+        Raises:
+            ShapeError: a batch size is negative.
+            DTypeError: a batch size is not an int.
+
         Example:
             >>> import liegroup
             >>> liegroup.SO(2).identity(4).shape
             torch.Size([4, 2, 2])
         """
+        batch = check_batch(batch)
         m = self.point_shape[-1]
         eye = torch.eye(m, dtype=dtype, device=device)
         return eye.expand(*batch, m, m).clone()
 
     def compose(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Matrix product ``g @ h``, batch shapes broadcast.
+
+        Raises:
+            ShapeError: a trailing shape is not ``(n, n)``, or the batch shapes do not
+                broadcast.
 
         Example:
             >>> import torch, liegroup
@@ -116,10 +125,19 @@ class MatrixLieGroup(LieGroup):
         """
         self.check_point(g, "g")
         self.check_point(h, "h")
+        broadcast_batch(g, h, 2, ("g", "h"))
         return g @ h
 
     def inverse(self, g: torch.Tensor) -> torch.Tensor:
         """Matrix inverse ``g⁻¹`` (closed forms in subclasses: ``gᵀ`` for SO, block for SE).
+
+        float16/bfloat16 input is inverted in float32 and rounded once to the input dtype.
+
+        Raises:
+            NonFiniteError: ``g`` has NaN or infinite entries.
+            DomainError: ``g`` is singular (not in ``GL(n)``), naming the batch entries.
+            OverflowResultError: ``g`` is invertible but its inverse has entries beyond
+                the dtype's range (``g`` is numerically singular there).
 
         Example:
             >>> import torch, liegroup
@@ -129,7 +147,29 @@ class MatrixLieGroup(LieGroup):
                     [ 0.0000,  1.0000]])
         """
         self.check_point(g, "g")
-        return torch.linalg.inv(g)
+        work = g.float() if g.dtype in _HALF else g
+        inv, info = torch.linalg.inv_ex(work)
+        inv = inv.to(g.dtype)
+        if inv.device.type == "meta":  # shapes only (model init on meta): nothing to check
+            return inv
+        # one host synchronisation, as torch.linalg.inv's own singularity check
+        hit = offending((info != 0) | ~torch.isfinite(inv).flatten(-2).all(-1))
+        if hit is not None:
+            check_finite(g, "g")
+            count, bad = hit
+            singular = offending(info != 0)
+            if singular is not None:
+                raise DomainError(
+                    f"inverse: {singular[0]} matrices are singular, so not in {self!r}"
+                    f"{where_batch(singular[1])}; a singular matrix has no inverse (check how "
+                    "it was built, or use G.contains(g) to filter)"
+                )
+            raise OverflowResultError(
+                f"inverse: {count} matrices have an inverse with entries beyond the range of "
+                f"{g.dtype} (largest finite {torch.finfo(g.dtype).max:.3g}){where_batch(bad)}; "
+                "they are numerically singular in this dtype: compute in float64"
+            )
+        return inv
 
     def exp(self, X: torch.Tensor) -> torch.Tensor:
         """Matrix exponential of an algebra element (closed form where one exists).
@@ -185,7 +225,7 @@ class MatrixLieGroup(LieGroup):
             count, bad = hit
             raise DomainError(
                 f"log: {count} points are not on {self!r} to atol="
-                f"{default_atol(g.dtype):.1e}, e.g. batch index {bad}; project them with "
+                f"{default_atol(g.dtype):.1e}{where_batch(bad)}; project them with "
                 "G.project(g) first if the departure is rounding"
             )
         if g.dtype in _HALF:
@@ -310,8 +350,8 @@ class MatrixLieGroup(LieGroup):
         if hit is not None:
             count, bad = hit
             raise DomainError(
-                f"{count} matrices are not in the Lie algebra of {self!r}, e.g. at "
-                f"batch index {bad}; map them with G.project_algebra(X) if that is intended"
+                f"{count} matrices are not in the Lie algebra of {self!r}{where_batch(bad)}; "
+                "map them with G.project_algebra(X) if that is intended"
             )
 
     # ------------------------------------------------------------------ to override
@@ -353,6 +393,7 @@ class MatrixLieGroup(LieGroup):
             >>> liegroup.SE(3).random_algebra(2).shape
             torch.Size([2, 4, 4])
         """
+        batch = check_batch(batch)
         v = torch.randn(*batch, self.dim, dtype=dtype, device=device, generator=generator)
         return self.hat(v)
 

@@ -41,7 +41,8 @@ from liegroup.errors import DomainError, ShapeError
 from liegroup.groups._angles import is_big, rotation_parts, two_sum
 from liegroup.groups._coeffs import coefficient, series
 from liegroup.groups._thresholds import switch
-from liegroup.groups.matrix import MatrixLieGroup
+from liegroup.groups.base import check_batch, where_batch
+from liegroup.groups.matrix import _HALF, MatrixLieGroup
 
 __all__ = [
     "SO",
@@ -149,7 +150,7 @@ def check_resolvable_rotation(X: torch.Tensor, group: object) -> None:
         vals = [float(nrm[tuple(i)]) for i in idx]
         raise DomainError(
             f"exp on {group!r}: {count} generators have ‖X‖₁ above {limit:.3g} "
-            f"(= u^-1/2 of {X.dtype}), e.g. at batch index {idx} (norms {vals}); their rotation "
+            f"(= u^-1/2 of {X.dtype}){where_batch(idx)} (norms {vals}); their rotation "
             f"angles cannot be resolved in {X.dtype} (error ≈ ‖X‖₁·u ≥ {limit * u:.1g}). Reduce "
             "the angles mod 2π first (e.g. X ← log(exp(X)) computed in higher precision), or "
             "compute in float64"
@@ -451,18 +452,26 @@ class SO(MatrixLieGroup):
     ) -> torch.Tensor:
         """Haar-distributed rotations (QR of a Gaussian matrix with sign and det fix).
 
+        float16/bfloat16 rotations are drawn in float32 and rounded once.
+
+        Raises:
+            ShapeError: a batch size is negative.
+
         Example:
             >>> import torch, liegroup
             >>> G = liegroup.SO(4)
             >>> bool(G.contains(G.random(3, dtype=torch.float64)).all())
             True
         """
-        A = torch.randn(*batch, self.n, self.n, dtype=dtype, device=device, generator=generator)
+        batch = check_batch(batch)
+        out_dtype = torch.get_default_dtype() if dtype is None else dtype
+        work = torch.float32 if out_dtype in _HALF else out_dtype
+        A = torch.randn(*batch, self.n, self.n, dtype=work, device=device, generator=generator)
         Q, Rr = torch.linalg.qr(A)
         Q = Q * torch.sign(Rr.diagonal(dim1=-2, dim2=-1))[..., None, :]
         d = torch.sign(torch.linalg.det(Q))
         first = Q[..., :, :1] * d[..., None, None]
-        return torch.cat([first, Q[..., :, 1:]], dim=-1)
+        return torch.cat([first, Q[..., :, 1:]], dim=-1).to(out_dtype)
 
     # ------------------------------------------------------------------ Jacobians
     def adjoint_matrix(self, g: torch.Tensor) -> torch.Tensor:

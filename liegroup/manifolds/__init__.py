@@ -39,7 +39,17 @@ Maps (``P`` the Frobenius-orthogonal projection of ambient matrices onto the alg
   too, because ``RiemannianSGD`` seeds its momentum buffer with a raw Euclidean gradient;
 * ``projx``: projection onto the group, exact identity on points already there
   (``SO``: polar factor; ``SE``: polar factor of the rotation block, exact bottom row; ``SL``:
-  ``x / det(x)^{1/n}``; ``GL`` and the Hadamard group are open sets: identity).
+  ``x / det(x)^{1/n}``; ``GL`` and the Hadamard group are open sets: identity; a zero entry
+  of a Hadamard point has no nearest non-zero value and raises
+  :class:`~liegroup.errors.DomainError`).
+
+``expmap``/``retr`` take ``x`` on the group: the step's single check (one host
+synchronisation, shared with the divergence check) refuses a ``x·exp(X)`` further than
+``sqrt(default_atol)`` from the group's equations with :class:`~liegroup.errors.DomainError`
+rather than re-projecting it into another point; a Hadamard step that overflows or
+underflows an entry to 0 raises :class:`~liegroup.errors.OverflowResultError`. A reflection
+given as an ``SO(n)`` point is not detected by the step; ``check_point_on_manifold`` reports
+it (as for geoopt's own manifolds, the full membership check is a separate call).
 
 The Hadamard group's manifold is the whole group (tensors without zero entries); every
 connected component (sign pattern) is preserved exactly by ``retr``, and ``random``/``origin``

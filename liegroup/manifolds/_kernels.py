@@ -16,8 +16,11 @@ import torch
 from liegroup._validation import check_tensor, offending
 from liegroup.errors import DomainError, DTypeError
 from liegroup.groups.base import LieGroup
+from liegroup.groups.matrix import default_atol
 
 _METRICS = ("left-invariant", "bi-invariant")
+# torch.linalg's error for a singular operand (a RuntimeError; not re-exported in its stubs)
+_LinAlgError: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
 # Newton–Schulz sweeps allowed in SO/SE projx before falling back to the SVD polar factor.
 _NS_MAX_SWEEPS = 8
 
@@ -39,6 +42,24 @@ def _eye_like(x: torch.Tensor) -> torch.Tensor:
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
+
+
+def step_tolerance(dtype: torch.dtype) -> float:
+    """How far ``x·exp(X)`` may be from the group before ``expmap`` refuses to re-project it.
+
+    ``sqrt(default_atol)``: one Newton–Schulz step maps an orthogonality error ``E`` to
+    ``¾E²``, so below this a single clean-up lands within ``default_atol``; a point further
+    off was not on the group to begin with (``1e-6`` in float64, ``2.4e-2`` in float32).
+    """
+    return math.sqrt(default_atol(dtype))
+
+
+def _or(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -64,7 +85,13 @@ class _Ops:
         return x @ X
 
     def untranslate(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(x, u)
+        try:
+            return torch.linalg.solve(x, u)
+        except _LinAlgError:
+            raise DomainError(
+                f"x is singular, so it is not a point of {self.group!r}; the maps of the "
+                "manifold are defined only on the group (check how x was built or loaded)"
+            ) from None
 
     def adjoint(self, x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         return _mT(x) @ G
@@ -80,6 +107,14 @@ class _Ops:
 
     def clean(self, y: torch.Tensor) -> torch.Tensor:
         return y
+
+    def clean_checked(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``clean(y)`` and a per-point mask of where ``y`` was too far off the group for it.
+
+        The mask (``None`` where nothing is checked, e.g. open groups) has ``y``'s batch shape
+        and marks points further than :func:`step_tolerance` from the group's equations.
+        """
+        return self.clean(y), None
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -118,7 +153,18 @@ class _HadamardOps(_Ops):
         return X
 
     def exp(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.exp(X)
+        return torch.exp(X)  # checked by the caller (expmap's single step check)
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        hit = offending(x == 0)
+        if hit is not None:
+            count, idx = hit
+            raise DomainError(
+                f"projx: x has {count} zero entries, e.g. at {idx}; the Hadamard group excludes "
+                "0 and no nearest non-zero point exists (any choice of sign and size would be "
+                "arbitrary): set those entries explicitly, e.g. to ±1 or a small value"
+            )
+        return x
 
     def on_group(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str | None]:
         if not bool(torch.isfinite(x).all()):
@@ -142,6 +188,9 @@ class _SOOps(_Ops):
 
     def clean(self, y: torch.Tensor) -> torch.Tensor:
         return _newton_schulz(y)
+
+    def clean_checked(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _newton_schulz_checked(y)
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         return _project_so(x)
@@ -183,6 +232,14 @@ class _SEOps(_Ops):
         n = self.n
         return self._assemble(_newton_schulz(y[..., :n, :n]), y[..., :n, n:])
 
+    def clean_checked(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = self.n
+        R, off = _newton_schulz_checked(y[..., :n, :n])
+        bottom = y[..., n, :].clone()
+        bottom[..., n] -= 1
+        off = off | (bottom.abs().amax(-1) > step_tolerance(y.dtype))
+        return self._assemble(R, y[..., :n, n:]), off
+
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         n = self.n
         return self._assemble(_project_so(x[..., :n, :n]), x[..., :n, n:])
@@ -211,6 +268,11 @@ class _SLOps(_Ops):
         # det(y) = 1 + O(u) here, so the positive real root is the right one.
         d = torch.linalg.det(y)
         return y / d.abs().pow(1.0 / self.n)[..., None, None]
+
+    def clean_checked(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = torch.linalg.det(y)
+        off = ~((d - 1).abs() <= step_tolerance(y.dtype))  # NaN counts as off
+        return y / d.abs().pow(1.0 / self.n)[..., None, None], off
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         sign, logabs = torch.linalg.slogdet(x)  # no overflow for large n
@@ -313,6 +375,14 @@ class _ProductOps(_Ops):
     def clean(self, y: torch.Tensor) -> torch.Tensor:
         return self._map1(lambda f, a: f.clean(a), y)
 
+    def clean_checked(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts, off = [], None
+        for f, p in zip(self.factors, self.split(y), strict=True):
+            c, o = f.clean_checked(p)
+            parts.append(c)
+            off = _or(off, o)
+        return self.join(parts), off
+
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         return self._map1(lambda f, a: f.projx(a), x)
 
@@ -345,6 +415,16 @@ def _newton_schulz(y: torch.Tensor) -> torch.Tensor:
     at rounding level, so repeated retractions do not drift.
     """
     return y + 0.5 * (y @ (_eye_like(y) - _mT(y) @ y))
+
+
+def _newton_schulz_checked(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_newton_schulz` (the same operations) and the mask ``‖I − yᵀy‖_max > tol``.
+
+    ``tol`` is :func:`step_tolerance`; the mask reuses ``I − yᵀy`` and costs no matmul.
+    """
+    E = _eye_like(y) - _mT(y) @ y
+    off = ~(E.abs().amax((-2, -1)) <= step_tolerance(y.dtype))  # NaN counts as off
+    return y + 0.5 * (y @ E), off
 
 
 def _project_so(x: torch.Tensor) -> torch.Tensor:

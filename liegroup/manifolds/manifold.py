@@ -12,27 +12,64 @@ from liegroup.errors import DomainError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup
 from liegroup.manifolds._kernels import (
     _METRICS,
+    _HadamardOps,
     _ops_for,
     _ProductOps,
     _sq_sum,
+    step_tolerance,
 )
 
 __all__ = ["LieGroupManifold"]
 
 
 
-def _check_step(y: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> None:
-    """Raise a typed error if the step ``y = expmap(x, u)`` is not finite (see :meth:`expmap`).
+def _check_step(
+    M: LieGroupManifold,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    off: torch.Tensor | None,
+) -> None:
+    """Raise a typed error if the step ``y = expmap(x, u)`` left the group (see :meth:`expmap`).
 
-    One host synchronisation per step (eagerly): a diverging step is reported at the step
-    that diverged, not thousands of steps later as a NaN loss.
+    ``off`` marks the points whose ``x·exp(X)`` was too far from the group to re-project
+    (:meth:`_Ops.clean_checked`). One host synchronisation per step (eagerly): a diverging
+    step is reported at the step that diverged, not thousands of steps later as a NaN loss;
+    the diagnosis below runs only on failure.
     """
-    hit = offending(~torch.isfinite(y))
+    bad = ~torch.isfinite(y)
+    hadamard = isinstance(M._ops, _HadamardOps)
+    if hadamard:
+        bad = bad | (y == 0)  # underflow: 0 is not in the group
+    if off is not None:
+        bad = bad | off[(...,) + (None,) * M.ndim]
+    hit = offending(bad)
     if hit is None:
         return
     check_finite(x, "x")
     check_finite(u, "u")
+    on, reason = M._ops.on_group(x, step_tolerance(x.dtype), 0.0)
+    if not on:
+        raise DomainError(
+            f"expmap/retr: x is not a point of {M.group!r}: {reason}. The step is defined only "
+            "from a point of the group: find where x left it (a point set or loaded by hand?) "
+            "or, for a small departure, project it with M.projx(x). The point was not changed"
+        )
     count, idx = hit
+    if hadamard and bool(torch.isfinite(y).all()):
+        raise OverflowResultError(
+            f"expmap/retr: the step underflows {y.dtype} to 0 in {count} entries, e.g. at {idx} "
+            f"(x·exp(X) is below the smallest positive {y.dtype}; 0 is not in the Hadamard "
+            "group and could never move again): the step is far too large. Lower the learning "
+            "rate, clip the gradient, or use a wider dtype. The point was not changed"
+        )
+    if bool(torch.isfinite(y).all()):
+        raise DomainError(
+            f"expmap/retr: the step lands too far from {M.group!r} to re-project "
+            f"(x·exp(X) is off by more than {step_tolerance(y.dtype):.2g}), e.g. at "
+            f"{idx}, although x is on the group: the step is too large for {y.dtype}. Lower "
+            "the learning rate, or use a wider dtype. The point was not changed"
+        )
     raise OverflowResultError(
         f"expmap/retr: the step from a finite point with a finite tangent vector overflows "
         f"{y.dtype} in {count} entries, e.g. at {idx} (the step diverged: x·exp(X) exceeds "
@@ -176,6 +213,9 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
 
         Raises:
             NonFiniteError: ``x`` has NaN or infinite entries (on every group).
+            DomainError: no projection exists: a zero entry on the Hadamard group (the
+                nearest non-zero number would be an arbitrary choice), ``det <= 0`` on
+                ``SL(n)``.
 
         Example:
             >>> import torch, liegroup
@@ -266,11 +306,21 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
 
         The Riemannian exponential for the bi-invariant metric, a retraction otherwise.
 
+        ``x`` must be a point of the group. The step is checked with one host synchronisation
+        (the same check that catches a diverging step): ``x·exp(X)`` further than
+        ``sqrt(default_atol)`` from the group's equations (orthogonality of the rotation
+        block, the ``SE`` bottom row, ``det = 1`` for ``SL``) is refused instead of being
+        re-projected into some other point. A reflection (orthogonal, ``det = −1``) passed as
+        an ``SO(n)`` point is not detected here; :meth:`check_point_on_manifold` reports it.
+
         Raises:
+            DomainError: ``x`` is not a point of the group (off its equations as above,
+                singular for ``GL``/``SL``, a zero entry for the Hadamard group).
             OverflowResultError: the step leaves the dtype's range (a diverging step, e.g.
-                ``x·exp(X)`` on the Hadamard group for a large ``X``: the learning rate is
-                too high). Nothing is returned, so an optimiser's parameter keeps its
-                previous value. Under ``torch.compile`` the check is an in-graph assertion.
+                ``x·exp(X)`` on the Hadamard group for a large ``X``, or one that underflows
+                an entry to 0, which the Hadamard group excludes: the learning rate is too
+                high). Nothing is returned, so an optimiser's parameter keeps its previous
+                value. Under ``torch.compile`` the check is an in-graph assertion.
             NonFiniteError: ``x`` or ``u`` is not finite.
 
         Example:
@@ -280,8 +330,8 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
             tensor([2.])
         """
         X = self.algebra_part(x, u)
-        y = self._ops.clean(self._ops.translate(x, self._ops.exp(X)))
-        _check_step(y, x, u)
+        y, off = self._ops.clean_checked(self._ops.translate(x, self._ops.exp(X)))
+        _check_step(self, y, x, u, off)
         return y
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
