@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -31,7 +32,13 @@ import torch
 from torch import nn
 
 from liegroup._validation import check_finite
-from liegroup.errors import AdapterStateError, DeviceError, UnsupportedModuleError
+from liegroup.errors import (
+    AdapterStateError,
+    DeviceError,
+    NonFiniteError,
+    ShapeError,
+    UnsupportedModuleError,
+)
 from liegroup.peft._engine import (
     adapted_forward,
     check_adapter,
@@ -167,7 +174,7 @@ class LieRALayer(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self._merge_backup: torch.Tensor | None = None
-        self._tied_weight: nn.Parameter | None = None
+        self._tied_base: nn.Module | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -202,6 +209,17 @@ class LieRALayer(nn.Module):
                 f"the weight of {self.module_name or 'the module'!r} is on the meta device (no "
                 "values); materialise the model first (load its weights, or "
                 "model.to_empty(device=...) and load the state dict), then add the adapter"
+            )
+        if W.numel() == 0:
+            raise ShapeError(
+                f"the weight of {self.module_name or 'the module'!r} has no entries (shape "
+                f"{tuple(W.shape)}): there is nothing to adapt; leave it out of target_modules"
+            )
+        bad = int((~torch.isfinite(W)).sum())
+        if bad:
+            raise NonFiniteError(
+                f"the weight of {self.module_name or 'the module'!r} has {bad} NaN/inf entries; "
+                "an adapter on it would give NaN/inf outputs: reload or repair the weights"
             )
         rows, cols = W.shape[0], W.numel() // W.shape[0]
         if config.rank > max(rows, cols, _SMALL_RANK):
@@ -337,42 +355,10 @@ class LieRALayer(nn.Module):
         return adapted_weight(W, delta, update), delta
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, untie: bool = False) -> None:
-        """Write ``W'`` of the active adapter into the base weight, so that unmerging restores W.
+    def _merge_plan(self, safe_merge: bool) -> tuple[str, torch.Tensor, bool]:
+        """``(adapter, W' in W's dtype, keep a copy of W)`` for a merge; nothing is written.
 
-        ``W'`` is computed in at least float32 and rounded once to the weight's dtype. Unmerge
-        restores ``W`` by the group inverse (exact map, additive; float32/float64 weights)
-        or, bit for bit, from a copy of ``W`` kept here: for truncated maps, for weights
-        narrower than float32 (a float16/bfloat16 inverse would drift over merge cycles), and
-        where the inverse would not give ``W`` back (``W'`` underflowed or overflowed).
-
-        Args:
-            safe_merge: compute ``W'`` first and raise (leaving ``W`` untouched)
-                :class:`~liegroup.errors.NonFiniteError` if it has NaN/inf entries, or
-                :class:`~liegroup.errors.AdapterStateError` if the group inverse would not
-                restore ``W`` from it.
-            untie: the base weight is shared with another module (tied embeddings, a weight
-                used by two layers): give this layer its own parameter holding ``W'`` instead
-                of writing into the shared tensor; unmerging puts the shared one back.
-
-        Raises:
-            AdapterStateError: when already merged, or when no adapter is active.
-
-        Example:
-            >>> import torch
-            >>> from liegroup.peft import LieRAConfig
-            >>> layer = LieRALayer(torch.nn.Linear(3, 2))
-            >>> layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"]))
-            >>> with torch.no_grad():
-            ...     _ = layer.generators["a"].B.fill_(0.1)
-            >>> x, W = torch.randn(4, 3), layer.weight.clone()
-            >>> y = layer.eval()(x)
-            >>> layer.merge(safe_merge=True)
-            >>> torch.allclose(layer(x), y), layer.merged_adapter
-            (True, 'a')
-            >>> layer.unmerge()
-            >>> torch.allclose(layer.weight, W, rtol=1e-6, atol=0)
-            True
+        Raises what :meth:`merge` raises, before any state changes.
         """
         if self.merged_adapter is not None:
             raise AdapterStateError(
@@ -400,9 +386,59 @@ class LieRALayer(nn.Module):
                 "would not restore W; keep the model unmerged (its outputs are the same), or "
                 "merge with safe_merge=False, which keeps a copy of W for unmerging"
             )
+        return name, Wp, keep_copy
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, untie: bool = False) -> None:
+        """Write ``W'`` of the active adapter into the base weight, so that unmerging restores W.
+
+        ``W'`` is computed in at least float32 and rounded once to the weight's dtype. Unmerge
+        restores ``W`` by the group inverse (exact map, additive; float32/float64 weights)
+        or, bit for bit, from a copy of ``W`` kept here: for truncated maps, for weights
+        narrower than float32 (a float16/bfloat16 inverse would drift over merge cycles), and
+        where the inverse would not give ``W`` back (``W'`` underflowed or overflowed).
+
+        Args:
+            safe_merge: compute ``W'`` first and raise (leaving ``W`` untouched)
+                :class:`~liegroup.errors.NonFiniteError` if it has NaN/inf entries, or
+                :class:`~liegroup.errors.AdapterStateError` if the group inverse would not
+                restore ``W`` from it.
+            untie: the base weight or the base module is also used outside this layer (tied
+                embeddings, a weight used by two layers, a module registered under a second,
+                untargeted name): give this layer a private copy of its base module whose own
+                parameter holds ``W'`` instead of writing into the shared tensor; unmerging
+                puts the shared module back.
+
+        Raises:
+            AdapterStateError: when already merged, or when no adapter is active.
+
+        Example:
+            >>> import torch
+            >>> from liegroup.peft import LieRAConfig
+            >>> layer = LieRALayer(torch.nn.Linear(3, 2))
+            >>> layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"]))
+            >>> with torch.no_grad():
+            ...     _ = layer.generators["a"].B.fill_(0.1)
+            >>> x, W = torch.randn(4, 3), layer.weight.clone()
+            >>> y = layer.eval()(x)
+            >>> layer.merge(safe_merge=True)
+            >>> torch.allclose(layer(x), y), layer.merged_adapter
+            (True, 'a')
+            >>> layer.unmerge()
+            >>> torch.allclose(layer.weight, W, rtol=1e-6, atol=0)
+            True
+        """
+        name, Wp, keep_copy = self._merge_plan(safe_merge)
+        W = self.weight
         if untie:
-            self._tied_weight = self.base_layer.weight  # type: ignore[assignment]
-            self.base_layer.weight = nn.Parameter(Wp, requires_grad=W.requires_grad)
+            base = self.base_layer
+            private = copy.copy(base)  # the same tensors, its own registries
+            private._parameters = dict(base._parameters)
+            private._buffers = dict(base._buffers)
+            private._modules = dict(base._modules)
+            private.weight = nn.Parameter(Wp, requires_grad=W.requires_grad)
+            self.base_layer = private
+            self._tied_base = base
         else:
             if keep_copy:
                 self._merge_backup = W.detach().clone()
@@ -421,9 +457,9 @@ class LieRALayer(nn.Module):
         name = self.merged_adapter
         if name is None:
             raise AdapterStateError(f"{self.module_name!r} has no merged adapter to unmerge")
-        if self._tied_weight is not None:
-            self.base_layer.weight = self._tied_weight
-            self._tied_weight = None
+        if self._tied_base is not None:
+            self.base_layer = self._tied_base
+            self._tied_base = None
         elif self._merge_backup is not None:
             self.weight.copy_(self._merge_backup)
             self._merge_backup = None

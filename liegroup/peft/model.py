@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from liegroup._version import __version__
-from liegroup.errors import AdapterStateError, CheckpointError
+from liegroup.errors import AdapterStateError, CheckpointError, NonFiniteError
 from liegroup.peft._files import read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.generators.base import Generator
@@ -442,8 +442,11 @@ class LieRAModel(nn.Module):
         """Write ``W'`` of the active adapter into every adapted base weight.
 
         Args:
-            safe_merge: check every merged weight for NaN/inf before writing any; on failure
-                nothing is merged (:class:`~liegroup.errors.NonFiniteError`).
+            safe_merge: check every layer's merged weight (NaN/inf; an inverse that would not
+                restore ``W``) before writing any — each ``W'`` is then computed twice, one
+                layer at a time; on failure nothing is merged and every weight keeps its bits
+                (:class:`~liegroup.errors.NonFiniteError`,
+                :class:`~liegroup.errors.AdapterStateError`).
 
         Raises:
             AdapterStateError: if already merged.
@@ -451,30 +454,47 @@ class LieRAModel(nn.Module):
         if self.merged:
             raise AdapterStateError("an adapter is already merged; unmerge_adapter() first")
         shared = self._shared_weights()
+        layers = [layer for _, layer in self.lie_layers() if layer.active_adapter is not None]
+        if safe_merge:  # every layer checked before any is written (one W' at a time)
+            for layer in layers:
+                layer._merge_plan(safe_merge=True)
         done: list[LieRALayer] = []
         try:
-            for _, layer in self.lie_layers():
-                if layer.active_adapter is not None:
-                    layer.merge(safe_merge=safe_merge, untie=id(layer) in shared)
-                    done.append(layer)
+            for layer in layers:
+                layer.merge(safe_merge=safe_merge, untie=id(layer) in shared)
+                done.append(layer)
         except BaseException:
             for layer in reversed(done):
                 layer.unmerge()
             raise
 
     def _shared_weights(self) -> set[int]:
-        """Adapter layers whose base weight is also another module's (tied or reused)."""
-        owners: dict[tuple[str, int], set[int]] = {}
-        for mod in self.base_model.modules():
-            for p in mod.parameters(recurse=False):
-                if p.is_meta:
-                    continue
-                key = (str(p.device), p.untyped_storage().data_ptr())
-                owners.setdefault(key, set()).add(id(mod))
+        """Adapter layers whose base weight is also used outside the layer.
+
+        Tied or reused parameters, and a base module registered under a second name that is
+        not adapted: every place a parameter is reachable from counts, all places inside one
+        adapter layer (a layer used twice) as one.
+        """
+        users: dict[tuple[str, int], set[object]] = {}
+
+        def walk(mod: nn.Module, path: str, layer: LieRALayer | None) -> None:
+            if isinstance(mod, LieRALayer):
+                layer = mod
+            for pname, p in mod._parameters.items():
+                if p is not None and not p.is_meta:
+                    key = (str(p.device), p.untyped_storage().data_ptr())
+                    users.setdefault(key, set()).add(
+                        id(layer) if layer is not None else f"{path}.{pname}"
+                    )
+            for cname, child in mod._modules.items():
+                if child is not None:
+                    walk(child, f"{path}.{cname}", layer)
+
+        walk(self.base_model, "", None)
         out = set()
         for _, layer in self.lie_layers():
             w = layer.weight
-            if not w.is_meta and len(owners[(str(w.device), w.untyped_storage().data_ptr())]) > 1:
+            if not w.is_meta and len(users[(str(w.device), w.untyped_storage().data_ptr())]) > 1:
                 out.add(id(layer))
         return out
 
@@ -560,6 +580,7 @@ class LieRAModel(nn.Module):
 
         Raises:
             AdapterStateError: while an adapter is merged.
+            NonFiniteError: an adapter tensor has NaN/inf entries (nothing is written).
             CheckpointError: when a file cannot be written (the directory is left as it was).
         """
         from safetensors.torch import save_file
@@ -580,6 +601,12 @@ class LieRAModel(nn.Module):
         state = self.adapter_state_dict(name)
         # own copies: tied modules_to_save tensors share memory, which safetensors refuses
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        for k, v in tensors.items():  # loading refuses them: a checkpoint that cannot be loaded
+            if v.is_floating_point() and (bad_n := int((~torch.isfinite(v)).sum())):
+                raise NonFiniteError(
+                    f"adapter {name!r}: {k} has {bad_n} NaN/inf entries (training diverged?); "
+                    "nothing was written"
+                )
         write_files(save_directory, {
             WEIGHTS_NAME: lambda p: save_file(
                 tensors, p, metadata={"format": "pt", "liegroup_version": __version__}
@@ -596,9 +623,12 @@ class LieRAModel(nn.Module):
         """Add the adapter saved in ``directory`` under ``adapter_name`` (all or nothing).
 
         Raises:
+            AdapterStateError: while an adapter is merged.
             CheckpointError: missing/invalid files, a config that does not fit the model,
                 missing, unexpected or mis-shaped tensors. The model is left as it was.
         """
+        if self.merged:
+            raise AdapterStateError("unmerge_adapter() before loading another adapter")
         config, tensors = _read_checkpoint(directory)
         if adapter_name in self.peft_config:
             raise CheckpointError(f"adapter {adapter_name!r} already exists; pick another name")

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import ShapeError
-from liegroup.peft import Generator, GeneratorSpec, LieRAConfig, get_peft_model, register_generator
+from liegroup.errors import DTypeError, ShapeError
+from liegroup.peft import (
+    Generator,
+    GeneratorSpec,
+    LieRAConfig,
+    LieRALayer,
+    get_peft_model,
+    register_generator,
+)
 
 U32 = torch.finfo(torch.float32).eps / 2
 
@@ -239,7 +247,13 @@ class _SwitchableFactors(Generator):
     def forward(self) -> torch.Tensor:
         return (self.L @ self.R).view(self.weight_shape)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> Any:
+        if self.bad == "triple":
+            return (self.L, self.R, self.R)
+        if self.bad == "no_r":
+            return (self.L, None)
+        if self.bad == "not_a_pair":
+            return self.L
         return (self.L, self.R[:, :-1]) if self.bad else (self.L, self.R)
 
 
@@ -267,6 +281,37 @@ def test_user_generator_whose_factors_go_bad_raises_shape_error_eager_and_compil
     with pytest.raises(Exception, match="ShapeError") as info:
         torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     assert "must unfold W" in str(info.value) + repr(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ("triple", ShapeError, "must return None or a pair"),
+        ("not_a_pair", ShapeError, "must return None or a pair"),
+        ("no_r", DTypeError, "R must be a tensor"),
+    ],
+)
+def test_user_factors_that_are_not_a_pair_of_tensors_raise_typed_errors(
+    bad: str, error: type[Exception], match: str
+) -> None:
+    """A 3-tuple reached the node (TypeError inside autograd); (L, None) an AttributeError."""
+    model = _switchable(bad_at_init=False)
+    for m in model.modules():
+        if isinstance(m, _SwitchableFactors):
+            m.bad = bad
+    with pytest.raises(error, match=match):
+        model(torch.randn(3, 12))
+    with pytest.raises(error, match=match):
+        _switchable(bad_at_init=bad)  # type: ignore[arg-type]
+
+
+def test_a_base_weight_replaced_by_another_shape_of_as_many_entries_raises() -> None:
+    """A (12, 10) weight in place of the (10, 12) one ran, with ΔW laid out for (10, 12)."""
+    model = _switchable(bad_at_init=False)
+    layer = next(m for m in model.modules() if isinstance(m, LieRALayer))
+    layer.base_layer.weight = nn.Parameter(torch.randn(12, 10), requires_grad=False)
+    with pytest.raises(ShapeError, match="made for a weight of shape"):
+        model(torch.randn(3, 12))
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,24 @@ def test_opcheck_factor_grads(kernel: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("target", ["W", "R", "R-overlap"])
+def test_lowrank_form_into_refuses_an_out_that_overlaps_an_input(kernel: bool,
+                                                                  target: str) -> None:
+    """The torch path wrote W' over its own inputs: values off by up to 99.8."""
+    W, L, R = _factors()
+    buf = torch.empty(R.numel() + W.numel() + 4)
+    Rb = buf[: R.numel()].view(R.shape).copy_(R)
+    out = {"W": W, "R": buf[: W.numel()].view(W.shape),
+           "R-overlap": buf[R.numel() - 3 : R.numel() - 3 + W.numel()].view(W.shape)}[target]
+    W0, R0 = W.clone(), Rb.clone()
+    with pytest.raises(ShapeError, match=f"shares memory with {target[0]}"):
+        torch.ops.liegroup.lowrank_form_into(W, L, Rb, False, out)
+    assert torch.equal(W, W0) and torch.equal(Rb, R0)  # nothing written
+    free = buf[R.numel() : R.numel() + W.numel()].view(W.shape)  # adjacent, not overlapping
+    torch.ops.liegroup.lowrank_form_into(W, L, Rb, False, free)
+    torch.testing.assert_close(free, ops.lowrank_form(W, L, R), rtol=0, atol=0)
+
+
 BAD_FACTORS = [
     pytest.param((6, 3), (3, 9), ShapeError, id="cols-short"),  # reads past R, past W
     pytest.param((5, 3), (3, 10), ShapeError, id="rows-short"),

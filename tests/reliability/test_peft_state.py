@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, CheckpointError, DeviceError
+from liegroup.errors import (
+    AdapterStateError,
+    CheckpointError,
+    DeviceError,
+    NonFiniteError,
+    ShapeError,
+)
 from liegroup.peft import LieRAConfig, LieRAModel, get_peft_model
 
 
@@ -325,3 +331,125 @@ def test_a_module_to_save_used_twice_gets_one_trained_copy(tmp_path) -> None:
     loaded = LieRAModel.from_pretrained(base, tmp_path)
     assert base[1] is base[3]
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+class _TwoNames(nn.Module):
+    """One Linear registered as ``a`` and ``b``; only ``a`` is targeted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        lin = nn.Linear(4, 4)
+        self.a = lin
+        self.b = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("exp_map", ["exact", "first_order"])
+def test_a_module_under_a_second_untargeted_name_keeps_w_when_merged(exp_map: str) -> None:
+    """Merging wrote W' into the module that ``b`` also is: the merged output moved by 0.36."""
+    torch.manual_seed(3)
+    net = _TwoNames()
+    w0 = net.b.weight.detach().clone()
+    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["a"], exp_map=exp_map))
+    with torch.no_grad():
+        model.base_model.a.generators["default"].B.fill_(0.3)
+    model.eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        y = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+        assert torch.equal(net.b.weight, w0)  # the untargeted name still computes with W
+        model.unmerge_adapter()
+        assert net.a.base_layer is net.b  # the shared module is back
+        assert torch.equal(net.b.weight, w0)
+        unloaded = model.merge_and_unload()
+        torch.testing.assert_close(unloaded(x), y, rtol=1e-5, atol=1e-6)
+        assert torch.equal(unloaded.b.weight, w0)
+
+
+def test_a_failed_safe_merge_leaves_every_weight_bit_for_bit() -> None:
+    """The first layer was merged, then rolled back by the group inverse: off by 3e-8."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4))
+    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["0", "1"], exp_map="exact"))
+    with torch.no_grad():
+        model.base_model[0].generators["default"].B.normal_(0, 0.3)
+        model.base_model[1].generators["default"].B.fill_(1e30)  # W' overflows
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with pytest.raises(NonFiniteError):
+        model.merge_adapter(safe_merge=True)
+    assert not model.merged
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: nn.Linear(6, 0), lambda: nn.Linear(0, 5), lambda: nn.Conv2d(3, 0, 3)],
+    ids=["no-outputs", "no-inputs", "conv-no-channels"],
+)
+def test_an_empty_weight_raises_a_shape_error_at_injection(make) -> None:
+    """It raised ZeroDivisionError from the rank check or the zero-fraction warning."""
+    with pytest.warns(UserWarning, match="zero-element"):
+        net = nn.Sequential(make())
+    with pytest.raises(ShapeError, match="has no entries"):
+        get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_base_weight_raises_at_injection(value: float) -> None:
+    """It was adapted silently; every output of the layer was then NaN/inf."""
+    net = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        net[0].weight[1, 2] = value
+    with pytest.raises(NonFiniteError, match="1 NaN/inf entries"):
+        get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"]))
+    assert isinstance(net[0], nn.Linear)  # nothing injected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("generator", ["tucker", "adalora"])
+def test_orthogonal_initialisers_take_half_precision_weights(generator: str,
+                                                             dtype: torch.dtype) -> None:
+    """The CPU QR of nn.init.orthogonal_ has no float16/bfloat16 kernel: NotImplementedError."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 5)).to(dtype)
+    model = get_peft_model(net, LieRAConfig(rank=2, target_modules=["0"], generator=generator))
+    gen = model.base_model[0].generators["default"]
+    mats = list(gen.factors_list) if generator == "tucker" else [gen.P, gen.Q.T]
+    for q in mats:
+        assert q.dtype == dtype
+        gram = q.float().T @ q.float()  # orthonormal columns, to the dtype's rounding
+        tol = 8 * torch.finfo(dtype).eps * q.shape[0]
+        torch.testing.assert_close(gram, torch.eye(gram.shape[0]), rtol=0, atol=tol)
+    y = model(torch.randn(3, 6, dtype=dtype))
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+
+
+def test_loading_an_adapter_while_merged_raises_and_changes_nothing(tmp_path) -> None:
+    """load_adapter went through while merged (add_adapter refused the same)."""
+    base, d = _saved(tmp_path)
+    model = get_peft_model(base, LieRAConfig(rank=2, target_modules=["0", "2"]))
+    model.eval()
+    model.merge_adapter()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="unmerge_adapter"):
+        model.load_adapter(d, "other")
+    assert set(model.peft_config) == {"default"} and model.merged
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_saving_non_finite_adapter_tensors_raises_and_writes_nothing(tmp_path) -> None:
+    """They were written, and from_pretrained then refused the checkpoint."""
+    base, d = _saved(tmp_path)
+    files = {p.name: p.read_bytes() for p in pathlib.Path(d).iterdir()}
+    model = get_peft_model(base, LieRAConfig(rank=2, target_modules=["0", "2"]))
+    with torch.no_grad():
+        model.base_model[2].generators["default"].A[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="nothing was written"):
+        model.save_pretrained(d)
+    assert {p.name: p.read_bytes() for p in pathlib.Path(d).iterdir()} == files

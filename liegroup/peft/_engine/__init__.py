@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from liegroup.errors import ShapeError
 from liegroup.peft._engine import ledger, lowrank_node, ops, policy
 from liegroup.peft._engine.geometry import (
     OpGeometry,
@@ -207,10 +208,25 @@ def check_adapter(W: torch.Tensor, generator: Any, update: Any) -> None:
 def _algebra_element(W: torch.Tensor, generator: Any, update: Any
                      ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, Any]:
     """``(factors, None)`` or ``(None, ΔW)`` from ``generator``, checked against ``W``."""
+    spec = getattr(generator, "spec", None)
+    shape = getattr(spec, "weight_shape", None)
+    if shape is not None and tuple(shape) != tuple(W.shape):
+        raise ShapeError(
+            f"the adapter was made for a weight of shape {tuple(shape)} but the base weight is "
+            f"now {tuple(W.shape)}; re-create the adapter for the new weight"
+        )
     factors = generator.factors()
     if factors is not None:
-        ops.check_factors(W, factors[0], factors[1])
-        return factors, None
+        if not isinstance(factors, tuple | list) or len(factors) != 2:
+            got = f"{type(factors).__name__} of length {len(factors)}" if isinstance(
+                factors, tuple | list) else type(factors).__name__
+            raise ShapeError(
+                f"{type(generator).__name__}.factors() must return None or a pair (L, R) "
+                f"with L @ R unfolding W, got a {got}"
+            )
+        L, R = factors
+        ops.check_factors(W, L, R)
+        return (L, R), None
     delta = generator()
     update.check_delta(W, delta)
     return None, delta

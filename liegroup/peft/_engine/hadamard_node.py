@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.groups.hadamard import Hadamard
 from liegroup.peft._engine import ops
 
 __all__ = ["HadamardExpFunction", "LowRankHadamardExpFunction"]
@@ -37,7 +36,7 @@ class HadamardExpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, W: torch.Tensor, delta: torch.Tensor, order: int | None) -> torch.Tensor:
-        """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) through :class:`liegroup.Hadamard`."""
+        """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) (the Hadamard group's maps, without their checks)."""
         # W' = G.act(G.exp(ΔW, order), W) = W ⊙ exp(ΔW), with every step written into one
         # fresh buffer (bit-identical to the group's maps, tested).
         Wp = _exp_inplace(delta, order).mul_(W)
@@ -138,5 +137,7 @@ def _exp_inplace(X: torch.Tensor, order: int | None) -> torch.Tensor:
     ``order=0`` gives ones.
     """
     if order is None:
-        return Hadamard(tuple(X.shape)).exp(X)
+        # the weight's map, not a group element: an entry that underflows or overflows here is
+        # caught where it matters (safe_merge), as on the low-rank path, with no host sync
+        return torch.exp(X)
     return ops.exp_taylor(X, order)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from liegroup._kernels import load_extension
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import DeviceError, DTypeError, ShapeError
 
 __all__ = [
     "GRAD_PLAIN",
@@ -124,17 +124,17 @@ def _unpermute_cols(gR: torch.Tensor, shape: torch.Size, order: list[int]) -> to
 def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
                    *more: tuple[str, torch.Tensor | None]) -> None:
     """Raise a typed error unless ``W``, ``L``, ``R`` (and ``more``) fit one low-rank call."""
-    for label, t in (("W", W), ("L", L), ("R", R), *more):
-        if t is None:
+    for i, (label, t) in enumerate((("W", W), ("L", L), ("R", R), *more)):
+        if t is None and i >= 3:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
+            raise DTypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise DTypeError(f"{name}: {label} must be a real floating tensor, got {t.dtype}")
         if t.dtype != W.dtype:
             raise DTypeError(f"{name}: {label} is {t.dtype} but W is {W.dtype}; use one dtype")
         if t.device != W.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but W is on {W.device}")
+            raise DeviceError(f"{name}: {label} is on {t.device} but W is on {W.device}")
     if L.dim() != 2 or R.dim() != 2 or L.shape[1] != R.shape[0]:
         raise ShapeError(
             f"{name}: L (rows, r) and R (r, cols) must be matrices of one rank, got L "
@@ -156,7 +156,8 @@ def _check_lowrank(name: str, W: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
 def check_factors(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> None:
     """Raise :class:`~liegroup.errors.ShapeError` unless ``L (rows, r) @ R (r, cols)`` unfolds W.
 
-    Also refuses mixed dtypes or devices (:class:`~liegroup.errors.DTypeError`, ``ValueError``).
+    Also refuses non-tensors and mixed dtypes (:class:`~liegroup.errors.DTypeError`) or devices
+    (:class:`~liegroup.errors.DeviceError`).
 
     Example:
         >>> import torch
@@ -344,7 +345,7 @@ def _form_kernel(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
 def _lowrank_form_into_op(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
                           out: torch.Tensor) -> None:
     _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
-    _check_buffer(out)
+    _check_buffer(out, W, L, R)
     _form_torch(_plain(W), L, R, first_order, out)
 
 
@@ -352,7 +353,7 @@ def _lowrank_form_into_op(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, fir
 def _form_into_cpu(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
                    out: torch.Tensor) -> None:
     _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
-    _check_buffer(out)
+    _check_buffer(out, W, L, R)
     W, L, R = _plain(W), _plain(L), _plain(R)
     if _kernel_takes(W.numel(), L.shape[1], W):
         _form_kernel(W, L, R, first_order, out)
@@ -366,9 +367,34 @@ def _(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool,
     _check_lowrank("lowrank_form_into", W, L, R, ("out", out))
 
 
-def _check_buffer(out: torch.Tensor) -> None:
+def _check_buffer(out: torch.Tensor, *inputs: torch.Tensor) -> None:
     if not out.is_contiguous() or out.is_neg() or out.is_conj():
         raise ShapeError("lowrank_form_into: out must be a contiguous tensor without view bits")
+    for name, t in zip("WLR", inputs, strict=True):
+        if _overlap(out, t):
+            raise ShapeError(
+                f"lowrank_form_into: out shares memory with {name}; write into a separate buffer"
+            )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` (non-empty) intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        lo = hi = int(t.storage_offset())
+        for n, s in zip(t.shape, t.stride(), strict=True):
+            if s >= 0:
+                hi += (int(n) - 1) * s
+            else:
+                lo += (int(n) - 1) * s
+        return lo * t.element_size(), (hi + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order: bool = False,

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from liegroup.errors import AdapterStateError, ShapeError
-from liegroup.peft.generators.base import Generator, GeneratorSpec, lowrank_dims
+from liegroup.peft.generators.base import Generator, GeneratorSpec, lowrank_dims, orthogonal_
 from liegroup.peft.registry import register_generator
 
 
@@ -98,8 +98,8 @@ class AdaLoRAGenerator(Generator):
         # positions of the current triplets in the original numbering (after pruning at load)
         self._origin: list[int] = list(range(mid))
         self._n_origin = mid
-        nn.init.orthogonal_(self.P)
-        nn.init.orthogonal_(self.Q)
+        orthogonal_(self.P)
+        orthogonal_(self.Q)
 
     def effective_lambda(self) -> torch.Tensor:
         """``λ`` with masked entries exactly zero (and no gradient to them)."""

@@ -182,3 +182,21 @@ def lowrank_dims(spec: GeneratorSpec) -> tuple[int, int, int]:
 
 def _kaiming_uniform_(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+@torch.no_grad()
+def orthogonal_(t: torch.Tensor) -> torch.Tensor:
+    """``nn.init.orthogonal_`` for any floating dtype: QR in float32 at least, then rounded.
+
+    (The CPU QR has no float16/bfloat16 kernel.)
+
+    Example:
+        >>> import torch
+        >>> q = orthogonal_(torch.empty(4, 2, dtype=torch.bfloat16))
+        >>> q.dtype, bool((q.float().T @ q.float() - torch.eye(2)).abs().max() < 0.02)
+        (torch.bfloat16, True)
+    """
+    wide = torch.promote_types(t.dtype, torch.float32)
+    if wide == t.dtype:
+        return nn.init.orthogonal_(t)
+    return t.copy_(nn.init.orthogonal_(torch.empty(t.shape, dtype=wide, device=t.device)))

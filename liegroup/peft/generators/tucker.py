@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.peft.generators.base import Generator, GeneratorSpec
+from liegroup.peft.generators.base import Generator, GeneratorSpec, orthogonal_
 from liegroup.peft.registry import register_generator
 
 __all__ = ["TuckerGenerator"]
@@ -71,7 +71,7 @@ class TuckerGenerator(Generator):
             [nn.Parameter(torch.empty(n, r, **kw)) for n, r in zip(shape, self.ranks, strict=True)]
         )
         for u in self.factors_list:
-            nn.init.orthogonal_(u)
+            orthogonal_(u)
 
     def forward(self) -> torch.Tensor:
         """``s·(G ×₀ U₀ ×₁ U₁ ⋯)`` via :func:`liegroup.tensor.multi_mode_product`."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from liegroup.groups.hadamard import Hadamard
 from liegroup.peft._engine import HadamardExpFunction, LowRankHadamardExpFunction
 from liegroup.peft.registry import register_update
 from liegroup.peft.updates.base import Update, parse_exp_map
@@ -65,8 +64,7 @@ class HadamardExp(Update):
         """``W' ⊙ exp(−ΔW)`` (exact map only)."""
         if self.order is not None:
             return super().inverse(Wp, delta)
-        G = Hadamard(tuple(Wp.shape))
-        return G.act(G.exp(-delta), Wp)
+        return torch.exp(-delta) * Wp  # G.act(G.exp(−ΔW), W') without the group's checks
 
     def __repr__(self) -> str:
         return f"HadamardExp(exp_map={'exact' if self.order is None else self.order!r})"
