@@ -36,7 +36,7 @@ class HadamardExpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, W: torch.Tensor, delta: torch.Tensor, order: int | None) -> torch.Tensor:
-        """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``) (the Hadamard group's maps, without their checks)."""
+        """``W ⊙ exp(ΔW)`` (or ``W ⊙ T_k(ΔW)``): the group's maps without their checks."""
         # W' = G.act(G.exp(ΔW, order), W) = W ⊙ exp(ΔW), with every step written into one
         # fresh buffer (bit-identical to the group's maps, tested).
         Wp = _exp_inplace(delta, order).mul_(W)
