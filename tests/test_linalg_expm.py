@@ -326,3 +326,16 @@ def test_expm_cuda_matches_cpu() -> None:
         pytest.skip("no CUDA device")
     A = torch.randn(50, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(expm(A.cuda()).cpu(), expm(A), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3), (3, 3), (0, 4, 4), (2, 70, 70)])
+def test_expm_on_meta_propagates_shapes_forward_and_backward(
+    shape: tuple[int, ...], expm_path: ExpmPath
+) -> None:
+    # documented (docs/index.md): expm runs on meta for shape propagation (model init on meta),
+    # on either path, without reading a value
+    A = torch.zeros(*shape, device="meta", dtype=torch.float64, requires_grad=True)
+    X = expm(A)
+    assert X.device.type == "meta" and X.shape == A.shape and X.dtype == A.dtype
+    X.sum().backward()
+    assert A.grad is not None and A.grad.device.type == "meta" and A.grad.shape == A.shape

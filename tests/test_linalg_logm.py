@@ -89,9 +89,7 @@ def _log_by_mpmath(A: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_logm_near_pi_is_as_accurate_as_its_conditioning(delta: float, seed: int) -> None:
     """Rotations by π − δ: the log's relative condition number is ~1/δ, and the error of the
-    result against the exact log of the given matrix (mpmath) stays within a few ``u/δ`` —
-    a fixed number of Newton corrections of the first square root left 10⁶ ``u/δ`` at δ = 1e-7.
-    """
+    result against the exact log of the given matrix (mpmath) stays within a few ``u/δ``."""
     ax = np.random.default_rng(seed).standard_normal(3)
     ax /= np.linalg.norm(ax)
     K = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
@@ -210,3 +208,97 @@ def test_logm_gradient_finite_near_identity() -> None:
     A = (torch.eye(3, dtype=torch.float64) + 1e-9).requires_grad_()
     logm(A).sum().backward()
     assert A.grad is not None and torch.isfinite(A.grad).all()
+
+
+# ---------------------------------------------------------------- within ~1e-8 of the branch cut
+def _rotation(theta: float, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A rotation by ``theta`` (2 × 2, or 3 × 3 about a fixed oblique axis), rounded to dtype."""
+    if n == 2:
+        c, s = math.cos(theta), math.sin(theta)
+        return torch.tensor([[c, -s], [s, c]], dtype=torch.float64).to(dtype)
+    ax = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    K = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
+    return torch.tensor(scipy.linalg.expm(theta * K)).to(dtype)
+
+
+def _angle_gap(A: np.ndarray) -> float:
+    """π − the largest |argument| of an eigenvalue of ``A`` (mpmath, 80 digits)."""
+    import mpmath as mp
+
+    with mp.workdps(80):
+        E, _ = mp.eig(mp.matrix(A.tolist()))
+        return float(mp.pi - max(abs(mp.arg(e)) for e in E))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("delta", [1e-8, 1e-9, 3.58979e-9, 1e-11, 1e-13])
+def test_logm_within_1e8_of_pi_is_computed_to_its_conditioning(n: int, delta: float) -> None:
+    # the product-form square-root iteration met an exactly singular iterate here (raw
+    # "lu_factor: U[1,1] is zero"); the principal log exists and is computed to ~u/δ
+    A = _rotation(math.pi - delta, n, torch.float64)
+    An = A.numpy()
+    gap = _angle_gap(An)
+    L = logm(A)
+    assert rel_err(L.numpy(), _log_by_mpmath(An)) <= 10 * U64 / gap
+
+
+def test_logm_rotation_by_3_14159265_float64() -> None:
+    A = _rotation(3.14159265, 2, torch.float64)
+    L = logm(A)
+    want = math.atan2(float(A[1, 0]), float(A[0, 0]))  # the exact angle of the stored matrix
+    assert abs(float(L[1, 0]) - want) <= 10 * U64 / _angle_gap(A.numpy())
+    assert abs(float(L[0, 0])) <= 10 * U64 / _angle_gap(A.numpy())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_logm_within_rounding_of_pi_raises_domain_error(n: int) -> None:
+    # float32: π − 3.14159265 ≈ 3.6e-9 is below the rounding level n·u·‖A‖₁ ≈ 1e-7 of the
+    # eigenvalues, where the principal log is not determined by the data
+    for theta in [3.14159265, math.pi - 1e-9]:
+        with pytest.raises(DomainError, match="within rounding"):
+            logm(_rotation(theta, n, torch.float32))
+    # exactly π (up to the rounding of sin π): keeps raising DomainError
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(DomainError, match="negative real"):
+            logm(_rotation(math.pi, n, dtype))
+        with pytest.raises(DomainError, match="negative real"):
+            logm(-torch.eye(n, dtype=dtype))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_logm_gradient_within_1e8_of_pi_vs_mpmath(n: int) -> None:
+    # d/dt ⟨W, log(A + tE)⟩ at t = 0 by an mpmath central difference (80 digits) against the
+    # autograd gradient ⟨∇, E⟩; the Fréchet derivative's own condition is ~1/δ there
+    import mpmath as mp
+
+    delta = 1e-9
+    A = _rotation(math.pi - delta, n, torch.float64)
+    gen = torch.Generator().manual_seed(n)
+    W = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    E = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    Ag = A.clone().requires_grad_()
+    (logm(Ag) * W).sum().backward()
+    assert Ag.grad is not None
+    got = float((Ag.grad * E).sum())
+
+    def f(t: mp.mpf) -> mp.mpf:
+        M = mp.matrix(A.tolist()) + t * mp.matrix(E.tolist())
+        ev, V = mp.eig(M)
+        Lm = V * mp.diag([mp.log(e) for e in ev]) * mp.inverse(V)
+        return mp.re(sum(Lm[i, j] * float(W[i, j]) for i in range(n) for j in range(n)))
+
+    with mp.workdps(80):
+        h = mp.mpf("1e-30")
+        want = float((f(h) - f(-h)) / (2 * h))
+    gap = _angle_gap(A.numpy())
+    assert abs(got - want) <= 100 * U64 / gap * abs(want)
+
+
+def test_gl_and_so4_log_near_pi_do_not_crash() -> None:
+    import liegroup
+
+    R = torch.eye(4, dtype=torch.float64)
+    R[:2, :2] = _rotation(math.pi - 1e-9, 2, torch.float64)
+    for G in (liegroup.SO(4), liegroup.GL(4)):
+        X = G.log(R)
+        assert abs(float(X[1, 0]) - (math.pi - 1e-9)) <= 100 * U64 / 1e-9

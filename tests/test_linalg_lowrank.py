@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from liegroup.errors import DTypeError, NonFiniteError, ShapeError
+from liegroup.errors import DTypeError, NonFiniteError, OverflowResultError, ShapeError
 from liegroup.linalg import expm
 from liegroup.linalg.lowrank import (
     expm_lowrank,
@@ -286,3 +286,68 @@ def test_errors():
         eye_plus_lowrank_two_sided(torch.zeros(4, 4), L, L, L.double(), L.double())
     with pytest.raises(ShapeError):
         eye_plus_lowrank_two_sided(torch.zeros(4), L, L, L, L)  # order 1
+
+
+# ----------------------------------------------------------------------------- non-finite
+# A finite input whose exact result is beyond the dtype's range raises OverflowResultError (as
+# expm does), never inf/NaN; a non-finite input raises NonFiniteError naming it.
+def _overflowing(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # RᵀL = 500·ones(2, 2): φ₁ ≈ e^{1000}/1000, beyond float32 and float64
+    return torch.full((5, 2), 10.0, dtype=dtype), torch.full((5, 2), 10.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_overflowing_results_raise_overflow_result_error(dtype: torch.dtype) -> None:
+    L, R = _overflowing(dtype)
+    T = torch.ones(3, 5, dtype=dtype)
+    calls = {
+        "expm_lowrank": lambda: expm_lowrank(L, R),
+        "expm_lowrank_factor": lambda: expm_lowrank_factor(L, R),
+        "expm_lowrank_apply": lambda: expm_lowrank_apply(L, R, T, 1),
+        "phi1": lambda: phi1(R.mT @ L),
+        "phi1_batched": lambda: phi1(torch.stack([torch.zeros(2, 2, dtype=dtype), R.mT @ L])),
+    }
+    for name, call in calls.items():
+        with pytest.raises(OverflowResultError, match="not finite"):
+            call()
+            pytest.fail(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_overflowing_products_raise_overflow_result_error(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max / 4
+    W = torch.full((4, 5), big, dtype=dtype)
+    K, R = torch.ones(4, 1, dtype=dtype), torch.ones(4, 1, dtype=dtype)  # (I + K Rᵀ) W: 5·big
+    K1, R1 = torch.zeros(5, 1, dtype=dtype), torch.zeros(5, 1, dtype=dtype)
+    with pytest.raises(OverflowResultError, match="not finite"):
+        eye_plus_lowrank_two_sided(W, K, R, K1, R1)
+    with pytest.raises(OverflowResultError, match="not finite"):
+        eye_plus_lowrank_mode_product(W, K, R, 0)
+    with pytest.raises(OverflowResultError, match="not finite"):
+        expm_lowrank_apply(K, R, W, 0)  # exp(K Rᵀ) W, e^4-ish growth of big entries
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_raise_non_finite_error_naming_them(bad: float) -> None:
+    L, R = torch.randn(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64)
+    Lb = L.clone()
+    Lb[3, 1] = bad
+    Tb = torch.ones(3, 5, dtype=F64)
+    Tb[1, 2] = bad
+    with pytest.raises(NonFiniteError, match=r"^L has"):
+        expm_lowrank(Lb, R)
+    with pytest.raises(NonFiniteError, match=r"^L has"):
+        expm_lowrank_factor(Lb, R)
+    with pytest.raises(NonFiniteError, match=r"^R has"):
+        expm_lowrank_apply(L, Lb, torch.ones(3, 5, dtype=F64), 1)
+    with pytest.raises(NonFiniteError, match=r"^T has"):
+        expm_lowrank_apply(L, R, Tb, 1)
+    with pytest.raises(NonFiniteError, match=r"^T has"):
+        eye_plus_lowrank_mode_product(Tb, L, R, 1)
+    with pytest.raises(NonFiniteError, match=r"^W has"):
+        eye_plus_lowrank_two_sided(Tb.mT, L, R, torch.zeros(3, 1, dtype=F64),
+                                   torch.zeros(3, 1, dtype=F64))
+    with pytest.raises(NonFiniteError, match=r"^K1 has"):
+        eye_plus_lowrank_two_sided(torch.ones(5, 3, dtype=F64), L, R,
+                                   torch.full((3, 1), bad, dtype=F64),
+                                   torch.ones(3, 1, dtype=F64))

@@ -12,7 +12,9 @@ that the kernel takes skip the dispatcher (:func:`_direct`).
 
 from __future__ import annotations
 
+import array
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -98,6 +100,172 @@ def _check_overflow(X: torch.Tensor, A: torch.Tensor, *more: torch.Tensor) -> No
         _raise_overflow(A[i], i, A.dtype)
 
 
+# The resolution check (see _check_resolved). A matrix whose scaling and squaring takes
+# s ≥ _S_CHECK[dtype] squarings (2^s·u ≥ 2^-10: the rounding errors of the squarings, amplified
+# about 2^s-fold, may reach O(1)) has its result compared with det exp(A) = e^{tr A}; below
+# that no check runs.
+_S_CHECK = {torch.float64: 43, torch.float32: 14}
+_S_CHECK_MIN = min(_S_CHECK.values())
+# The check raises where the result provably differs from exp(A) by more than this fraction
+# of ‖exp(A)‖₂ (a spectral-norm relative error) ...
+_RESOLVE_DELTA = 1.0 / 16
+# ... or where κ_exp(A)·u is certified to be at least this (no correct digit to promise).
+_KAPPA_U_MAX = 1.0
+
+
+def _unresolved(X: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per matrix of ``(k, n, n)`` batches: whether ``X`` cannot be trusted to hold ``exp(A)``.
+
+    Three tests; any of them flags the matrix.
+
+    * Sensitivity. ``exp((1 + ε)A) = exp(A) + ε·A·exp(A) + O(ε²)``: a relative change of
+      ``A`` by the unit roundoff ``u`` of the working dtype moves the result by ``u‖A X‖₁``.
+      Where that is at least ``‖X‖₁`` (:data:`_KAPPA_U_MAX`; then ``κ_exp(A)·u ≥ 1``, as
+      ``κ_exp(A) ≥ ‖A·exp(A)‖/‖exp(A)‖``), the result has no correct digit to promise. ``A·X``
+      is formed in float64 on the normalised factors and its rounding error bound
+      subtracted, so the test never fires on rounding alone. (Results that decay to zero,
+      and exact triangular ones like ``diag(−10²⁰, 0)``, have ``A·X`` zero or small.)
+    * Determinant. With ``δ = _RESOLVE_DELTA``, ``η = n·tiny`` (the absolute error gradual
+      underflow may add) and ``F = X − exp(A)`` assumed ``‖F‖₂ ≤ δ‖exp(A)‖₂ + η``:
+      ``‖exp(A)‖₂ ≤ N = (σ_max(X) + η)/(1 − δ)``, ``‖F‖₂ ≤ f = δN + η`` and
+      ``σ_min(exp(A)) ≥ μ = max(σ_min(X) − f, e^{tr A}/N^{n−1})`` (as
+      ``det exp(A) = e^{tr A} ≤ σ_min·σ_max^{n−1}``). Where ``f/μ ≤ ½``,
+      ``X = exp(A)(I + exp(A)⁻¹F)`` with ``‖exp(A)⁻¹F‖₂ ≤ f/μ``, so ``det X > 0`` and
+      ``|log det X − tr A| ≤ −n·log(1 − f/μ)``; a result that breaks either (beyond the
+      rounding of ``slogdet``, well-conditioned there, and of ``tr A``) is not within ``δ``
+      of ``exp(A)`` (e.g. the zero matrix for a rotation). Where ``f/μ > ½`` (``e^{tr A}``
+      too small, ``X`` ill-conditioned) this test concludes nothing.
+    * Logarithmic norm. With ``H = (A + Aᵀ)/2``, ``e^{λ_min(H)} ≤ σ_i(exp(A)) ≤
+      e^{λ_max(H)}``; under the same assumption on ``F``, ``σ_max(X) ≤ (1 + δ)e^{λ_max(H)} +
+      η`` and ``σ_min(X) ≥ e^{λ_min(H)} − δe^{λ_max(H)} − η`` (the eigenvalues widened by
+      their rounding error). For a skew-symmetric ``A`` (``H = 0``) this says ``X`` is within
+      ``δ`` of orthogonal, whatever garbage the squarings left.
+
+    Returns the flags, ``u‖A X‖₁/‖X‖₁`` (a lower bound of ``κ_exp(A)·u``; 0 where ``X = 0``)
+    and the determinant test's ``(log|det X|, tr A)`` as a ``(k, 2)`` array.
+    """
+    n = X.shape[-1]
+    u64 = 2.0**-53
+    u = torch.finfo(X.dtype).eps / 2
+    delta = _RESOLVE_DELTA
+    eta = n * torch.finfo(X.dtype).tiny
+    Xd = X.detach().to(torch.float64)
+    Ad = A.detach().to(torch.float64)
+    # sensitivity: u·‖A X‖₁/‖X‖₁ = u·‖Â X̂‖₁·‖A‖₁ with Â = A/‖A‖₁, X̂ = X/‖X‖₁ (no overflow)
+    na = Ad.abs().sum(-2).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)[:, None, None]
+    nx = Xd.abs().sum(-2).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)[:, None, None]
+    Ah, Xh = Ad / na, Xd / nx
+    prod = (Ah @ Xh).abs().sum(-2).amax(-1)
+    bound = 2 * n * u64 * (Ah.abs() @ Xh.abs()).sum(-2).amax(-1)
+    sens = (u * (prod - bound).clamp_min(0) * na[:, 0, 0]).cpu().numpy()
+    sens = np.where(nx[:, 0, 0].cpu().numpy() > torch.finfo(torch.float64).tiny, sens, 0.0)
+    # determinant
+    sv = torch.linalg.svdvals(Xd).cpu().numpy()
+    sign, ld = (v.cpu().numpy() for v in torch.linalg.slogdet(Xd))
+    dg = Ad.diagonal(dim1=-2, dim2=-1)
+    t = dg.sum(-1).cpu().numpy()
+    t_err = 2 * n * u64 * dg.abs().sum(-1).cpu().numpy()
+    smax, smin = sv[:, 0], sv[:, -1]
+    N = (smax + eta) / (1 - delta)
+    f = delta * N + eta
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        gap = smin - f
+        log_mu = np.maximum(np.where(gap > 0, np.log(gap), -np.inf), t - (n - 1) * np.log(N))
+        r = np.exp(np.log(f) - log_mu)
+        tol = -n * np.log1p(-np.minimum(r, 0.5)) + 64 * n * u64 + t_err
+        det_bad = (r <= 0.5) & ((sign <= 0) | ~(np.abs(ld - t) <= tol))
+    # logarithmic norm: e^{λ_min(H)} ≤ σ_i(exp(A)) ≤ e^{λ_max(H)}, H = (A + Aᵀ)/2
+    H = 0.5 * (Ad + Ad.mT)
+    lam = torch.linalg.eigvalsh(H).cpu().numpy()
+    l_err = 8 * n * u64 * torch.linalg.matrix_norm(Ad).cpu().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        hi = np.exp(lam[:, -1] + l_err)
+        lo = np.exp(lam[:, 0] - l_err)
+        ln_bad = (smax > (1 + delta) * hi + eta) | (smin < lo - delta * hi - eta)
+    bad = det_bad | ln_bad | (sens >= _KAPPA_U_MAX)
+    return bad, sens, np.stack([np.where(sign > 0, ld, -np.inf), t], axis=1)
+
+
+def _check_resolved(X: torch.Tensor, A: torch.Tensor, st: np.ndarray) -> None:
+    """Raise :class:`OverflowResultError` for a result the squarings may have destroyed.
+
+    ``X``, ``A``: ``(B, n, n)``; ``st``: each matrix's total number of squarings. Only the
+    matrices with ``st ≥ _S_CHECK`` are examined (:func:`_unresolved`), in batched calls whose
+    per-matrix LAPACK calls do not depend on the rest of the batch.
+    """
+    idx = np.flatnonzero(st >= _S_CHECK[A.dtype])
+    if idx.size == 0:
+        return
+    ti = torch.as_tensor(idx, device=X.device)
+    bad, sens, det = _unresolved(X.index_select(0, ti), A.index_select(0, ti))
+    if not bad.any():
+        return
+    j = int(np.flatnonzero(bad)[0])
+    i = int(idx[j])
+    dtype = A.dtype
+    nrm = float(A[i].abs().sum(-2).amax())
+    u = torch.finfo(dtype).eps / 2
+    if sens[j] >= _KAPPA_U_MAX:
+        why = (
+            f"a relative change of A by u = {u:.2g} moves exp(A) by {sens[j]:.3g} times its "
+            "norm (κ_exp(A)·u is at least that), so no digit of the result can be promised"
+        )
+    else:
+        why = (
+            f"the computed result is not within {_RESOLVE_DELTA:g} (relative) of exp(A): its "
+            f"log|det| is {det[j, 0]:.4g} where det exp(A) = e^(tr A) gives {det[j, 1]:.4g}, "
+            "or its singular values leave the bounds e^λ(H) of the symmetric part H of A"
+        )
+    raise OverflowResultError(
+        f"exp(A) cannot be resolved in {dtype} for matrix {i} of the (flattened) batch, "
+        f"‖A‖₁ = {nrm:.4g} (‖A‖₁·u = {nrm * u:.2g}): scaling and squaring takes "
+        f"{int(st[i])} squarings, whose rounding errors grow about 2^{int(st[i])}-fold, and "
+        f"{why}. This is a matrix of huge norm whose exponential is bounded (e.g. a "
+        "skew-symmetric A: a rotation by an angle this dtype cannot resolve); the result is "
+        "not returned. Reduce rotation angles mod 2π before exponentiating, compute in "
+        "float64 if this is float32, or scale the problem down"
+    )
+
+
+# Per-thread scratch (m, s) table for kernel calls whose caller does not want one: the
+# kernel writes each matrix's degree and squarings there for the resolution check.
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 4096
+
+_Table = tuple["array.array[int]", int, np.ndarray]
+
+
+def _scratch(B: int) -> _Table:
+    """A flat ``int32`` table of at least ``2B`` entries, its address and a numpy view of it.
+
+    Reused by this thread up to :data:`_SCRATCH_MAX` rows.
+    """
+    buf: _Table | None = getattr(_SCRATCH, "buf", None)
+    if buf is not None and len(buf[0]) >= 2 * B:
+        return buf
+    a = array.array("i", bytes(8 * max(B, 64)))
+    new = (a, a.buffer_info()[0], np.frombuffer(a, dtype=np.int32))
+    if B <= _SCRATCH_MAX:
+        _SCRATCH.buf = new
+    return new
+
+
+def _top_squarings(ms: array.array[int] | np.ndarray, view: np.ndarray, B: int) -> int:
+    """The largest entry of a flat ``(m, s)`` table of ``B`` rows.
+
+    At least the largest number of squarings, and below :data:`_S_CHECK_MIN` exactly when all
+    of them are: the degrees (``m ≤ 13``) are below it, so the whole table is scanned,
+    contiguously.
+    """
+    if B <= 8:
+        return int(max(ms[: 2 * B]))
+    return int(view[: 2 * B].max())
+
+
+def _squarings(view: np.ndarray, B: int) -> np.ndarray:
+    return view[1 : 2 * B : 2].astype(np.int64)
+
+
 def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
     """``exp`` by the kernel of a checked operand (see :func:`_operand`) with ``0 < n ≤ N_MAX``.
 
@@ -109,12 +277,20 @@ def _kernel_expm(A: torch.Tensor, ms: torch.Tensor | None) -> torch.Tensor:
     X = torch.empty(A.shape, dtype=A.dtype)
     B = A.numel() // (n * n)
     if B:
-        bad = _ckernel.expm(
-            A.data_ptr(), X.data_ptr(), 0 if ms is None else ms.data_ptr(), B, n,
-            _kernel_code(A.dtype),
-        )
+        msa: array.array[int] | np.ndarray
+        if ms is None:
+            buf = getattr(_SCRATCH, "buf", None)
+            msa, ptr, view = buf if buf is not None and len(buf[0]) >= 2 * B else _scratch(B)
+        else:
+            view = msa = ms.numpy().reshape(-1)
+            ptr = ms.data_ptr()
+        bad = _ckernel.expm(A.data_ptr(), X.data_ptr(), ptr, B, n, _kernel_code(A.dtype))
         if bad >= 0:
             _kernel_failed(bad, A, "A")
+        # the common case costs one read and one comparison
+        top = msa[1] if B == 1 else _top_squarings(msa, view, B)
+        if top >= _S_CHECK_MIN and top >= _S_CHECK[A.dtype]:
+            _check_resolved(X.view(B, n, n), A.view(B, n, n), _squarings(view, B))
     return X
 
 
@@ -295,6 +471,7 @@ def _expm_torch(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Af = A.reshape(B, n, n)
     X, m, s = _expm_core(Af)
     _check_overflow(X, Af)
+    _check_resolved(X, Af, s)
     ms = torch.from_numpy(np.stack([m, s], axis=1).astype(np.int32))
     return X.reshape(A.shape).contiguous(), ms
 
@@ -388,6 +565,7 @@ def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torc
     _, m, s, s0, _ = _decide(Af)
     X, L = _frechet_core(Af, Ef, m, s + s0)
     _check_overflow(X, Af, L)
+    _check_resolved(X, Af, s + s0)
     return X.reshape(A.shape).contiguous(), L.reshape(A.shape).contiguous()
 
 
@@ -399,12 +577,15 @@ def _kernel_frechet(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, tor
     L = torch.empty_like(A, memory_format=torch.contiguous_format)
     B = _batch(A)
     if B:
+        msa, ptr, view = _scratch(B)
         bad = _ckernel.frechet(
-            A.data_ptr(), E.data_ptr(), X.data_ptr(), L.data_ptr(), 0, B, n,
+            A.data_ptr(), E.data_ptr(), X.data_ptr(), L.data_ptr(), ptr, B, n,
             _kernel_code(A.dtype), 0,
         )
         if bad >= 0:
             _kernel_failed(bad, A, "A", E)
+        if _top_squarings(msa, view, B) >= _S_CHECK[A.dtype]:
+            _check_resolved(X.view(B, n, n), A.view(B, n, n), _squarings(view, B))
     return X, L
 
 

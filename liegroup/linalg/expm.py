@@ -91,6 +91,7 @@ from liegroup.linalg._expm_decide import _decide
 from liegroup.linalg._expm_frechet import _frechet_core
 from liegroup.linalg._expm_ops import (
     _check_overflow,
+    _check_resolved,
     _direct,
     _expm_op,
     _ExpmKernel,
@@ -134,9 +135,17 @@ def expm(A: torch.Tensor) -> torch.Tensor:
         ShapeError: ``A`` is not a batch of square matrices.
         NonFiniteError: ``A`` has NaN or infinite entries.
         OverflowResultError: ``A`` is finite but ``exp(A)`` has entries beyond the working
-            dtype's range (e.g. ``diag(710, 0)`` in float64); a subclass of
-            :class:`NonFiniteError` and of :class:`OverflowError`. The backward pass does not
-            raise: an overflowing gradient comes back as ``inf`` (what loss scalers detect).
+            dtype's range (e.g. ``diag(710, 0)`` in float64), or cannot be resolved: a matrix
+            whose scaling needed ``s`` squarings with ``2^s·u ≥ 2⁻¹⁰`` (for a normal ``A``,
+            ``‖A‖₁ ≳ 2⁴⁵`` in float64, ``2¹⁶`` in float32) and whose result fails a check
+            every exact ``exp(A)`` passes — ``u‖A·X‖₁ ≥ ‖X‖₁`` (``κ_exp(A)·u ≥ 1``), or
+            ``det X`` or the singular values of ``X`` provably more than 1/16 away from
+            ``det exp(A) = e^{tr A}`` and ``e^{λ(H)}``, ``H = (A + Aᵀ)/2`` (e.g. a
+            skew-symmetric ``A`` of norm ``1e20``, a rotation this dtype cannot resolve).
+            Triangular results (exact) and results that underflow to zero are returned. A
+            subclass of :class:`NonFiniteError` and of :class:`OverflowError`. The backward
+            pass does not raise: an overflowing gradient comes back as ``inf`` (what loss
+            scalers detect).
 
     Example:
         >>> import math, torch
@@ -189,7 +198,8 @@ def expm_frechet(
     Raises:
         DTypeError, NonFiniteError: as :func:`expm`, for either argument.
         ShapeError: not square matrices of one size, or batch shapes that do not broadcast.
-        OverflowResultError: ``exp(A)`` or ``L(A, E)`` overflows the working dtype.
+        OverflowResultError: ``exp(A)`` or ``L(A, E)`` overflows the working dtype, or
+            ``exp(A)`` cannot be resolved (as :func:`expm`).
 
     Example:
         >>> import torch
@@ -222,6 +232,7 @@ def expm_frechet(
                 _, m, s, s0, _ = _decide(Af.detach())
             Xf, Lf = _frechet_core(Af, Ef, m, s + s0)
             _check_overflow(Xf.detach(), Af.detach(), Lf.detach())
+            _check_resolved(Xf.detach(), Af.detach(), s + s0)
             X, L = Xf.reshape(A.shape), Lf.reshape(A.shape)
     elif _direct(A) and _direct(E):
         X, L = _kernel_frechet(*_operands(A, E, "liegroup::expm_frechet", "E"))

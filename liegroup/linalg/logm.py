@@ -18,9 +18,12 @@ Comput. 34(4), 2012, §5), in real arithmetic (torch has no Schur decomposition)
    ``r_m(Z) = Σ_j w_j (I + x_j Z)⁻¹ Z`` (Gauss–Legendre nodes ``x_j`` and weights ``w_j`` on
    ``[0, 1]``; all ``m`` solves in one batched call), and return ``2^s r_m(Z)``.
 
-The domain is checked first from the eigenvalues: a real eigenvalue ``≤ 0`` or one of modulus
-below ``n·u·‖A‖₁`` (numerically singular) raises :class:`~liegroup.errors.DomainError` naming
-the batch index.
+The domain is checked first from the eigenvalues: one with real part ``≤ 0`` and
+``|imaginary part| ≤ n·u·‖A‖₁`` (on the negative real axis or within rounding of it) or one of
+modulus below ``n·u·‖A‖₁`` (numerically singular) raises
+:class:`~liegroup.errors.DomainError` naming the batch index. Matrices with an eigenvalue
+within 0.1 rad of the branch cut take their first square root by the coupled Denman–Beavers
+iteration, whose iterates stay nonsingular there (the product form's do not).
 
 Gradients: autograd differentiates the algorithm itself (square-root iterations, solves and
 Padé sum) with every discrete choice (``s``, ``m``, iteration counts, scalings ``μ``) frozen;
@@ -49,7 +52,6 @@ from liegroup.linalg._common import (
     check_square,
     eye_like,
     flat,
-    lu_factor,
     lu_solve,
     norm1,
     solve,
@@ -92,10 +94,9 @@ _THETA: dict[torch.dtype, tuple[float, ...]] = {
 }
 _MAX_ROOTS = 80
 _MAX_DB_ITERS = 60
-# Eigenvalues with |arg| > π − _NEAR_PI get Newton–Sylvester corrections of the first root.
+# Matrices with an eigenvalue of |arg| > π − _NEAR_PI take their first square root by the
+# coupled Denman–Beavers iteration (see _sqrtm_db_coupled).
 _NEAR_PI = 0.1
-_SYLV_MAX_N = 16
-_SYLV_MAX_STEPS = 12
 
 
 @lru_cache(maxsize=64)
@@ -105,12 +106,42 @@ def _gauss_legendre(m: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(((x + 1) / 2).tolist()), tuple((w / 2).tolist())
 
 
+def _lu_ex(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """:func:`~liegroup.linalg._common.lu_factor` that reports exactly singular matrices.
+
+    Returns ``(LU, pivots, singular)``, ``singular`` a boolean per matrix (a zero pivot).
+    """
+    n = Q.shape[-1]
+    if n <= _LOOP_SOLVE_N or Q.shape[0] <= 1:
+        LU, piv, info = torch.linalg.lu_factor_ex(Q)
+    else:
+        parts = [torch.linalg.lu_factor_ex(Q[i]) for i in range(Q.shape[0])]
+        LU = torch.stack([p[0] for p in parts])
+        piv = torch.stack([p[1] for p in parts])
+        info = torch.stack([p[2] for p in parts])
+    return LU, piv, (info > 0).cpu().numpy()
+
+
+def _branch_cut_error(count: int, first: int, why: str) -> DomainError:
+    return DomainError(
+        f"logm: {why} for {count} matrices (first: flattened batch index {first}): such a "
+        "matrix is within rounding of having eigenvalues on the closed negative real axis, "
+        "where the principal log is not defined (near it, an eigenvalue pair at angle ±(π − δ) "
+        "has condition ~1/δ, infinite at rounding level); for a rotation by about π use the "
+        "closed-form SO(3).log, or otherwise move the input off the branch cut"
+    )
+
+
 def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     """Principal square root of each matrix by the scaled product-form Denman–Beavers iteration.
 
     ``M₀ = Y₀ = X``; ``Y ← ½ μ Y (I + μ⁻² M⁻¹)``, ``M ← ½ (I + (μ² M + μ⁻² M⁻¹)/2)`` with
     ``μ = |det M|^{−1/(2n)}`` while ``‖M − I‖₁ > 10⁻²``; ``M → I`` and ``Y → X^{1/2}``
     quadratically. A matrix stops once the iteration started within ``√u`` of ``I``.
+
+    Raises:
+        DomainError: an iterate ``M`` is exactly singular (an eigenvalue of ``X`` within
+            rounding of the negative real axis), or the iteration does not converge.
     """
     n = X.shape[-1]
     I = eye_like(X)  # noqa: E741
@@ -121,7 +152,13 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     for _ in range(_MAX_DB_ITERS):
         e = norm1(M.detach() - I).double().cpu().numpy()
         start_close = e <= math.sqrt(u)
-        LU, piv = lu_factor(M)
+        LU, piv, singular = _lu_ex(M)
+        singular &= ~done
+        if singular.any():
+            bad = np.flatnonzero(singular)
+            raise _branch_cut_error(
+                len(bad), int(bad[0]), "the square-root iteration met an exactly singular iterate"
+            )
         Minv = lu_solve(LU, piv, Ib)
         logdet = LU.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1).double()
         mu_np = np.where(e > 1e-2, np.exp(-logdet.cpu().numpy() / (2 * n)), 1.0)
@@ -137,40 +174,63 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
         done |= start_close
         if done.all():
             return Y
-    bad = np.flatnonzero(~done).tolist()
-    raise DomainError(
-        f"logm: the square-root iteration did not converge for {len(bad)} matrices (first: "
-        f"flattened batch index {bad[0]}); such a matrix has eigenvalues too close to the "
-        "negative real axis, where the principal log is discontinuous (condition ~1/δ for an "
-        "angle π − δ): for a rotation by about π use the group's log (SO(3).log), or "
-        "otherwise move the input off the branch cut"
-    )
+    bad = np.flatnonzero(~done)
+    raise _branch_cut_error(len(bad), int(bad[0]), "the square-root iteration did not converge")
 
 
-def _sylvester_newton(Y: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Newton corrections of a square root: solve ``Y E + E Y = X − Y²``, ``Y ← Y + E``.
+def _sqrtm_db_coupled(X: torch.Tensor) -> torch.Tensor:
+    """Principal square root by the scaled coupled Denman–Beavers iteration.
 
-    The Denman–Beavers iterates pass near-singular matrices when ``X`` has eigenvalues close
-    to −1 (rotations by nearly π, ``δ = π − |arg λ|``) and leave an error ``~u/δ²``; the
-    simplified Newton step ``½(Y + Y⁻¹X)`` does not reduce it (its error map has eigenvalue
-    1 there), the full step with its Sylvester equation (``n² × n²`` Kronecker solve) does,
-    to the conditioning ``~u/δ``. Newton near that singular Jacobian is erratic before it
-    converges, and needs more steps as ``δ`` shrinks: a matrix takes steps until its residual
-    ``X − Y²`` is at rounding level (at most :data:`_SYLV_MAX_STEPS`).
+    ``Y₀ = X``, ``Z₀ = I``; ``Y ← ½(μY + μ⁻¹Z⁻¹)``, ``Z ← ½(μZ + μ⁻¹Y⁻¹)`` with
+    ``μ = |det Y · det Z|^{−1/(2n)}`` while ``‖YZ − I‖₁ > 10⁻²``; ``Y → X^{1/2}``,
+    ``Z → X^{−1/2}``. For eigenvalues near −1 (angle ``π − δ``) this keeps what the product
+    form loses: its first step forms ``X + X⁻¹`` (for a rotation ``2cos θ·I`` in the rotation
+    plane, ``−2 + O(δ²)``, rounded to −2 once ``δ ≲ √u``: an exactly singular next
+    iterate), while ``Y₁ = ½(X + I)`` keeps the ``sin θ ≈ δ`` part of ``X``, so the iterates
+    stay nonsingular with condition ``~1/δ``. A matrix stops once the iteration started
+    within ``√u`` of ``YZ = I``.
+
+    Raises:
+        DomainError: an iterate is exactly singular, or the iteration does not converge.
     """
-    b, n = Y.shape[0], Y.shape[-1]
-    I = eye_like(Y)  # noqa: E741
-    eps = torch.finfo(Y.dtype).eps
-    for _ in range(_SYLV_MAX_STEPS):
-        R = X - Y @ Y
-        scale = Y.abs().amax(dim=(-2, -1)) ** 2
-        todo = R.abs().amax(dim=(-2, -1)) > 4 * n * eps * scale
-        if not bool(todo.any()):
-            break
-        K = torch.einsum("bik,jl->bijkl", Y, I) + torch.einsum("ik,blj->bijkl", I, Y)
-        E = solve(K.reshape(b, n * n, n * n), R.reshape(b, n * n, 1)).reshape(b, n, n)
-        Y = Y + E * todo[:, None, None].to(Y.dtype)
-    return Y
+    n = X.shape[-1]
+    I = eye_like(X)  # noqa: E741
+    Ib = I.expand_as(X)
+    u = unit_roundoff(X.dtype)
+    Y, Z = X, Ib
+    done = np.zeros(X.shape[0], dtype=bool)
+    for _ in range(_MAX_DB_ITERS):
+        e = norm1((Y.detach() @ Z.detach()) - I).double().cpu().numpy()
+        start_close = e <= math.sqrt(u)
+        LUy, py, sy = _lu_ex(Y)
+        LUz, pz, sz = _lu_ex(Z)
+        singular = (sy | sz) & ~done
+        if singular.any():
+            bad = np.flatnonzero(singular)
+            raise _branch_cut_error(
+                len(bad), int(bad[0]), "the square-root iteration met an exactly singular iterate"
+            )
+        Yinv = lu_solve(LUy, py, Ib)
+        Zinv = lu_solve(LUz, pz, Ib)
+        logdet = (
+            LUy.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+            + LUz.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+        ).double()
+        mu_np = np.where(e > 1e-2, np.exp(-logdet.cpu().numpy() / (2 * n)), 1.0)
+        mu = torch.as_tensor(mu_np, dtype=X.dtype, device=X.device)[:, None, None]
+        Yn = 0.5 * (mu * Y + Zinv / mu)
+        Zn = 0.5 * (mu * Z + Yinv / mu)
+        act = torch.as_tensor(~done, device=X.device)[:, None, None]
+        if done.any():
+            Y = torch.where(act, Yn, Y)
+            Z = torch.where(act, Zn, Z)
+        else:
+            Y, Z = Yn, Zn
+        done |= start_close
+        if done.all():
+            return Y
+    bad = np.flatnonzero(~done)
+    raise _branch_cut_error(len(bad), int(bad[0]), "the square-root iteration did not converge")
 
 
 def _alpha3(Z: torch.Tensor) -> np.ndarray:
@@ -207,9 +267,9 @@ def _check_domain(A: torch.Tensor, name: str) -> np.ndarray:
         ev = torch.stack([torch.linalg.eigvals(Ad[i]) for i in range(Ad.shape[0])])
     else:
         ev = torch.linalg.eigvals(Ad)
-    tol = n * unit_roundoff(A.dtype) * norm1(Ad)
-    bad_axis = (ev.imag == 0) & (ev.real <= 0)
-    tiny = ev.abs() <= tol[:, None]
+    tol = (n * unit_roundoff(A.dtype) * norm1(Ad))[:, None]
+    bad_axis = (ev.imag.abs() <= tol) & (ev.real <= 0)
+    tiny = ev.abs() <= tol
     bad = (bad_axis | tiny).any(-1)
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(-1).tolist()
@@ -218,7 +278,11 @@ def _check_domain(A: torch.Tensor, name: str) -> np.ndarray:
         raise DomainError(
             f"logm: {name}[{i}] (flattened batch index; {len(idx)} bad matrices in all, "
             f"first indices {idx[:5]}) has eigenvalue(s) {evs[:4]} on the closed negative real "
-            "axis or numerically zero, where the principal real logarithm does not exist"
+            f"axis or within rounding of it (|imaginary part| ≤ n·u·‖A‖₁ = {float(tol[i]):.3g}), "
+            "or numerically zero: the principal real logarithm does not exist there, and "
+            "within rounding of the axis it is not determined by the data (an eigenvalue pair "
+            "at angle ±(π − δ) has condition ~1/δ). For a rotation by about π use the "
+            "closed-form SO(3).log, or otherwise move the input off the branch cut"
         )
     near = (math.pi - ev.angle().abs() < _NEAR_PI).any(-1)
     return near.cpu().numpy()
@@ -239,11 +303,17 @@ def _logm_core(A: torch.Tensor, near_pi: np.ndarray) -> torch.Tensor:
         if not need.any():
             break
         idx = torch.as_tensor(np.flatnonzero(need), device=dev)
-        Xr = _sqrtm_db(X[idx])
         fix = near_pi[need] & (s[need] == 0)
-        if fix.any() and A.shape[-1] <= _SYLV_MAX_N:
+        if fix.any():
+            # first root of a matrix with eigenvalues near −1: the coupled iteration
             fi = torch.as_tensor(np.flatnonzero(fix), device=dev)
-            Xr = Xr.index_copy(0, fi, _sylvester_newton(Xr[fi], X[idx][fi]))
+            Xi = X[idx]
+            Xr = torch.zeros_like(Xi).index_copy(0, fi, _sqrtm_db_coupled(Xi[fi]))
+            if not fix.all():
+                oi = torch.as_tensor(np.flatnonzero(~fix), device=dev)
+                Xr = Xr.index_copy(0, oi, _sqrtm_db(Xi[oi]))
+        else:
+            Xr = _sqrtm_db(X[idx])
         Zr = solve(Xr + I, Z[idx])
         if need.all():
             X, Z = Xr, Zr
@@ -284,8 +354,10 @@ def logm(A: torch.Tensor) -> torch.Tensor:
         the result have imaginary parts in ``(−π, π)``.
 
     Raises:
-        DomainError: a matrix has a real eigenvalue ``≤ 0`` (or is numerically singular); the
-            message names its (flattened) batch index.
+        DomainError: a matrix has an eigenvalue on the closed negative real axis or within
+            rounding of it (real part ``≤ 0``, ``|imaginary part| ≤ n·u·‖A‖₁``: e.g. a
+            rotation by π, or a float32 rotation by 3.14159265), or is numerically singular;
+            the message names its (flattened) batch index.
         DTypeError, ShapeError, NonFiniteError: as :func:`~liegroup.linalg.expm`.
 
     Example:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from liegroup._validation import check_device_has_values, check_finite, check_tensor, normalize_mode
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import DTypeError, NonFiniteError, OverflowResultError, ShapeError
 from liegroup.linalg._common import check_square, unit_roundoff, working_dtype
 
 __all__ = [
@@ -81,6 +81,10 @@ def phi1(M: torch.Tensor) -> torch.Tensor:
         DTypeError: ``M`` is not a real floating tensor.
         ShapeError: ``M`` is not a batch of square matrices.
         NonFiniteError: ``M`` has NaN or infinite entries.
+        OverflowResultError: ``M`` is finite but ``φ₁(M)`` has entries beyond the working
+            dtype's range (``φ₁(M) ≈ e^M M⁻¹`` grows like ``e^{‖M‖}``); a subclass of
+            :class:`NonFiniteError`, as for :func:`~liegroup.linalg.expm`. The backward pass
+            does not raise.
 
     Example:
         >>> import torch
@@ -96,7 +100,56 @@ def phi1(M: torch.Tensor) -> torch.Tensor:
         return M.clone()
     wd = working_dtype(M.dtype)
     X = M.to(wd).reshape(-1, M.shape[-1], M.shape[-1])
-    return _Phi1.apply(X).to(M.dtype).reshape(M.shape)
+    P: torch.Tensor = _Phi1.apply(X)
+    _check_result(P, "phi1(M)", {"M": X})
+    return P.to(M.dtype).reshape(M.shape)
+
+
+_COMPILED_RESULT = (
+    "liegroup: a low-rank exponential has a non-finite result (a non-finite input, or a "
+    "result beyond the dtype's range) inside a torch.compile'd graph; run the same call "
+    "eagerly for the typed error"
+)
+
+
+def _check_result(out: torch.Tensor, what: str, inputs: dict[str, torch.Tensor]) -> None:
+    """Raise unless ``out`` is finite.
+
+    :class:`NonFiniteError` naming a non-finite input, else :class:`OverflowResultError`.
+    One reduction in float32/float64 accumulation (non-finite iff an entry is, barring a sum
+    beyond the accumulator's range, which falls through to the entrywise check) and one host
+    read; inside ``torch.compile`` an assertion in the graph instead.
+    """
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    out = out.detach()
+    total = out.sum(dtype=acc)
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(total), _COMPILED_RESULT)
+        return
+    check_device_has_values(out, f"the finiteness check of {what}")
+    if math.isfinite(float(total)) or bool(torch.isfinite(out).all()):
+        return
+    for name, x in inputs.items():
+        check_finite(x, name)
+    big = max(float(x.detach().abs().amax()) if x.numel() else 0.0 for x in inputs.values())
+    raise OverflowResultError(
+        f"{what} is not finite in {out.dtype} (largest finite {torch.finfo(out.dtype).max:.3g}) "
+        f"although its inputs are (largest entry {big:.4g}): the exact result has entries "
+        "beyond the dtype's range; it is not returned as inf/NaN. Scale the factors down "
+        "(exp(L Rᵀ) grows like e^{‖RᵀL‖}), or compute in float64 if this is float32"
+    )
+
+
+def _phi1_of_factors(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``φ₁(RᵀL)`` with a non-finite ``RᵀL`` blamed on ``L`` or ``R`` where they hold it."""
+    try:
+        return phi1(R.mT @ L)
+    except OverflowResultError:
+        raise
+    except NonFiniteError:
+        check_finite(L, "L")
+        check_finite(R, "R")
+        raise
 
 
 # Taylor-with-doubling evaluation of φ₁ (the ``phi1`` kernel). With ‖X‖₁ ≤ θ the remainder
@@ -230,7 +283,9 @@ def expm_lowrank(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     Raises:
         DTypeError: non-float inputs, or different dtypes/devices.
         ShapeError: ``L`` and ``R`` differ in shape or are not matrices.
-        NonFiniteError: non-finite entries in ``Rᵀ L``.
+        NonFiniteError: non-finite entries in ``L`` or ``R`` (or in ``Rᵀ L``).
+        OverflowResultError: finite ``L``, ``R`` whose ``exp(L Rᵀ)`` (or ``φ₁(RᵀL)``) has
+            entries beyond the working dtype's range.
 
     Example:
         >>> import torch
@@ -241,9 +296,11 @@ def expm_lowrank(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
                 [-0.8415,  0.5403]], dtype=torch.float64)
     """
     L, R = _check_factors(L, R)
-    P = phi1(R.mT @ L)
+    P = _phi1_of_factors(L, R)
     eye = torch.eye(L.shape[-2], dtype=L.dtype, device=L.device)
-    return eye + (L @ P) @ R.mT
+    out = eye + (L @ P) @ R.mT
+    _check_result(out, "exp(L Rᵀ)", {"L": L, "R": R})
+    return out
 
 
 def expm_lowrank_apply(
@@ -268,7 +325,9 @@ def expm_lowrank_apply(
         DTypeError: non-float inputs, different dtypes/devices, or a non-int mode.
         ShapeError: ``L``/``R`` not ``(n, m)`` matrices of the same shape, ``mode`` out of
             range, or ``T.shape[mode] != n``.
-        NonFiniteError: non-finite entries in ``Rᵀ L``.
+        NonFiniteError: non-finite entries in ``L``, ``R`` or ``T`` (checked where ``Rᵀ L``
+            or the result is not finite).
+        OverflowResultError: finite inputs whose product has entries beyond the dtype's range.
 
     Example:
         >>> import torch
@@ -292,7 +351,9 @@ def expm_lowrank_apply(
         raise ShapeError(
             f"exp(L Rᵀ) is {n} × {n} but mode {k} of T {tuple(T.shape)} has size {T.shape[k]}"
         )
-    return _eye_plus_apply(T, L @ phi1(R.mT @ L), R, k)
+    out = _eye_plus_apply(T, L @ _phi1_of_factors(L, R), R, k)
+    _check_result(out, "T ×_mode exp(L Rᵀ)", {"T": T, "L": L, "R": R})
+    return out
 
 
 def _eye_plus_apply(T: torch.Tensor, K: torch.Tensor, R: torch.Tensor, k: int) -> torch.Tensor:
@@ -322,7 +383,8 @@ def expm_lowrank_factor(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         ``K``, shape ``(..., n, m)``.
 
     Raises:
-        DTypeError, ShapeError, NonFiniteError: as :func:`expm_lowrank`.
+        DTypeError, ShapeError, NonFiniteError, OverflowResultError: as :func:`expm_lowrank`
+            (for ``K``).
 
     Example:
         >>> import torch
@@ -332,7 +394,9 @@ def expm_lowrank_factor(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         [0.0, 2.0]
     """
     L, R = _check_factors(L, R)
-    return L @ phi1(R.mT @ L)
+    K = L @ _phi1_of_factors(L, R)
+    _check_result(K, "L φ₁(RᵀL)", {"L": L, "R": R})
+    return K
 
 
 def _check_eye_plus(T: object, K: object, R: object) -> tuple[torch.Tensor, ...]:
@@ -367,6 +431,9 @@ def eye_plus_lowrank_mode_product(
         DTypeError: non-float inputs, different dtypes/devices, or a non-int mode.
         ShapeError: ``K``/``R`` not matrices of one shape, ``mode`` out of range, or
             ``T.shape[mode] != n``.
+        NonFiniteError: non-finite entries in ``T``, ``K`` or ``R`` (checked where the result
+            is not finite).
+        OverflowResultError: finite inputs whose product has entries beyond the dtype's range.
 
     Example:
         >>> import torch
@@ -385,7 +452,9 @@ def eye_plus_lowrank_mode_product(
             f"I + K Rᵀ is {K.shape[0]} × {K.shape[0]} but mode {k} of T {tuple(T.shape)} has "
             f"size {T.shape[k]}"
         )
-    return _eye_plus_apply(T, K, R, k)
+    out = _eye_plus_apply(T, K, R, k)
+    _check_result(out, "T ×_mode (I + K Rᵀ)", {"T": T, "K": K, "R": R})
+    return out
 
 
 def eye_plus_lowrank_two_sided(
@@ -412,6 +481,10 @@ def eye_plus_lowrank_two_sided(
     Raises:
         DTypeError, ShapeError: as :func:`eye_plus_lowrank_mode_product`, or ``W`` of order
             < 2 or of sizes not matching the factors.
+        NonFiniteError: non-finite entries in ``W`` or a factor (checked where the result is
+            not finite).
+        OverflowResultError: finite inputs whose product has entries beyond the dtype's range.
+            The backward pass does not raise.
 
     Example:
         >>> import torch
@@ -439,6 +512,9 @@ def eye_plus_lowrank_two_sided(
         )
     W3 = W.reshape(W.shape[0], W.shape[1], -1)
     out: torch.Tensor = _TwoSided.apply(W3, K0, R0, K1, R1)
+    _check_result(
+        out, "W ×₀ (I + K₀R₀ᵀ) ×₁ (I + K₁R₁ᵀ)", {"W": W, "K0": K0, "R0": R0, "K1": K1, "R1": R1}
+    )
     return out.view(W.shape)
 
 

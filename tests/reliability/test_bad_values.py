@@ -131,3 +131,24 @@ def test_meta_tensors_propagate_shapes_where_no_value_is_read() -> None:
     assert liegroup.Hadamard((3,)).exp(torch.zeros(3, device="meta")).shape == (3,)
     T = torch.zeros(3, 4, device="meta")
     assert liegroup.tensor.mode_product(T, torch.zeros(3, 3, device="meta"), 0).shape == (3, 4)
+
+
+@given(
+    log_delta=st.floats(-17.0, -6.0),
+    n=st.sampled_from([2, 3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_logm_near_the_branch_cut_gives_a_log_or_domain_error(
+    log_delta: float, n: int, dtype: torch.dtype
+) -> None:
+    # rotations by π − δ: a finite result or a DomainError, never a raw LAPACK error
+    theta = math.pi - 10.0**log_delta
+    R = torch.eye(n, dtype=torch.float64)
+    R[:2, :2] = torch.tensor([[math.cos(theta), -math.sin(theta)],
+                              [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    try:
+        L = linalg.logm(R.to(dtype))
+    except DomainError as e:
+        assert "negative real axis" in str(e)
+        return
+    assert torch.isfinite(L).all()

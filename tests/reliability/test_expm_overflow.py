@@ -1,9 +1,12 @@
-"""expm/expm_frechet whose result overflows: a typed error, never inf/NaN (issue 17).
+"""expm/expm_frechet whose result overflows or cannot be resolved: a typed error, never
+inf/NaN or garbage (issue 17).
 
 Decision (documented in ``liegroup.linalg.expm``): a finite ``A`` whose exponential is not
 finite in the working dtype raises :class:`OverflowResultError` (a ``NonFiniteError`` and an
-``OverflowError``), on the compiled kernel and on the torch path alike; results that fit are
-unchanged (exact zeros of a triangular input stay exact zeros).
+``OverflowError``), on the compiled kernel and on the torch path alike; so does a matrix of
+huge norm whose many squarings leave nothing of a bounded exponential (a skew-symmetric
+``A`` with ``‖A‖·u ≳ 1``). Results that fit are unchanged (exact zeros of a triangular input
+stay exact zeros; triangular and truly underflowing results of huge norm come back exactly).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 
 from liegroup.errors import NonFiniteError, OverflowResultError
 from liegroup.linalg import expm, expm_frechet
+from tests.conftest import eps
 from tests.test_linalg_ckernel import ExpmPath
 
 DTYPES = (torch.float32, torch.float64)
@@ -103,3 +107,132 @@ def test_low_precision_cast_overflow_still_follows_torch(expm_path: ExpmPath) ->
     A = torch.diag(torch.tensor([12.0, 0.0], dtype=torch.float16))
     X = expm(A)
     assert X[0, 0] == math.inf and X[1, 1] == 1 and X[0, 1] == 0 and X[1, 0] == 0
+
+
+# --------------------------------------------------------------------------- huge norm, bounded
+# exp(A) of a skew-symmetric A is a rotation, whatever the norm; past κ_exp(A)·u ~ ‖A‖·u ≥ 1
+# the squarings' rounding errors leave nothing of it (zeros, or entries of 1e13): a typed error.
+HUGE_THETA = {
+    torch.float64: [1e16, 1e20, 1e30, 1e38, 1e50, 1e100, 1e200, 1e300],
+    torch.float32: [1e8, 1e10, 1e20, 1e30, 1e38],
+}
+
+
+def _skew(theta: float, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if n == 2:
+        return torch.tensor([[0.0, theta], [-theta, 0.0]], dtype=dtype)
+    w = torch.tensor([0.3, -0.5, 0.8], dtype=torch.float64)
+    w = w / w.norm() * theta
+    K = torch.zeros(3, 3, dtype=torch.float64)
+    K[0, 1], K[0, 2], K[1, 2] = -w[2], w[1], -w[0]
+    return (K - K.mT).to(dtype)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_norm_skew_raises_instead_of_garbage(
+    n: int, dtype: torch.dtype, expm_path: ExpmPath
+) -> None:
+    for theta in HUGE_THETA[dtype]:
+        A = _skew(theta, n, dtype)
+        with pytest.raises(OverflowResultError, match=r"cannot be resolved|not finite"):
+            expm(A)
+        with pytest.raises(OverflowResultError):
+            expm_frechet(A, torch.ones_like(A))
+    expm_path.check_used()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_norm_skew_raises_alone_iff_in_a_batch(
+    dtype: torch.dtype, expm_path: ExpmPath
+) -> None:
+    # batch invariance of the decision: the benign members pass alone and in the batch, the
+    # unresolvable one raises alone and names its index in the batch
+    gen = torch.Generator().manual_seed(0)
+    benign = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64).to(dtype)
+    bad = _skew(HUGE_THETA[dtype][1], 3, dtype)
+    for i in range(4):
+        expm(benign[i])
+    with pytest.raises(OverflowResultError):
+        expm(bad)
+    batch = torch.cat([benign[:2], bad[None], benign[2:]])
+    with pytest.raises(OverflowResultError, match="matrix 2 of"):
+        expm(batch)
+    with pytest.raises(OverflowResultError, match="matrix 2 of"):
+        expm(batch.requires_grad_())  # the autograd route
+
+
+def test_huge_norm_skew_raises_on_the_differentiable_frechet_route(expm_path: ExpmPath) -> None:
+    A = _skew(1e20, 2, torch.float64).requires_grad_()
+    with pytest.raises(OverflowResultError):
+        expm_frechet(A, torch.ones(2, 2, dtype=torch.float64))
+
+
+def _rotation_oracle(theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """exp([[0, t], [-t, 0]]) for the t stored in ``dtype``, by mpmath at 60 digits."""
+    import mpmath as mp
+
+    t = float(torch.tensor(theta, dtype=dtype))
+    with mp.workdps(60):
+        c, s = float(mp.cos(mp.mpf(t))), float(mp.sin(mp.mpf(t)))
+    return torch.tensor([[c, s], [-s, c]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "theta"),
+    [(torch.float64, 1e13), (torch.float64, 3e14), (torch.float32, 1e5), (torch.float32, 3e6)],
+)
+def test_large_skew_below_the_resolution_limit_is_returned_within_its_conditioning(
+    dtype: torch.dtype, theta: float, expm_path: ExpmPath
+) -> None:
+    # many squarings (the check runs), but κ_exp·u = θu < 1: the rotation comes back, with the
+    # accuracy its condition number allows (relative error ≲ θ·u)
+    A = torch.tensor([[0.0, theta], [-theta, 0.0]], dtype=dtype)
+    X = expm(A).double()
+    assert float((X - _rotation_oracle(theta, dtype)).abs().max()) <= 4 * theta * eps(dtype)
+    expm_path.check_used()
+
+
+def _exact_cases(dtype: torch.dtype) -> dict[str, tuple[list[list[float]], list[list[float]]]]:
+    big = 1e20 if dtype == torch.float64 else 1e30
+    return {
+        # nilpotent: exp = I + A (no squarings)
+        "nilpotent": ([[0.0, big], [0.0, 0.0]], [[1.0, big], [0.0, 1.0]]),
+        # triangular with a decaying and a neutral eigenvalue: exact through the triangular fix
+        "diag": ([[-big, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]),
+        # (e^{-b} − 1)/(−b)·b = 1 in the corner
+        "triangular": ([[-big, big], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]),
+        # every eigenvalue ≈ −10²⁰: the exact result underflows to zero
+        "underflow": ([[-big, 3.0], [5.0, -big]], [[0.0, 0.0], [0.0, 0.0]]),
+    }
+
+
+@pytest.mark.parametrize("name", ["nilpotent", "diag", "triangular", "underflow"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_norm_triangular_and_underflowing_results_are_returned_exactly(
+    name: str, dtype: torch.dtype, expm_path: ExpmPath
+) -> None:
+    a, want = _exact_cases(dtype)[name]
+    A = torch.tensor(a, dtype=dtype)
+    X = expm(A)
+    torch.testing.assert_close(X, torch.tensor(want, dtype=dtype), rtol=4 * eps(dtype), atol=0)
+    expm_path.check_used()
+
+
+def test_resolution_check_runs_only_for_many_squarings(
+    expm_path: ExpmPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the common path costs nothing extra: matrices of ordinary norm never reach the check
+    from tests.test_linalg_ckernel import EXPM
+
+    def never(*args: object) -> None:
+        raise AssertionError("the resolution check ran for an ordinary matrix")
+
+    monkeypatch.setattr(EXPM, "_unresolved", never)
+    gen = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        A = 8 * torch.randn(64, 4, 4, generator=gen, dtype=torch.float64).to(dtype)
+        expm(A)
+        expm(A[0])
+        expm_frechet(A, A)
+    expm_path.check_used()
