@@ -422,14 +422,7 @@ class Hadamard(LieGroup):
         """
         self.check_point(g, "g")
         check_finite(g, "g")
-        hit = offending(g == 0)
-        if hit is not None:
-            count, idx = hit
-            raise DomainError(
-                f"project: g has {count} zero entries, e.g. at {idx}; the Hadamard group "
-                "excludes 0 and there is no nearest non-zero number to move them to (choose "
-                "a sign and magnitude for them explicitly)"
-            )
+        refuse_zeros(g, "project", "g")
         return g
 
     def in_identity_component(self, g: torch.Tensor) -> torch.Tensor:
@@ -447,3 +440,20 @@ class Hadamard(LieGroup):
     def check_finite(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise :class:`~liegroup.errors.NonFiniteError` if ``x`` has NaN/inf entries."""
         check_finite(x, name)
+
+
+def refuse_zeros(g: torch.Tensor, op: str, name: str) -> None:
+    """Raise :class:`DomainError` naming the zero entries of ``g`` (0 is not in the group).
+
+    Example:
+        >>> import torch
+        >>> refuse_zeros(torch.tensor([1.0, -2.0]), "project", "g")
+    """
+    hit = offending(g == 0)
+    if hit is not None:
+        count, idx = hit
+        raise DomainError(
+            f"{op}: {name} has {count} zero entries, e.g. at {idx}; the Hadamard group "
+            "excludes 0 and there is no nearest non-zero number to move them to (set those "
+            "entries explicitly, choosing a sign and a magnitude, e.g. ±1 or a small value)"
+        )

@@ -16,6 +16,7 @@ import torch
 from liegroup._validation import check_tensor, offending
 from liegroup.errors import DomainError, DTypeError
 from liegroup.groups.base import LieGroup
+from liegroup.groups.hadamard import refuse_zeros
 from liegroup.groups.matrix import default_atol
 
 _METRICS = ("left-invariant", "bi-invariant")
@@ -156,14 +157,7 @@ class _HadamardOps(_Ops):
         return torch.exp(X)  # checked by the caller (expmap's single step check)
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        hit = offending(x == 0)
-        if hit is not None:
-            count, idx = hit
-            raise DomainError(
-                f"projx: x has {count} zero entries, e.g. at {idx}; the Hadamard group excludes "
-                "0 and no nearest non-zero point exists (any choice of sign and size would be "
-                "arbitrary): set those entries explicitly, e.g. to ±1 or a small value"
-            )
+        refuse_zeros(x, "projx", "x")
         return x
 
     def on_group(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str | None]:
