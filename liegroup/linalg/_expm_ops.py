@@ -177,7 +177,7 @@ def _unresolved(X: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     # logarithmic norm: e^{λ_min(H)} ≤ σ_i(exp(A)) ≤ e^{λ_max(H)}, H = (A + Aᵀ)/2
     H = 0.5 * (Ad + Ad.mT)
     lam = torch.linalg.eigvalsh(H).cpu().numpy()
-    l_err = 8 * n * u64 * torch.linalg.matrix_norm(Ad).cpu().numpy()
+    l_err = 8 * n * u64 * torch.linalg.matrix_norm(H).cpu().numpy()  # H is exact to u64·|H|
     with np.errstate(over="ignore", invalid="ignore"):
         hi = np.exp(lam[:, -1] + l_err)
         lo = np.exp(lam[:, 0] - l_err)

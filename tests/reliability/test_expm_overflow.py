@@ -112,8 +112,11 @@ def test_low_precision_cast_overflow_still_follows_torch(expm_path: ExpmPath) ->
 # --------------------------------------------------------------------------- huge norm, bounded
 # exp(A) of a skew-symmetric A is a rotation, whatever the norm; past κ_exp(A)·u ~ ‖A‖·u ≥ 1
 # the squarings' rounding errors leave nothing of it (zeros, or entries of 1e13): a typed error.
+# Every θ here has u·‖A‖₁ ≥ 1.2·n^{3/2}, where the raise is guaranteed whatever the BLAS
+# rounds (docs/linalg.md); nearer 1/u it depends on it (θ = 1e16, 3×3, float64: raised on
+# x86-64, returned on aarch64).
 HUGE_THETA = {
-    torch.float64: [1e16, 1e20, 1e30, 1e38, 1e50, 1e100, 1e200, 1e300],
+    torch.float64: [1e17, 1e20, 1e30, 1e38, 1e50, 1e100, 1e200, 1e300],
     torch.float32: [1e8, 1e10, 1e20, 1e30, 1e38],
 }
 
@@ -139,6 +142,28 @@ def test_huge_norm_skew_raises_instead_of_garbage(
             expm(A)
         with pytest.raises(OverflowResultError):
             expm_frechet(A, torch.ones_like(A))
+    expm_path.check_used()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skew_matrices_past_the_guaranteed_norm_raise_whatever_their_axes(
+    dtype: torch.dtype, expm_path: ExpmPath
+) -> None:
+    """docs/linalg.md: a skew A raises once u·‖A‖₁ ≥ 1.2·n^{3/2}, for every rounding.
+
+    The logarithmic-norm check's rounding allowance was scaled by ‖A‖ instead of ‖H‖: for a
+    skew A (H = 0) it allowed singular values of e^{±8n·u·‖A‖}, and results with singular
+    values 6.2 and 0.56 came back (float64: 6-10 of these 80 matrices).
+    """
+    gen = torch.Generator().manual_seed(0)
+    u = torch.finfo(dtype).eps / 2
+    for n in (2, 3, 4, 5):
+        for _ in range(20):
+            K = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            K = K - K.mT
+            A = (K / K.abs().sum(-2).amax() * (1.2 * n**1.5 / u)).to(dtype)
+            with pytest.raises(OverflowResultError):
+                expm(A)
     expm_path.check_used()
 
 
