@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -132,6 +133,56 @@ def _branch_cut_error(count: int, first: int, why: str) -> DomainError:
     )
 
 
+def _db_iterate(
+    X: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    step: Callable[
+        [tuple[torch.Tensor, torch.Tensor]],
+        tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]],
+    ],
+) -> torch.Tensor:
+    """Run a Denman–Beavers ``step`` per matrix until each started within ``√u``; ``state[0]``.
+
+    ``step(state) → (e, singular, new_state)``: ``e`` the residual of ``state`` (float64
+    numpy per matrix), ``singular`` whether an iterate it inverted is exactly singular. A
+    matrix stops once the iteration started within ``√u`` (its last step still applies).
+
+    Raises:
+        DomainError: an iterate is exactly singular, or the iteration does not converge.
+    """
+    sqrt_u = math.sqrt(unit_roundoff(X.dtype))
+    done = np.zeros(X.shape[0], dtype=bool)
+    for _ in range(_MAX_DB_ITERS):
+        e, singular, new = step(state)
+        start_close = e <= sqrt_u
+        singular = singular & ~done
+        if singular.any():
+            bad = np.flatnonzero(singular)
+            raise _branch_cut_error(
+                len(bad), int(bad[0]), "the square-root iteration met an exactly singular iterate"
+            )
+        if done.any():
+            act = torch.as_tensor(~done, device=X.device)[:, None, None]
+            state = (torch.where(act, new[0], state[0]), torch.where(act, new[1], state[1]))
+        else:
+            state = new
+        done |= start_close
+        if done.all():
+            return state[0]
+    bad = np.flatnonzero(~done)
+    raise _branch_cut_error(len(bad), int(bad[0]), "the square-root iteration did not converge")
+
+
+def _db_scale(e: np.ndarray, logdet: torch.Tensor, n: int, X: torch.Tensor) -> torch.Tensor:
+    """The determinant scaling ``μ`` per matrix (1 once the residual ``e`` is ≤ 10⁻²)."""
+    mu_np = np.where(e > 1e-2, np.exp(-logdet.double().cpu().numpy() / (2 * n)), 1.0)
+    return torch.as_tensor(mu_np, dtype=X.dtype, device=X.device)[:, None, None]
+
+
+def _log_abs_det(LU: torch.Tensor) -> torch.Tensor:
+    return LU.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+
+
 def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     """Principal square root of each matrix by the scaled product-form Denman–Beavers iteration.
 
@@ -146,36 +197,19 @@ def _sqrtm_db(X: torch.Tensor) -> torch.Tensor:
     n = X.shape[-1]
     I = eye_like(X)  # noqa: E741
     Ib = I.expand_as(X)
-    u = unit_roundoff(X.dtype)
-    M, Y = X, X
-    done = np.zeros(X.shape[0], dtype=bool)
-    for _ in range(_MAX_DB_ITERS):
+
+    def step(state: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+        Y, M = state
         e = norm1(M.detach() - I).double().cpu().numpy()
-        start_close = e <= math.sqrt(u)
         LU, piv, singular = _lu_ex(M)
-        singular &= ~done
-        if singular.any():
-            bad = np.flatnonzero(singular)
-            raise _branch_cut_error(
-                len(bad), int(bad[0]), "the square-root iteration met an exactly singular iterate"
-            )
         Minv = lu_solve(LU, piv, Ib)
-        logdet = LU.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1).double()
-        mu_np = np.where(e > 1e-2, np.exp(-logdet.cpu().numpy() / (2 * n)), 1.0)
-        mu = torch.as_tensor(mu_np, dtype=X.dtype, device=X.device)[:, None, None]
+        mu = _db_scale(e, _log_abs_det(LU), n, X)
         Yn = 0.5 * (mu * Y + (Y @ Minv) / mu)
         Mn = 0.5 * (I + 0.5 * (mu * mu * M + Minv / (mu * mu)))
-        act = torch.as_tensor(~done, device=X.device)[:, None, None]
-        if done.any():
-            Y = torch.where(act, Yn, Y)
-            M = torch.where(act, Mn, M)
-        else:
-            Y, M = Yn, Mn
-        done |= start_close
-        if done.all():
-            return Y
-    bad = np.flatnonzero(~done)
-    raise _branch_cut_error(len(bad), int(bad[0]), "the square-root iteration did not converge")
+        return e, singular, (Yn, Mn)
+
+    return _db_iterate(X, (X, X), step)
 
 
 def _sqrtm_db_coupled(X: torch.Tensor) -> torch.Tensor:
@@ -196,41 +230,19 @@ def _sqrtm_db_coupled(X: torch.Tensor) -> torch.Tensor:
     n = X.shape[-1]
     I = eye_like(X)  # noqa: E741
     Ib = I.expand_as(X)
-    u = unit_roundoff(X.dtype)
-    Y, Z = X, Ib
-    done = np.zeros(X.shape[0], dtype=bool)
-    for _ in range(_MAX_DB_ITERS):
+
+    def step(state: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+        Y, Z = state
         e = norm1((Y.detach() @ Z.detach()) - I).double().cpu().numpy()
-        start_close = e <= math.sqrt(u)
         LUy, py, sy = _lu_ex(Y)
         LUz, pz, sz = _lu_ex(Z)
-        singular = (sy | sz) & ~done
-        if singular.any():
-            bad = np.flatnonzero(singular)
-            raise _branch_cut_error(
-                len(bad), int(bad[0]), "the square-root iteration met an exactly singular iterate"
-            )
         Yinv = lu_solve(LUy, py, Ib)
         Zinv = lu_solve(LUz, pz, Ib)
-        logdet = (
-            LUy.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-            + LUz.detach().diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-        ).double()
-        mu_np = np.where(e > 1e-2, np.exp(-logdet.cpu().numpy() / (2 * n)), 1.0)
-        mu = torch.as_tensor(mu_np, dtype=X.dtype, device=X.device)[:, None, None]
-        Yn = 0.5 * (mu * Y + Zinv / mu)
-        Zn = 0.5 * (mu * Z + Yinv / mu)
-        act = torch.as_tensor(~done, device=X.device)[:, None, None]
-        if done.any():
-            Y = torch.where(act, Yn, Y)
-            Z = torch.where(act, Zn, Z)
-        else:
-            Y, Z = Yn, Zn
-        done |= start_close
-        if done.all():
-            return Y
-    bad = np.flatnonzero(~done)
-    raise _branch_cut_error(len(bad), int(bad[0]), "the square-root iteration did not converge")
+        mu = _db_scale(e, _log_abs_det(LUy) + _log_abs_det(LUz), n, X)
+        return e, sy | sz, (0.5 * (mu * Y + Zinv / mu), 0.5 * (mu * Z + Yinv / mu))
+
+    return _db_iterate(X, (X, Ib), step)
 
 
 def _alpha3(Z: torch.Tensor) -> np.ndarray:
