@@ -13,7 +13,8 @@
  *     only when the bound mu^p does not settle it;
  *   - the Padé approximant r_m of 2^-s A, LU with partial pivoting, s squarings;
  *   - for upper-triangular A, the exact diagonal and first superdiagonal of every squared
- *     iterate (expm1-based sinh(x)/x, as the torch path);
+ *     iterate (expm1-based sinh(x)/x, as the torch path); a lower-triangular A is computed
+ *     transposed (exp(A) = exp(A^T)^T, L(A, E) = L(A^T, E^T)^T);
  *   - the Fréchet derivative L(A, E) with the same (m, s): derivatives of U and V, the
  *     same LU, and L <- R L + L R at each squaring.
  *
@@ -640,6 +641,25 @@ CX_FI int CX_S(is_upper)(int n, const T *CX_RESTRICT A) {
     return 1;
 }
 
+/* Strictly upper part zero: exp(A) = exp(A^T)^T is computed on the upper-triangular A^T. */
+CX_FI int CX_S(is_lower)(int n, const T *CX_RESTRICT A) {
+    if (n == 1) return 1;
+    if (A[n - 1] != 0) return 0;
+    for (int i = 0; i < n - 1; i++)
+        for (int j = i + 1; j < n; j++)
+            if (A[(size_t)i * n + j] != 0) return 0;
+    return 1;
+}
+
+CX_FI void CX_S(transpose)(int n, T *CX_RESTRICT A) {
+    for (int i = 0; i < n - 1; i++)
+        for (int j = i + 1; j < n; j++) {
+            const T t = A[(size_t)i * n + j];
+            A[(size_t)i * n + j] = A[(size_t)j * n + i];
+            A[(size_t)j * n + i] = t;
+        }
+}
+
 CX_FI int CX_S(all_finite)(int n, const T *CX_RESTRICT A) {
     int ok = 1;
     for (int i = 0; i < n * n; i++) ok &= (A[i] - A[i]) == 0;
@@ -1075,6 +1095,16 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
     T *As = wk, *A2 = wk + nn, *A4 = wk + 2 * nn, *A6 = wk + 3 * nn, *A8 = wk + 4 * nn;
     T *R = wk + 5 * nn, *tmp = wk + 6 * nn;
     if (Ap != As) memcpy(As, Ap, sizeof(T) * nn);
+    /* lower triangular: the same approximant (r_m commutes with transposition) on A^T, which
+     * gets the exact upper-triangular diagonal and superdiagonal; transposed back at the end */
+    const int flip = !tri && CX_S(is_lower)(n, As);
+    if (flip) {
+        CX_S(transpose)(n, As);
+        CX_S(transpose)(n, A2);
+        CX_S(transpose)(n, A4);
+        CX_S(transpose)(n, A6);
+    }
+    const int up = tri || flip;
     if (s > 0) {
         CX_S(scale2)(n, As, s);
         CX_S(scale2)(n, A2, 2LL * s);
@@ -1084,11 +1114,11 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
     int *piv = (int *)(wk + CX_SLOTS * nn + 2 * (size_t)n + 8);
     CX_S(pade)(n, m, As, A2, A4, A6, A8, NULL, NULL, NULL, NULL, NULL, R, NULL, wk + 7 * nn,
                piv);
-    if (tri) CX_S(fix_tri)(n, R, As, 1.0);
+    if (up) CX_S(fix_tri)(n, R, As, 1.0);
     for (int k = 0; k < st; k++) {
         T *out = (k == st - 1) ? X : tmp;
         CX_S(mm)(n, R, R, out);
-        if (tri) CX_S(fix_tri)(n, out, As, ldexp(1.0, k + 1));
+        if (up) CX_S(fix_tri)(n, out, As, ldexp(1.0, k + 1));
         if (out == tmp) {
             T *t = R;
             R = tmp;
@@ -1096,6 +1126,7 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
         }
     }
     if (st == 0) memcpy(X, R, sizeof(T) * nn);
+    if (flip) CX_S(transpose)(n, X);
     /* a finite A whose exponential overflows the dtype: reported like a non-finite A (the
      * caller tells the two apart by checking A) instead of returning inf/NaN */
     return CX_S(all_finite)(n, X) ? 0 : 1;
@@ -1124,9 +1155,13 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
     } else {
         memcpy(As, A, sizeof(T) * nn);
     }
-    const int tri = CX_S(is_upper)(n, As);
+    /* lower triangular: L(A, E) = L(A^T, E^T)^T, so that A^T gets the exact diagonal */
+    const int flip = !CX_S(is_upper)(n, As) && CX_S(is_lower)(n, As);
+    const int tri = flip || CX_S(is_upper)(n, As);
+    if (flip) CX_S(transpose)(n, As);
     CX_S(scale2)(n, As, st);
     CX_S(scale2_to)(n, E, Es, st);
+    if (flip) CX_S(transpose)(n, Es);
     CX_S(mm)(n, As, As, A2);
     CX_S(mm2_add)(n, As, Es, Es, As, NULL, M2);
     CX_S(mm)(n, A2, A2, A4);
@@ -1147,6 +1182,10 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
         t = R;
         R = tmp;
         tmp = t;
+    }
+    if (flip) {
+        CX_S(transpose)(n, Lc);
+        CX_S(transpose)(n, R);
     }
     memcpy(L, Lc, sizeof(T) * nn);
     if (X) memcpy(X, R, sizeof(T) * nn);

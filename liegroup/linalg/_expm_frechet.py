@@ -1,9 +1,12 @@
 """The torch path of the Fréchet derivative ``L(A, E)`` of :func:`liegroup.linalg.expm`.
 
 Differentiates the Padé approximant and each squaring with the degree and scaling of the
-forward (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4). Plain
-torch ops: differentiable, so it also serves double backward and autograd through
-:func:`liegroup.linalg.expm_frechet`.
+forward (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4). For an
+upper-triangular ``A`` the exponential's diagonal and superdiagonal are set exactly after the
+Padé step and after every squaring, as :func:`liegroup.linalg.expm` and the compiled kernel
+do: without it, one rounding of ``r_m(0) = 1`` to ``1 − u`` squared ``s`` times turns
+``exp(diag(−1e20, 0))`` into 0. Plain torch ops: differentiable, so it also serves double
+backward and autograd through :func:`liegroup.linalg.expm_frechet`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from liegroup.linalg._common import eye_like, lu_factor, lu_solve
 from liegroup.linalg._expm_decide import _B
-from liegroup.linalg._expm_pade import _scales
+from liegroup.linalg._expm_pade import _fix_triangular, _lower_only, _scales
 
 
 def _lincomb(mats: list[torch.Tensor], C: torch.Tensor) -> torch.Tensor:
@@ -48,12 +51,30 @@ def _fcoeffs(deg: int, dt: torch.dtype, dev: torch.device) -> torch.Tensor:
     return C
 
 
+def _upper(A: torch.Tensor) -> np.ndarray:
+    """Upper-triangularity of every matrix of a ``(B, n, n)`` batch, on the host."""
+    return (A.detach().tril(-1) == 0).flatten(1).all(1).cpu().numpy()
+
+
+def _fix_rows(R: torch.Tensor, As: torch.Tensor, rows: np.ndarray, scale: float) -> torch.Tensor:
+    """``R`` with the exact diagonal and superdiagonal of ``exp(scale·As)`` in ``rows``.
+
+    Out of place (``R`` may be saved for autograd).
+    """
+    if rows.all():
+        return _fix_triangular(R.clone(), As, scale)
+    ti = torch.as_tensor(np.flatnonzero(rows), device=R.device)
+    fixed = _fix_triangular(R.index_select(0, ti), As.index_select(0, ti), scale)
+    return R.index_copy(0, ti, fixed)
+
+
 def _frechet_group(
-    deg: int, s_np: np.ndarray, A: torch.Tensor, E: torch.Tensor
+    deg: int, s_np: np.ndarray, A: torch.Tensor, E: torch.Tensor, tri: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` for matrices sharing the degree; plain (differentiable) ops.
 
-    Squaring ``k`` applies to the matrices with ``s > k``.
+    Squaring ``k`` applies to the matrices with ``s > k``; ``tri`` marks the upper-triangular
+    ``A`` (exact diagonal and superdiagonal of every power of ``exp``).
     """
     b = _B[deg]
     I = eye_like(A)  # noqa: E741
@@ -96,6 +117,9 @@ def _frechet_group(
     LU, piv = lu_factor(V - U)
     R = lu_solve(LU, piv, U + V)
     L = lu_solve(LU, piv, torch.baddbmm(Lu + Lv, Lu - Lv, R))
+    tri_any = bool(tri.any())
+    if tri_any:
+        R = _fix_rows(R, A, tri, 1.0)
     for k in range(int(s_np.max()) if s_np.size else 0):
         sel = s_np > k
         if sel.all():
@@ -106,22 +130,37 @@ def _frechet_group(
             Rc, Lc = R.index_select(0, ti), L.index_select(0, ti)
             L = L.index_copy(0, ti, torch.baddbmm(Rc @ Lc, Lc, Rc))
             R = R.index_copy(0, ti, Rc @ Rc)
+        if tri_any and (sel & tri).any():
+            R = _fix_rows(R, A, sel & tri, 2.0 ** (k + 1))  # R = exp(2^{k+1} A) there
     return R, L
 
 
 def _frechet_core(
     A: torch.Tensor, E: torch.Tensor, m: np.ndarray, s: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(A), L(A, E))`` of a ``(B, n, n)`` batch with degrees ``m`` and squarings ``s``.
+
+    A lower-triangular ``A`` (as the backward pass's ``Aᵀ`` of an upper-triangular one) is
+    computed transposed, ``exp(A) = exp(Aᵀ)ᵀ`` and ``L(A, E) = L(Aᵀ, Eᵀ)ᵀ``, so that it gets
+    the exact triangular diagonal too.
+    """
+    tri = _upper(A)
+    low = _lower_only(A, tri)
+    if low.any():
+        flip = torch.as_tensor(low, device=A.device)[:, None, None]
+        X, L = _frechet_core(torch.where(flip, A.mT, A), torch.where(flip, E.mT, E), m, s)
+        return torch.where(flip, X.mT, X), torch.where(flip, L.mT, L)
     if m.size <= 1 or (m == m[0]).all():
-        return _frechet_group(int(m[0]), s, A, E)
+        return _frechet_group(int(m[0]), s, A, E, tri)
     order = np.argsort(m, kind="stable")
     perm = torch.as_tensor(order, device=A.device)
     inv = torch.as_tensor(np.argsort(order), device=A.device)
     Ap, Ep = A[perm], E[perm]
-    mo, so = m[order], s[order]
+    mo, so, to = m[order], s[order], tri[order]
     cut = [0, *(np.flatnonzero(mo[1:] != mo[:-1]) + 1).tolist(), mo.size]
     parts = [
-        _frechet_group(int(mo[a]), so[a:b], Ap[a:b], Ep[a:b]) for a, b in itertools.pairwise(cut)
+        _frechet_group(int(mo[a]), so[a:b], Ap[a:b], Ep[a:b], to[a:b])
+        for a, b in itertools.pairwise(cut)
     ]
     R = torch.cat([p[0] for p in parts])[inv]
     L = torch.cat([p[1] for p in parts])[inv]

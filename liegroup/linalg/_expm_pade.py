@@ -86,6 +86,28 @@ def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Ten
     return X
 
 
+def _lower_only(A: torch.Tensor, upper: np.ndarray) -> np.ndarray:
+    """Which matrices of a ``(B, n, n)`` batch are lower triangular and not upper triangular.
+
+    Those are computed transposed, ``exp(A) = exp(Aᵀ)ᵀ``: ``r_m(Aᵀ) = r_m(A)ᵀ``, so the
+    degree and scaling chosen for ``A`` serve ``Aᵀ`` as they are, and ``Aᵀ`` gets the exact
+    diagonal and superdiagonal of :func:`_fix_triangular`. ``upper`` flags the upper-triangular
+    ones. Read from the host view on the CPU (one corner entry first); elsewhere one transfer.
+    """
+    n = A.shape[-1]
+    if n == 1 or upper.all():
+        return np.zeros(upper.shape, dtype=bool)
+    if A.device.type != "cpu":
+        return ~upper & (A.detach().triu(1) == 0).flatten(1).all(1).cpu().numpy()
+    An = A.detach().numpy()
+    low = ~upper & (An[:, 0, -1] == 0)
+    if low.any():
+        idx = np.flatnonzero(low)
+        iu = np.triu_indices(n, 1)
+        low[idx] = ~(An[idx][:, iu[0], iu[1]] != 0).any(-1)
+    return low
+
+
 def _scales(s: np.ndarray, ks: tuple[int, ...], dt: torch.dtype, dev: torch.device) -> torch.Tensor:
     """``2^{-k s}`` for ``k ∈ ks`` as a ``(len(ks), B, 1, 1)`` tensor (exact powers of two)."""
     v = np.ldexp(1.0, -np.outer(ks, s))
@@ -338,6 +360,11 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         # are still chosen for the backward pass.
         return torch.exp(A), m, s_tot
     dev = A.device
+    low = _lower_only(buf[0], tri)
+    if low.any():  # computed on Aᵀ (powers (Aᵏ)ᵀ), transposed back at the end
+        tl = _index(np.flatnonzero(low), dev)
+        buf.index_copy_(1, tl, buf.index_select(1, tl).mT)
+        tri = tri | low
     degs = np.unique(m) if m.size > 1 else m
     if A.shape[-1] <= _SMALL_N:
         X = _pade_small(m, s, buf)
@@ -380,4 +407,6 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
                 at = _index(np.flatnonzero(ts[t_idx]), dev)
                 Xt = _fix_triangular(X.index_select(0, tt), As.index_select(0, at), 2.0 ** (k + 1))
                 X.index_copy_(0, tt, Xt)
+    if low.any():
+        X.index_copy_(0, tl, X.index_select(0, tl).mT)
     return X, m, s_tot
