@@ -80,7 +80,9 @@ def write_files(
 
     Each writer fills a temporary file in ``directory``; only when all succeeded are they
     renamed to their names, in ``writers``' order (put weights before the config that points
-    at them). A directory created here is removed again on failure.
+    at them). A file that a rename replaces is first moved aside, so a rename that fails
+    half-way puts back every file already replaced; a directory created here is removed
+    again on failure.
 
     Raises:
         CheckpointError: a writer or the file system failed; ``directory`` is as it was.
@@ -95,17 +97,34 @@ def write_files(
     out = os.fspath(directory)
     created = not os.path.isdir(out)
     temps: dict[str, str] = {}
+    moved: dict[str, str] = {}  # name -> where the file it replaces waits
+    placed: list[str] = []
     try:
         os.makedirs(out, exist_ok=True)
         for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
+            temps[name] = _temp_path(out, name, ".tmp")
+            write(temps[name])
         for name, tmp in temps.items():
-            os.replace(tmp, os.path.join(out, name))
-    except OSError as e:
-        raise CheckpointError(f"cannot write {sorted(writers)} to {out!r}: {e}") from e
+            dst = os.path.join(out, name)
+            if os.path.lexists(dst):
+                moved[name] = _temp_path(out, name, ".old")
+                os.replace(dst, moved[name])
+            os.replace(tmp, dst)
+            placed.append(name)
+    except BaseException as e:
+        for name in placed:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, name))
+        for name, old in moved.items():
+            with contextlib.suppress(OSError):
+                os.replace(old, os.path.join(out, name))
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {sorted(writers)} to {out!r}: {e}") from e
+        raise
+    else:
+        for old in moved.values():
+            with contextlib.suppress(OSError):
+                os.remove(old)
     finally:
         for tmp in temps.values():
             with contextlib.suppress(OSError):
@@ -113,3 +132,10 @@ def write_files(
         if created and os.path.isdir(out) and not os.listdir(out):
             with contextlib.suppress(OSError):
                 os.rmdir(out)
+
+
+def _temp_path(directory: str, name: str, suffix: str) -> str:
+    """A new empty file ``directory/.name.XXXX<suffix>`` (same file system as the target)."""
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    return path

@@ -206,6 +206,27 @@ def test_a_failed_save_to_a_new_directory_leaves_no_directory(tmp_path, monkeypa
     assert not (tmp_path / "new").exists()
 
 
+def test_a_save_whose_second_rename_fails_puts_the_first_file_back(tmp_path, monkeypatch) -> None:
+    """The weights were renamed into place before the config: a failed config rename left the
+    new weights beside the old config."""
+    base, d = _saved(tmp_path)
+    before = {f: pathlib.Path(d, f).read_bytes() for f in os.listdir(d)}
+    model = get_peft_model(copy.deepcopy(base), LieRAConfig(rank=3, target_modules=["0", "2"]))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "adapter_config.json" and ".tmp" in os.path.basename(src):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CheckpointError, match="rename failed"):
+        model.save_pretrained(d)
+    after = {f: pathlib.Path(d, f).read_bytes() for f in os.listdir(d)}
+    assert after == before  # the first file is back, nothing left aside
+    LieRAModel.from_pretrained(copy.deepcopy(base), d)
+
+
 def test_tied_modules_to_save_are_saved_and_loaded(tmp_path) -> None:
     """safetensors refused tensors sharing memory ("share memory")."""
     torch.manual_seed(3)
