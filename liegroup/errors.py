@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterStateError",
     "CheckpointError",
+    "ConfigError",
     "DTypeError",
     "DeviceError",
     "DomainError",
@@ -50,6 +51,14 @@ class OverflowResultError(NonFiniteError, OverflowError):
     Raised instead of returning ``inf``/``NaN`` (e.g. ``expm`` of a matrix whose exponential
     overflows, or a Hadamard manifold step that diverges). Also a :class:`NonFiniteError` and
     a built-in :class:`OverflowError`.
+    """
+
+
+class ConfigError(LieGroupError, ValueError):
+    """An option, argument or name is invalid.
+
+    E.g. an unknown generator or update, a rank or Taylor order out of range, a
+    ``target_modules`` entry that matches no module, an adapter name that does not exist.
     """
 
 

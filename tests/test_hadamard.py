@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from liegroup import Hadamard
-from liegroup.errors import DomainError, DTypeError, NonFiniteError, OverflowResultError, ShapeError
+from liegroup.errors import (
+    ConfigError,
+    DomainError,
+    DTypeError,
+    NonFiniteError,
+    OverflowResultError,
+    ShapeError,
+)
 from liegroup.groups import taylor_exp, taylor_remainder_bound
 from tests.conftest import eps
 
@@ -177,7 +184,7 @@ def test_errors():
         G.exp(torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(DTypeError):
         G.exp([[0.0, 0.0], [0.0, 0.0]])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ConfigError, match=">= 1"):
         taylor_exp(torch.zeros(2), 0)
     with pytest.raises(DTypeError):
         taylor_exp(torch.zeros(2), 1.5)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import pytest
 import sympy
 import torch
 
-from liegroup.errors import DomainError, DTypeError, ShapeError
+from liegroup.errors import ConfigError, DomainError, DTypeError, ShapeError
 from liegroup.linalg import MAX_BCH_ORDER, bch, dexp, dexp_inv, expm, expm_frechet, logm
 from liegroup.linalg.bch import bch_terms
 
@@ -197,9 +197,9 @@ def test_bch_stays_in_so3_and_grad() -> None:
 
 def test_bch_errors() -> None:
     X = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match="order"):
+    with pytest.raises(ConfigError, match="order"):
         bch(X, X, order=0)
-    with pytest.raises(ValueError, match="order"):
+    with pytest.raises(ConfigError, match="order"):
         bch(X, X, order=MAX_BCH_ORDER + 1)
     with pytest.raises(DTypeError):
         bch(X, X, order=True)

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import liegroup
-from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
+from liegroup.errors import ConfigError, DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.manifolds import LieGroupManifold
 from tests.conftest import eps
 
@@ -302,7 +302,7 @@ def test_left_invariant_metric_is_not_bi_invariant_on_gl():
 
 # ---------------------------------------------------------------------------------- errors
 def test_errors():
-    with pytest.raises(ValueError, match="metric must be one of"):
+    with pytest.raises(ConfigError, match="metric must be one of"):
         LieGroupManifold(liegroup.Hadamard(2), metric="right-invariant")
     with pytest.raises(DTypeError, match=r"needs a liegroup\.LieGroup"):
         LieGroupManifold(geoopt.Stiefel())  # type: ignore[arg-type]
@@ -399,14 +399,14 @@ def test_product_packing_and_its_errors():
     x = M.pack_point(*g)
     assert x.shape == (2, 18)
     assert all(torch.equal(a, b) for a, b in zip(M.unpack_tensor(x), g, strict=True))
-    with pytest.raises(ValueError, match="2 tensors expected"):
+    with pytest.raises(ConfigError, match="2 tensors expected"):
         M.pack_point(g[0])
     with pytest.raises(ShapeError, match=r"tensors\[1\]"):
         M.pack_point(g[0], torch.ones(2, 4, 4))
     with pytest.raises(ShapeError):
         M.unpack_tensor(torch.ones(2, 17))
     H = LieGroupManifold(liegroup.Hadamard(2))
-    with pytest.raises(ValueError, match="1 tensor expected"):
+    with pytest.raises(ConfigError, match="1 tensor expected"):
         H.pack_point(torch.ones(2), torch.ones(2))
 
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
-from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
+from liegroup.errors import ConfigError, DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup, broadcast_batch, check_batch
 
 __all__ = ["Hadamard", "taylor_exp", "taylor_remainder_bound"]
@@ -48,7 +48,7 @@ def _check_order(order: int) -> int:
     if not isinstance(order, int) or isinstance(order, bool):
         raise DTypeError(f"order must be an int >= 1, got {type(order).__name__} {order!r}")
     if order < 1:
-        raise ValueError(f"order must be >= 1 (1 is the first-order map 1 + X), got {order}")
+        raise ConfigError(f"order must be >= 1 (1 is the first-order map 1 + X), got {order}")
     return order
 
 

@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import torch
 
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 from liegroup.linalg._common import check_batches, check_square
 
 __all__ = ["MAX_BCH_ORDER", "bch"]
@@ -126,7 +126,7 @@ def bch(X: torch.Tensor, Y: torch.Tensor, order: int = 5) -> torch.Tensor:
         The truncated series, shape of the broadcast batch; differentiable.
 
     Raises:
-        ValueError: ``order`` outside ``[1, MAX_BCH_ORDER]``.
+        ConfigError: ``order`` outside ``[1, MAX_BCH_ORDER]``.
         DTypeError, ShapeError, NonFiniteError: invalid ``X`` or ``Y``.
 
     Example:
@@ -141,7 +141,7 @@ def bch(X: torch.Tensor, Y: torch.Tensor, order: int = 5) -> torch.Tensor:
     if not isinstance(order, int) or isinstance(order, bool):
         raise DTypeError(f"order must be an int, got {type(order).__name__} {order!r}")
     if not 1 <= order <= MAX_BCH_ORDER:
-        raise ValueError(
+        raise ConfigError(
             f"bch: order must be between 1 and {MAX_BCH_ORDER}, got {order}; for larger "
             "arguments or higher accuracy use logm(expm(X) @ expm(Y))"
         )

@@ -8,7 +8,7 @@ import geoopt
 import torch
 
 from liegroup._validation import check_finite, check_tensor, offending
-from liegroup.errors import DomainError, OverflowResultError, ShapeError
+from liegroup.errors import ConfigError, DomainError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup
 from liegroup.manifolds._kernels import (
     _METRICS,
@@ -106,7 +106,7 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
     def __init__(self, group: LieGroup, metric: str = "left-invariant") -> None:
         super().__init__()
         if metric not in _METRICS:
-            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+            raise ConfigError(f"metric must be one of {_METRICS}, got {metric!r}")
         ops = _ops_for(group)
         if metric == "bi-invariant" and not ops.bi_invariant:
             raise DomainError(
@@ -475,11 +475,11 @@ class LieGroupManifold(geoopt.Manifold):  # type: ignore[misc]
         """
         if not isinstance(self._ops, _ProductOps):
             if len(tensors) != 1:
-                raise ValueError(f"1 tensor expected for {self!r}, got {len(tensors)}")
+                raise ConfigError(f"1 tensor expected for {self!r}, got {len(tensors)}")
             return tensors[0]
         ops = self._ops
         if len(tensors) != len(ops.factors):
-            raise ValueError(f"{len(ops.factors)} tensors expected, got {len(tensors)}")
+            raise ConfigError(f"{len(ops.factors)} tensors expected, got {len(tensors)}")
         for i, (t, f) in enumerate(zip(tensors, ops.factors, strict=True)):
             check_tensor(t, f"tensors[{i}]")
             shp = tuple(t.shape)

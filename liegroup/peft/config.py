@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liegroup._version import __version__
-from liegroup.errors import CheckpointError, DTypeError
+from liegroup.errors import CheckpointError, ConfigError, DTypeError
 from liegroup.peft._files import read_json
 from liegroup.peft.generators.base import check_options
 
@@ -40,11 +40,11 @@ def _check_names(value: object, name: str, allow_none: bool) -> list[str] | str 
         try:
             re.compile(value)
         except re.error as e:
-            raise ValueError(f"{name}={value!r} is not a valid regular expression: {e}") from e
+            raise ConfigError(f"{name}={value!r} is not a valid regular expression: {e}") from e
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
         if not value and not allow_none:
-            raise ValueError(f"{name} must not be empty")
+            raise ConfigError(f"{name} must not be empty")
         return list(value)
     raise DTypeError(
         f"{name} must be a list of module-name suffixes or a regex string, got {value!r}"
@@ -118,29 +118,29 @@ class LieRAConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
             raise DTypeError(f"rank must be an int, got {self.rank!r}")
         if not 1 <= self.rank <= MAX_RANK:
-            raise ValueError(
+            raise ConfigError(
                 f"rank must be in [1, {MAX_RANK}], got {self.rank} (a layer also refuses a rank "
                 "above both sides of its weight)"
             )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise DTypeError(f"alpha must be a real number, got {type(self.alpha).__name__}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
+            raise ConfigError(f"alpha must be finite and > 0, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         tm = _check_names(self.target_modules, "target_modules", allow_none=False)
         if not tm:
-            raise ValueError(
+            raise ConfigError(
                 "target_modules is empty: name the modules to adapt, e.g. ['conv1', 'fc']"
             )
         self.target_modules = tm
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules", True)
         self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save", True)
         if self.layout not in _LAYOUTS:
-            raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
+            raise ConfigError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise DTypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_rslora, bool):
             raise DTypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         from liegroup.peft.registry import get_generator, get_update
@@ -154,7 +154,7 @@ class LieRAConfig:
         self.generator = gen_cls.name
         u_kind = getattr(update, "algebra_kind", "tensor")
         if u_kind != gen_cls.algebra_kind:
-            raise ValueError(
+            raise ConfigError(
                 f"update={self.update!r} needs a generator whose algebra element is "
                 f"{'one matrix per mode' if u_kind == 'modes' else 'a weight-shaped tensor'}, "
                 f"but generator={self.generator!r} produces "
@@ -174,7 +174,7 @@ class LieRAConfig:
             raise DTypeError(f"generator_kwargs must be a dict, got {self.generator_kwargs!r}")
         check_options(gen_cls, self.generator_kwargs)
         if not 0.0 <= float(self.zero_warning_fraction) <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"zero_warning_fraction must be in [0, 1], got {self.zero_warning_fraction!r}"
             )
 

@@ -34,6 +34,7 @@ from torch import nn
 from liegroup._validation import check_finite
 from liegroup.errors import (
     AdapterStateError,
+    ConfigError,
     DeviceError,
     NonFiniteError,
     ShapeError,
@@ -106,14 +107,14 @@ def check_adapter_name(name: object) -> str:
     """Validate an adapter name: a non-empty string without ``.`` (it becomes a module key).
 
     Raises:
-        ValueError: for anything else, saying what a valid name is.
+        ConfigError: for anything else, saying what a valid name is.
 
     Example:
         >>> check_adapter_name("task_a")
         'task_a'
     """
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(
+        raise ConfigError(
             f"adapter name must be a non-empty string without '.', got {name!r} (it names "
             "submodules and checkpoint keys; use e.g. 'task_a')"
         )
@@ -202,7 +203,7 @@ class LieRALayer(nn.Module):
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.generators:
-            raise ValueError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
+            raise ConfigError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
         W = self.weight
         if W.is_meta:
             raise DeviceError(
@@ -223,7 +224,7 @@ class LieRALayer(nn.Module):
             )
         rows, cols = W.shape[0], W.numel() // W.shape[0]
         if config.rank > max(rows, cols, _SMALL_RANK):
-            raise ValueError(
+            raise ConfigError(
                 f"rank={config.rank} exceeds both sides of the weight of "
                 f"{self.module_name or 'the module'!r} ({rows} x {cols}) and {_SMALL_RANK}: "
                 "such a rank adds parameters and no expressiveness; use rank <= "
@@ -270,13 +271,13 @@ class LieRALayer(nn.Module):
                 "merged; call unmerge_adapter() first"
             )
         if adapter_name is not None and adapter_name not in self.generators:
-            raise ValueError(f"no adapter {adapter_name!r} in {self.module_name!r}")
+            raise ConfigError(f"no adapter {adapter_name!r} in {self.module_name!r}")
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (not while it is merged)."""
         if adapter_name not in self.generators:
-            raise ValueError(f"no adapter {adapter_name!r} in {self.module_name!r}")
+            raise ConfigError(f"no adapter {adapter_name!r} in {self.module_name!r}")
         if self.merged_adapter == adapter_name:
             raise AdapterStateError(
                 f"adapter {adapter_name!r} is merged into {self.module_name!r}; unmerge first"
@@ -310,7 +311,7 @@ class LieRALayer(nn.Module):
     def _name(self, adapter_name: str | None) -> str:
         name = self.active_adapter if adapter_name is None else adapter_name
         if name is None or name not in self.generators:
-            raise ValueError(f"no adapter {name!r} in {self.module_name!r}")
+            raise ConfigError(f"no adapter {name!r} in {self.module_name!r}")
         return name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +503,7 @@ class ModulesToSaveWrapper(nn.Module):
         import copy
 
         if adapter_name in self.modules_to_save:
-            raise ValueError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
+            raise ConfigError(f"adapter {adapter_name!r} already exists in {self.module_name!r}")
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from liegroup._version import __version__
-from liegroup.errors import AdapterStateError, CheckpointError, NonFiniteError
+from liegroup.errors import AdapterStateError, CheckpointError, ConfigError, NonFiniteError
 from liegroup.peft._files import read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.generators.base import Generator
@@ -225,7 +225,7 @@ class LieRAModel(nn.Module):
             raise TypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists")
+            raise ConfigError(f"adapter {adapter_name!r} already exists")
         # Plan first, touch nothing until every check passed.
         targets: list[tuple[str, nn.Module]] = []
         saves: list[tuple[str, nn.Module]] = []
@@ -237,7 +237,7 @@ class LieRAModel(nn.Module):
             t = _match(name, config.target_modules)
             s = _match(name, config.modules_to_save)
             if t is not None and s is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"module {name!r} is matched by both target_modules ({t!r}) and "
                     f"modules_to_save ({s!r}); choose one"
                 )
@@ -248,7 +248,7 @@ class LieRAModel(nn.Module):
                 hit_t.update(_matches(name, config.target_modules))
             if s is not None:
                 if isinstance(module, LieRALayer):
-                    raise ValueError(f"module {name!r} already carries adapters; cannot save it")
+                    raise ConfigError(f"module {name!r} already carries adapters; cannot save it")
                 saves.append((name, module))
                 hit_s.update(_matches(name, config.modules_to_save))
         for spec, hit, what in (
@@ -261,7 +261,7 @@ class LieRAModel(nn.Module):
             if isinstance(spec, str) and hit:
                 missing = []
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"{what} entries {missing} match no module of the model (after "
                     "exclude_modules); check the names with model.named_modules()"
                 )
@@ -269,7 +269,7 @@ class LieRAModel(nn.Module):
             names = {n for n, _ in targets}
             unknown = sorted(set(config.rank_pattern) - names)
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"rank_pattern names modules that are not adapted: {unknown[:5]}"
                 )
         undo: list[Callable[[], None]] = []
@@ -345,7 +345,7 @@ class LieRAModel(nn.Module):
 
     def _check_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(
+            raise ConfigError(
                 f"no adapter {adapter_name!r}; known: {sorted(self.peft_config)}"
             )
 
@@ -740,7 +740,7 @@ def get_peft_model(
     ``modules_to_save`` copies are trainable.
 
     Raises:
-        ValueError: a target or ``modules_to_save`` entry matching nothing (named).
+        ConfigError: a target or ``modules_to_save`` entry matching nothing (named).
         UnsupportedModuleError: a matched module of an unsupported type (named).
 
     Example:

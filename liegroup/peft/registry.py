@@ -1,7 +1,7 @@
 """Name → implementation tables: generators, updates and initialisers.
 
 Every registry has the same three verbs: ``register_<kind>`` adds an entry,
-``get_<kind>`` looks one up (a typed ``ValueError`` lists the known names), ``available_<kind>s``
+``get_<kind>`` looks one up (a ``ConfigError`` lists the known names), ``available_<kind>s``
 lists them. The shipped generators, updates and initialisers register themselves when
 :mod:`liegroup.peft` is imported; a user's class or function registers the same way and is
 then usable by name in :class:`~liegroup.peft.LieRAConfig`.
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from liegroup.errors import ConfigError
 
 if TYPE_CHECKING:  # the registered modules import this one, so it imports them lazily
     from liegroup.peft.generators.base import Generator, GeneratorSpec
@@ -54,9 +56,9 @@ _INITIALISERS: dict[str, Initialiser] = {}
 
 def _check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
+        raise ConfigError(f"{kind} name must be a non-empty string, got {name!r}")
     if "." in name:
-        raise ValueError(f"{kind} name must not contain '.', got {name!r}")
+        raise ConfigError(f"{kind} name must not contain '.', got {name!r}")
     return name
 
 
@@ -64,7 +66,7 @@ def register_generator(cls: type[Generator]) -> type[Generator]:
     """Register a :class:`Generator` subclass under ``cls.name`` (usable as a decorator).
 
     Re-registering the same class (same module and qualified name, e.g. a re-run notebook
-    cell) replaces it; another class under a taken name raises ``ValueError``.
+    cell) replaces it; another class under a taken name raises ``ConfigError``.
 
     Example:
         >>> from liegroup.peft.generators import LoRAGenerator
@@ -79,13 +81,13 @@ def register_generator(cls: type[Generator]) -> type[Generator]:
     if not (isinstance(cls, type) and issubclass(cls, Generator)):
         raise TypeError(f"only Generator subclasses can be registered, got {cls!r}")
     if not isinstance(cls.name, str) or not cls.name:
-        raise ValueError(f"{cls.__name__} must set a non-empty class attribute `name`")
+        raise ConfigError(f"{cls.__name__} must set a non-empty class attribute `name`")
     name = _check_name("generator", cls.name)
     old = _GENERATORS.get(name)
     if old is not None and old is not cls and (
         (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"generator name {name!r} is already taken by {old.__module__}.{old.__qualname__}"
         )
     _GENERATORS[name] = cls
@@ -103,7 +105,7 @@ def get_generator(generator: str | type[Generator]) -> type[Generator]:
         return register_generator(generator)
     if isinstance(generator, str):
         if generator not in _GENERATORS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown generator {generator!r}; known: {sorted(_GENERATORS)} (register a "
                 "Generator subclass with liegroup.peft.register_generator)"
             )
@@ -155,7 +157,7 @@ def get_update(name: str, exp_map: str | int = "exact") -> Update:
     from liegroup.peft.updates.base import parse_exp_map
 
     if name not in _UPDATES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown update {name!r}; known: {sorted(_UPDATES)} (register one with "
             "liegroup.peft.register_update)"
         )
@@ -187,7 +189,7 @@ def register_initialiser(name: str, fn: Initialiser) -> None:
     """
     _check_name("initialiser", name)
     if name == "zeros":
-        raise ValueError("'zeros' is the built-in LoRA start (B = 0) and cannot be replaced")
+        raise ConfigError("'zeros' is the built-in LoRA start (B = 0) and cannot be replaced")
     if not callable(fn):
         raise TypeError(f"initialiser must be callable, got {fn!r}")
     _INITIALISERS[name] = fn
@@ -201,7 +203,7 @@ def get_initialiser(name: str) -> Initialiser:
         True
     """
     if name not in _INITIALISERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown init {name!r}; known: {['zeros', *sorted(_INITIALISERS)]} (register one "
             "with liegroup.peft.register_initialiser)"
         )

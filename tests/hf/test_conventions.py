@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from liegroup.errors import ConfigError
 from liegroup.peft import LieRAConfig, get_peft_model
 
 
@@ -58,5 +59,5 @@ def test_get_base_model_and_signature() -> None:
 
 
 def test_unmatched_entry_still_reported() -> None:
-    with pytest.raises(ValueError, match="conv9"):
+    with pytest.raises(ConfigError, match="conv9"):
         get_peft_model(_Net(), LieRAConfig(rank=1, target_modules=["conv1", "conv9"]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, CheckpointError
+from liegroup.errors import AdapterStateError, CheckpointError, ConfigError
 from liegroup.peft import LieRAConfig, LieRAModel, RankAllocator, get_peft_model
 from liegroup.peft.generators import AdaLoRAGenerator, budget_schedule, orthogonality_penalty
 from tests.peft._matrix import FAST_MAPS, SLOW_MAPS, check_generator_case
@@ -226,9 +226,9 @@ def test_orthogonality_penalty_zero_iff_orthonormal():
 
 def test_penalty_and_allocator_need_adalora():
     m = get_peft_model(nn.Sequential(nn.Linear(3, 3)), LieRAConfig(rank=1, target_modules=["0"]))
-    with pytest.raises(ValueError, match="AdaLoRA"):
+    with pytest.raises(ConfigError, match="AdaLoRA"):
         orthogonality_penalty(m.generators())
-    with pytest.raises(ValueError, match="AdaLoRA"):
+    with pytest.raises(ConfigError, match="AdaLoRA"):
         RankAllocator(m.generators(), target_r=1, tinit=0, tfinal=0, deltaT=1, total_step=5)
 
 
@@ -242,7 +242,7 @@ def test_penalty_and_allocator_need_adalora():
 def test_allocator_bad_arguments(kw):
     model, _, _ = _setup()
     args = {"target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 1, "total_step": 20} | kw
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         RankAllocator(model.generators(), **args)
 
 

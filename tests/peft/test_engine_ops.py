@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import liegroup.peft._engine as engine
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 from liegroup.peft._engine import ops
 
 KERNEL_STATES = [
@@ -125,9 +125,9 @@ def test_operators_refuse_mixed_or_integer_dtypes_and_short_buffers(kernel: bool
         ops.lowrank_form(W, L, R, out=torch.empty(W.shape[1], W.shape[0]).T)  # not contiguous
     with pytest.raises(ShapeError):
         ops.lowrank_factor_grads(W, W[:-1], L, R, ops.GRAD_TIMES)
-    with pytest.raises(ValueError, match="needs M"):
+    with pytest.raises(ConfigError, match="needs M"):
         ops.lowrank_factor_grads(W, None, L, R, ops.GRAD_TIMES)
-    with pytest.raises(ValueError, match="rule"):
+    with pytest.raises(ConfigError, match="rule"):
         ops.lowrank_factor_grads(W, W, L, R, 7)
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from liegroup._kernels import kernels_disabled
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 from liegroup.peft import LieRAConfig, adapted_weight_lowrank, get_peft_model
 from liegroup.peft._engine import compiled_kernel, ops
 from liegroup.peft._engine.geometry import OpGeometry
@@ -647,9 +647,9 @@ def test_operators_refuse_bad_operands_before_the_kernel(spy: KernelSpy) -> None
         ops.lowrank_form(W, L.double(), R)
     with pytest.raises(DTypeError):
         ops.lowrank_form(W.int(), L.int(), R.int())
-    with pytest.raises(ValueError, match="0, 1 or 2"):
+    with pytest.raises(ConfigError, match="0, 1 or 2"):
         ops.lowrank_factor_grads(G, W, L, R, 3)
-    with pytest.raises(ValueError, match="needs M"):
+    with pytest.raises(ConfigError, match="needs M"):
         ops.lowrank_factor_grads(G, None, L, R, ops.GRAD_TIMES_EXP)
     with pytest.raises(ShapeError):
         ops.lowrank_factor_grads(G, W[:, :3], L, R, ops.GRAD_TIMES)

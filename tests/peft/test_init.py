@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from liegroup.errors import ConfigError
 from liegroup.peft import LieRAConfig, get_peft_model
 from liegroup.peft.layer import LieRALayer
 from liegroup.peft.registry import get_initialiser, register_initialiser
@@ -76,13 +77,13 @@ def test_step0_exact_at_model_level_and_training_moves():
 
 def test_init_errors():
     layer = LieRALayer(torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="unknown init"):
+    with pytest.raises(ConfigError, match="unknown init"):
         layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"],
                                            generator_kwargs={"init": "svd?"}))
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ConfigError, match="dropout"):
         layer.add_adapter("b", LieRAConfig(rank=1, target_modules=["x"], dropout=0.1,
                                            generator_kwargs={"init": "pissa"}))
-    with pytest.raises(ValueError, match="zeros"):
+    with pytest.raises(ConfigError, match="zeros"):
         register_initialiser("zeros", get_initialiser("pissa"))
     with pytest.raises(TypeError):
         register_initialiser("x", 3)  # type: ignore[arg-type]
@@ -92,6 +93,6 @@ def test_pissa_without_weight_is_refused():
     from liegroup.peft import GeneratorSpec
     from liegroup.peft.generators import LoRAGenerator
 
-    with pytest.raises(ValueError, match="base weight"):
+    with pytest.raises(ConfigError, match="base weight"):
         LoRAGenerator(GeneratorSpec(weight_shape=(3, 4), rank=1, scaling=1.0,
                                     options={"init": "pissa"}))

@@ -14,6 +14,7 @@ from torch import nn
 from liegroup.errors import (
     AdapterStateError,
     CheckpointError,
+    ConfigError,
     DTypeError,
     NonFiniteError,
     ShapeError,
@@ -212,9 +213,9 @@ def test_multiple_adapters_switch_and_delete():
     assert model.active_adapter == "other"
     assert type(net.conv1) is nn.Conv2d  # wrappers without adapters are removed
     assert torch.equal(model(x), y_other)
-    with pytest.raises(ValueError, match="no adapter"):
+    with pytest.raises(ConfigError, match="no adapter"):
         model.set_adapter("default")
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         model.add_adapter("other", LieRAConfig(rank=1, target_modules=["fc"]))
 
 
@@ -331,20 +332,20 @@ def test_checkpoint_errors_do_not_fit_and_never_partial(tmp_path):
 
 
 def test_target_errors_name_the_culprit():
-    with pytest.raises(ValueError, match=r"\['nope'\]"):
+    with pytest.raises(ConfigError, match=r"\['nope'\]"):
         get_peft_model(Net(), LieRAConfig(target_modules=["conv1", "nope"]))
-    with pytest.raises(ValueError, match="match no module"):
+    with pytest.raises(ConfigError, match="match no module"):
         get_peft_model(Net(), LieRAConfig(target_modules=r"zz\d+"))
-    with pytest.raises(ValueError, match=r"modules_to_save entries \['missing'\]"):
+    with pytest.raises(ConfigError, match=r"modules_to_save entries \['missing'\]"):
         get_peft_model(Net(), LieRAConfig(target_modules=["fc"], modules_to_save=["missing"]))
-    with pytest.raises(ValueError, match="both target_modules"):
+    with pytest.raises(ConfigError, match="both target_modules"):
         get_peft_model(Net(), LieRAConfig(target_modules=["fc"], modules_to_save=["fc"]))
     net = Net()
     with pytest.raises(UnsupportedModuleError, match="'block'"):
         get_peft_model(net, LieRAConfig(target_modules=["conv1", "block"]))
     assert type(net.conv1) is nn.Conv2d  # nothing injected on failure
     # suffix semantics: "onv1" does not match "conv1"
-    with pytest.raises(ValueError, match="onv1"):
+    with pytest.raises(ConfigError, match="onv1"):
         get_peft_model(Net(), LieRAConfig(target_modules=["onv1"]))
 
 
@@ -449,7 +450,7 @@ def test_custom_generator_in_a_few_lines(tmp_path):
     model.save_pretrained(tmp_path)
     torch.manual_seed(0)
     assert torch.equal(LieRAModel.from_pretrained(Net().to(DT), tmp_path)(x), y)
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ConfigError, match="dropout"):
         get_peft_model(Net(), LieRAConfig(target_modules=["conv1"], generator=Dense,
                                           dropout=0.1))
 
@@ -461,13 +462,13 @@ def test_register_generator_errors():
     class NoName(Generator):
         pass
 
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ConfigError, match="name"):
         register_generator(NoName)
 
     class Clash(Generator):
         name = "lora"
 
-    with pytest.raises(ValueError, match="already taken"):
+    with pytest.raises(ConfigError, match="already taken"):
         register_generator(Clash)
 
 

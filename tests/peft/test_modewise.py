@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liegroup import tensor
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 from liegroup.peft import LieRAConfig, get_peft_model
 from liegroup.peft.layer import LieRALayer
 from liegroup.peft.updates import ModeWiseUpdate
@@ -123,11 +123,11 @@ def test_gl_changes_spectrum_and_model_level_round_trip(tmp_path):
 
 
 def test_wrong_generator_for_group_is_refused():
-    with pytest.raises(ValueError, match="modewise"):
+    with pytest.raises(ConfigError, match="modewise"):
         LieRAConfig(rank=1, target_modules=["x"], update="so")  # lora is tensor-valued
-    with pytest.raises(ValueError, match="lora"):
+    with pytest.raises(ConfigError, match="lora"):
         LieRAConfig(rank=1, target_modules=["x"], generator="modewise")  # hadamard
-    with pytest.raises(ValueError, match="exact"):
+    with pytest.raises(ConfigError, match="exact"):
         LieRAConfig(rank=1, target_modules=["x"], update="so", generator="modewise",
                     exp_map="first_order")
 
@@ -136,7 +136,7 @@ def test_wrong_generator_for_group_is_refused():
                                 {"structure": "dense"}, {"block_size": 0}])
 def test_bad_generator_options(kw):
     layer = LieRALayer(torch.nn.Conv2d(2, 2, 3, groups=2))
-    with pytest.raises(ValueError, match="generator_kwargs"):
+    with pytest.raises(ConfigError, match="generator_kwargs"):
         layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], update="so",
                                            generator="modewise", generator_kwargs=kw))
 
@@ -152,7 +152,7 @@ def test_update_checks_its_algebra_element():
         u.apply(W, {2: torch.zeros(3, 3)})
     with pytest.raises(DTypeError):
         u.apply(W, {0: torch.zeros(3, 3, dtype=torch.float64)})
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         ModeWiseUpdate("se")
 
 

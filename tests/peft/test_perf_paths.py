@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import ShapeError
+from liegroup.errors import ConfigError, ShapeError
 from liegroup.peft import GeneratorSpec, LieRAConfig, adapted_weight_lowrank
 from liegroup.peft._engine import adapted_forward, base_op, policy
 from liegroup.peft._engine import lowrank_node as ln
@@ -190,9 +190,9 @@ def test_trainable_weight_and_custom_update_fall_back():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ConfigError, match="kind"):
         OpGeometry("pool")
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ShapeError, match="stride"):
         OpGeometry("conv", (1, 1), (0,), (1, 1))
     W = torch.randn(3, 4, dtype=DT, requires_grad=True)
     L, R = torch.randn(3, 1, dtype=DT), torch.randn(1, 4, dtype=DT)
@@ -202,9 +202,9 @@ def test_errors():
         LowRankAdaptedOpFunction.apply(x, W, None, L, R, "hadamard", None, lin)
     with pytest.raises(TypeError, match="freeze"):
         adapted_op_lowrank(x, W, None, L, R, "hadamard", None, lin, None)
-    with pytest.raises(ValueError, match="update"):
+    with pytest.raises(ConfigError, match="update"):
         LowRankAdaptedOpFunction.apply(x, W.detach(), None, L, R, "affine", None, lin)
-    with pytest.raises(ValueError, match="update"):
+    with pytest.raises(ConfigError, match="update"):
         adapted_op_lowrank(x, W.detach(), None, L, R, "affine", None, lin, None)
     # the factors are validated before the node runs: L @ R must unfold W
     with pytest.raises(ShapeError, match="unfold"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from liegroup.errors import ConfigError
 from liegroup.peft import GeneratorSpec, LieRAConfig
 from liegroup.peft.generators import TuckerGenerator
 from liegroup.peft.layer import LieRALayer
@@ -92,7 +93,7 @@ def test_tucker_identity_at_init_and_core_zero():
 @pytest.mark.parametrize("bad", [{"ranks": [1, 2]}, {"ranks": [1, 0, 1, 1]},
                                  {"kernel_rank": 0}, {"kernel_rank": True}])
 def test_tucker_bad_options(bad):
-    with pytest.raises(ValueError, match="generator_kwargs"):
+    with pytest.raises(ConfigError, match="generator_kwargs"):
         TuckerGenerator(GeneratorSpec(weight_shape=(4, 3, 3, 3), rank=2, scaling=1.0,
                                       options=bad))
 
@@ -100,7 +101,7 @@ def test_tucker_bad_options(bad):
 @pytest.mark.parametrize("gen", ["tucker", "full"])
 def test_dropout_refused(gen):
     layer = LieRALayer(torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ConfigError, match="dropout"):
         layer.add_adapter("a", LieRAConfig(rank=1, target_modules=["x"], generator=gen,
                                            dropout=0.1))
 

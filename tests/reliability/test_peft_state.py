@@ -16,6 +16,7 @@ from torch import nn
 from liegroup.errors import (
     AdapterStateError,
     CheckpointError,
+    ConfigError,
     DeviceError,
     NonFiniteError,
     ShapeError,
@@ -132,7 +133,7 @@ def test_a_failed_injection_leaves_the_flags(tmp_path) -> None:
     net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
     net[1].bias.requires_grad_(False)
     before = _fingerprint(net)
-    with pytest.raises(ValueError, match="match no module"):
+    with pytest.raises(ConfigError, match="match no module"):
         get_peft_model(net, LieRAConfig(rank=2, target_modules=["0", "nope"]))
     assert _fingerprint(net) == before and net[0].weight.requires_grad
 
@@ -171,7 +172,7 @@ def test_a_huge_rank_in_a_checkpoint_is_refused_before_any_allocation(tmp_path) 
 
 
 def test_a_rank_far_above_the_weight_is_refused_at_the_layer() -> None:
-    with pytest.raises(ValueError, match="exceeds both sides"):
+    with pytest.raises(ConfigError, match="exceeds both sides"):
         get_peft_model(nn.Sequential(nn.Linear(4, 3)), LieRAConfig(rank=300, target_modules=["0"]))
 
 
@@ -315,14 +316,14 @@ def test_merge_unmerge_cycles_in_float32_drift_at_most_a_few_ulps_per_cycle() ->
 )
 def test_unbounded_or_unknown_config_values_are_refused(kwargs, match) -> None:
     """A Taylor order of 10⁷ took minutes per forward; unknown generator_kwargs were ignored."""
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         LieRAConfig(target_modules=["0"], **kwargs)
 
 
 @pytest.mark.parametrize("name", ["a.b", "", 3])
 def test_bad_adapter_names_raise_a_value_error(name) -> None:
     """Names with '.' raised a raw KeyError from nn.ModuleDict."""
-    with pytest.raises(ValueError, match="adapter name"):
+    with pytest.raises(ConfigError, match="adapter name"):
         get_peft_model(nn.Sequential(nn.Linear(3, 2)), LieRAConfig(rank=1, target_modules=["0"]),
                        adapter_name=name)
 

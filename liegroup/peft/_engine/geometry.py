@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from liegroup.errors import ShapeError
+from liegroup.errors import ConfigError, ShapeError
 
 __all__ = [
     "OpGeometry",
@@ -100,9 +100,9 @@ class OpGeometry:
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "conv"):
-            raise ValueError(f"kind must be 'linear' or 'conv', got {self.kind!r}")
+            raise ConfigError(f"kind must be 'linear' or 'conv', got {self.kind!r}")
         if self.transposed and self.kind != "linear":
-            raise ValueError("only a linear op may have a transposed weight")
+            raise ConfigError("only a linear op may have a transposed weight")
         n = len(self.stride)
         if self.kind == "conv" and (
             n not in (1, 2, 3) or len(self.padding) != n or len(self.dilation) != n

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from liegroup.errors import ConfigError
 from liegroup.peft._engine import ops, policy
 from liegroup.peft._engine.geometry import (
     OpGeometry,
@@ -108,7 +109,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             raise TypeError("LowRankAdaptedOpFunction does not differentiate W; freeze it")
         if update not in ("hadamard", "additive"):
-            raise ValueError(f"update must be 'hadamard' or 'additive', got {update!r}")
+            raise ConfigError(f"update must be 'hadamard' or 'additive', got {update!r}")
         if ledger is not None:
             ledger.forward_seen()
         need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]

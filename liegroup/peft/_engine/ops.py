@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from liegroup._kernels import load_extension
-from liegroup.errors import DeviceError, DTypeError, ShapeError
+from liegroup.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 __all__ = [
     "GRAD_PLAIN",
@@ -447,9 +447,9 @@ def lowrank_form(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, first_order:
 def _check_grads(name: str, G: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor,
                  R: torch.Tensor, rule: int) -> None:
     if rule not in (GRAD_TIMES, GRAD_TIMES_EXP, GRAD_PLAIN):
-        raise ValueError(f"{name}: rule must be 0, 1 or 2, got {rule}")
+        raise ConfigError(f"{name}: rule must be 0, 1 or 2, got {rule}")
     if rule != GRAD_PLAIN and M is None:
-        raise ValueError(f"{name}: rule {rule} needs M")
+        raise ConfigError(f"{name}: rule {rule} needs M")
     _check_lowrank(name, G, L, R, ("M", M))
 
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, ShapeError
+from liegroup.errors import AdapterStateError, ConfigError, ShapeError
 from liegroup.peft.generators.base import Generator, GeneratorSpec, lowrank_dims, orthogonal_
 from liegroup.peft.registry import register_generator
 
@@ -169,7 +169,7 @@ def _adalora(generators: Mapping[str, Generator], what: str) -> list[tuple[str, 
         )
     out = [(n, g) for n, g in generators.items() if isinstance(g, AdaLoRAGenerator)]
     if not out:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: the adapter has no AdaLoRA generator (LieRAConfig(generator='adalora'))"
         )
     return out
@@ -186,7 +186,7 @@ def orthogonality_penalty(generators: Mapping[str, Generator]) -> torch.Tensor:
             are used.
 
     Raises:
-        ValueError: when the adapter has no AdaLoRA generator (a silent zero would hide a
+        ConfigError: when the adapter has no AdaLoRA generator (a silent zero would hide a
             misconfiguration).
 
     Example:
@@ -272,22 +272,22 @@ class RankAllocator:
         layers = _adalora(generators, "RankAllocator")
         ranks = {g.spec.rank for _, g in layers}
         if len(ranks) != 1:
-            raise ValueError(f"the AdaLoRA generators have different ranks {sorted(ranks)}")
+            raise ConfigError(f"the AdaLoRA generators have different ranks {sorted(ranks)}")
         rank = ranks.pop()
         for nm, v in (("tinit", tinit), ("tfinal", tfinal), ("total_step", total_step)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{nm} must be an int >= 0, got {v!r}")
+                raise ConfigError(f"{nm} must be an int >= 0, got {v!r}")
         if isinstance(deltaT, bool) or not isinstance(deltaT, int) or deltaT < 1:
-            raise ValueError(f"deltaT must be an int >= 1, got {deltaT!r}")
+            raise ConfigError(f"deltaT must be an int >= 1, got {deltaT!r}")
         if total_step <= tinit + tfinal:
-            raise ValueError(
+            raise ConfigError(
                 f"total_step={total_step} must exceed tinit + tfinal = {tinit + tfinal}"
             )
         for nm, b in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= float(b) < 1.0:
-                raise ValueError(f"{nm} must be in [0, 1), got {b!r}")
+                raise ConfigError(f"{nm} must be in [0, 1), got {b!r}")
         if not 0 <= float(target_r) <= rank:
-            raise ValueError(f"target_r must be in [0, rank={rank}], got {target_r!r}")
+            raise ConfigError(f"target_r must be in [0, rank={rank}], got {target_r!r}")
         self.init_budget = sum(g.n_triplets for _, g in layers)
         self.target_budget = round(float(target_r) / rank * self.init_budget)
         self.tinit, self.tfinal, self.deltaT, self.total_step = tinit, tfinal, deltaT, total_step

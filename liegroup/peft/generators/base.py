@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from liegroup.errors import ShapeError
+from liegroup.errors import ConfigError, ShapeError
 
 __all__ = ["Generator", "GeneratorSpec", "lowrank_dims"]
 
@@ -96,7 +96,7 @@ class Generator(nn.Module):
         super().__init__()
         check_options(type(self), spec.options)
         if spec.dropout > 0 and not self.supports_dropout:
-            raise ValueError(
+            raise ConfigError(
                 f"generator {type(self).__name__} does not support dropout (it has no input "
                 "factor to drop); set dropout=0"
             )
@@ -136,7 +136,7 @@ class Generator(nn.Module):
 
 
 def check_options(cls: type[Generator], options: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the ``generator_kwargs`` keys ``cls`` does not read.
+    """Raise ``ConfigError`` naming the ``generator_kwargs`` keys ``cls`` does not read.
 
     Example:
         >>> from liegroup.peft.generators import LoRAGenerator
@@ -147,7 +147,7 @@ def check_options(cls: type[Generator], options: dict[str, Any]) -> None:
         return
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"generator {cls.name or cls.__name__!r} does not take generator_kwargs {unknown}; "
             f"it takes {sorted(accepted) or 'none'}"
         )

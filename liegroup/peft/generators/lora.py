@@ -48,7 +48,7 @@ import math
 import torch
 from torch import nn
 
-from liegroup.errors import ShapeError
+from liegroup.errors import ConfigError, ShapeError
 from liegroup.peft.generators.base import Generator, GeneratorSpec, _kaiming_uniform_, lowrank_dims
 from liegroup.peft.registry import get_initialiser, register_generator, register_initialiser
 
@@ -88,7 +88,7 @@ class LoRAGenerator(Generator):
         self.reset_parameters()
         if self.init_name != "zeros":
             if spec.dropout > 0:
-                raise ValueError(
+                raise ConfigError(
                     f"init={self.init_name!r} with dropout > 0 would not be the identity at step 0 "
                     "(dropout changes B·A but not the frozen B₀·A₀); set dropout=0"
                 )
@@ -138,7 +138,7 @@ def _pissa(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     W = spec.weight
     if W is None:
-        raise ValueError(
+        raise ConfigError(
             "init='pissa' needs the base weight: build the generator through LieRALayer / "
             "get_peft_model (GeneratorSpec.weight is None)"
         )

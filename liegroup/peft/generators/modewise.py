@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from liegroup.errors import ConfigError
 from liegroup.peft.generators.base import Generator, GeneratorSpec
 from liegroup.peft.registry import register_generator
 from liegroup.peft.updates.modewise import ModeBlocks, ModeFactors
@@ -52,20 +53,20 @@ class ModeWiseGenerator(Generator):
             and shape[k] > 1
             for k in modes
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"generator_kwargs['modes'] must be distinct modes of size > 1 of the weight "
                 f"{shape} (0..{len(shape) - 1}), got {opts.get('modes', default)!r}"
             )
         self.modes = sorted(modes)
         self.structure = str(opts.get("structure", "lowrank"))
         if self.structure not in ("lowrank", "block"):
-            raise ValueError(
+            raise ConfigError(
                 "generator_kwargs['structure'] must be 'lowrank' or 'block', got "
                 f"{self.structure!r}"
             )
         bs = opts.get("block_size", 4)
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"generator_kwargs['block_size'] must be an int >= 1, got {bs!r}")
+            raise ConfigError(f"generator_kwargs['block_size'] must be an int >= 1, got {bs!r}")
         self.block_size = bs
         kw: dict[str, Any] = {"dtype": spec.dtype, "device": spec.device}
         self.mats = nn.ParameterDict()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from liegroup.errors import ConfigError
 from liegroup.peft.generators.base import Generator, GeneratorSpec, orthogonal_
 from liegroup.peft.registry import register_generator
 
@@ -51,14 +52,16 @@ class TuckerGenerator(Generator):
             if len(ranks) != len(shape) or not all(
                 isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"generator_kwargs['ranks'] must be {len(shape)} ints >= 1 (one per mode of "
                     f"the weight {shape}), got {opts['ranks']!r}"
                 )
         else:
             kr = opts.get("kernel_rank")
             if kr is not None and (isinstance(kr, bool) or not isinstance(kr, int) or kr < 1):
-                raise ValueError(f"generator_kwargs['kernel_rank'] must be an int >= 1, got {kr!r}")
+                raise ConfigError(
+                    f"generator_kwargs['kernel_rank'] must be an int >= 1, got {kr!r}"
+                )
             ranks = [spec.rank] * min(2, len(shape)) + [
                 (k if kr is None else kr) for k in shape[2:]
             ]

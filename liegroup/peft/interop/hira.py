@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, CheckpointError, UnsupportedModuleError
+from liegroup.errors import AdapterStateError, CheckpointError, ConfigError, UnsupportedModuleError
 from liegroup.peft._engine import is_transposed_linear
 from liegroup.peft._files import read_json, read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
@@ -191,7 +191,7 @@ def export_hira(
         raise TypeError(f"export_hira takes a LieRAModel, got {type(model).__name__}")
     name = model.active_adapter if adapter_name is None else adapter_name
     if name not in model.peft_config:
-        raise ValueError(f"no adapter {name!r}; known: {sorted(model.peft_config)}")
+        raise ConfigError(f"no adapter {name!r}; known: {sorted(model.peft_config)}")
     if model.merged:
         raise AdapterStateError("unmerge_adapter() before exporting (the base weights changed)")
     config = model.peft_config[name]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from liegroup._validation import check_tensor
-from liegroup.errors import AdapterStateError, DTypeError, ShapeError
+from liegroup.errors import AdapterStateError, ConfigError, DTypeError, ShapeError
 
 __all__ = ["MAX_TAYLOR_ORDER", "Update", "parse_exp_map"]
 
@@ -25,7 +25,7 @@ def parse_exp_map(exp_map: object) -> int | None:
     from a file is bounded before anything runs).
 
     Raises:
-        ValueError: for an unknown string or an int outside ``[1, MAX_TAYLOR_ORDER]``.
+        ConfigError: for an unknown string or an int outside ``[1, MAX_TAYLOR_ORDER]``.
         DTypeError: for any other type.
 
     Example:
@@ -37,13 +37,13 @@ def parse_exp_map(exp_map: object) -> int | None:
             return None
         if exp_map == "first_order":
             return 1
-        raise ValueError(f"exp_map must be 'exact', 'first_order' or an int >= 1, got {exp_map!r}")
+        raise ConfigError(f"exp_map must be 'exact', 'first_order' or an int >= 1, got {exp_map!r}")
     if isinstance(exp_map, bool) or not isinstance(exp_map, int):
         raise DTypeError(
             f"exp_map must be 'exact', 'first_order' or an int >= 1, got {type(exp_map).__name__}"
         )
     if not 1 <= exp_map <= MAX_TAYLOR_ORDER:
-        raise ValueError(
+        raise ConfigError(
             f"exp_map as a Taylor order must be in [1, {MAX_TAYLOR_ORDER}], got {exp_map}; "
             "use exp_map='exact' for the full exponential"
         )

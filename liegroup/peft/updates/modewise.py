@@ -64,7 +64,7 @@ import torch
 
 import liegroup
 from liegroup._validation import check_tensor
-from liegroup.errors import DTypeError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 from liegroup.groups.matrix import MatrixLieGroup
 from liegroup.linalg import expm
 from liegroup.linalg.lowrank import (
@@ -207,7 +207,7 @@ class ModeWiseUpdate(Update):
 
     def __init__(self, group: str) -> None:
         if group not in _GROUPS:
-            raise ValueError(f"mode-wise group must be one of {sorted(_GROUPS)}, got {group!r}")
+            raise ConfigError(f"mode-wise group must be one of {sorted(_GROUPS)}, got {group!r}")
         self.group = group
 
     def _group(self, n: int) -> MatrixLieGroup:
@@ -442,7 +442,7 @@ class ModeWiseUpdate(Update):
 def _factory(group: str) -> Any:
     def make(order: int | None) -> ModeWiseUpdate:
         if order is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"update={group!r} acts by the exact matrix exponential (a truncated series "
                 "leaves the group); set exp_map='exact'"
             )
