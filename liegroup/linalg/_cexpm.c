@@ -13,8 +13,9 @@
  *     only when the bound mu^p does not settle it;
  *   - the Padé approximant r_m of 2^-s A, LU with partial pivoting, s squarings;
  *   - for upper-triangular A, the exact diagonal and first superdiagonal of every squared
- *     iterate (expm1-based sinh(x)/x, as the torch path); a lower-triangular A is computed
- *     transposed (exp(A) = exp(A^T)^T, L(A, E) = L(A^T, E^T)^T);
+ *     iterate (expm1-based sinh(x)/x, as the torch path); an A that a symmetric permutation
+ *     makes upper triangular (lower-triangular ones among them) is computed permuted,
+ *     exp(A) = P exp(P^T A P) P^T, L(A, E) = P L(P^T A P, P^T E P) P^T;
  *   - the Fréchet derivative L(A, E) with the same (m, s): derivatives of U and V, the
  *     same LU, and L <- R L + L R at each squaring.
  *
@@ -641,23 +642,38 @@ CX_FI int CX_S(is_upper)(int n, const T *CX_RESTRICT A) {
     return 1;
 }
 
-/* Strictly upper part zero: exp(A) = exp(A^T)^T is computed on the upper-triangular A^T. */
-CX_FI int CX_S(is_lower)(int n, const T *CX_RESTRICT A) {
-    if (n == 1) return 1;
-    if (A[n - 1] != 0) return 0;
-    for (int i = 0; i < n - 1; i++)
-        for (int j = i + 1; j < n; j++)
-            if (A[(size_t)i * n + j] != 0) return 0;
-    return 1;
+/* An order p of the indices with A[p[a], p[b]] == 0 for all a > b (P^T A P upper triangular,
+ * P the permutation matrix of p), for an A that is not upper triangular: Kahn's topological
+ * sort of the graph with an edge i -> j for every A[i, j] != 0, i != j. Returns 0 (p
+ * undefined) when the graph has a cycle. O(n^2); a full matrix fails at the first step. */
+CX_FI int CX_S(tri_order)(int n, const T *CX_RESTRICT A, int *CX_RESTRICT p) {
+    int cnt[CEXPM_N_MAX];
+    int placed = 0;
+    for (int j = 0; j < n; j++) {
+        int c = 0;
+        for (int i = 0; i < n; i++) c += (i != j) & (A[(size_t)i * n + j] != 0);
+        cnt[j] = c;
+        if (c == 0) p[placed++] = j;
+    }
+    for (int head = 0; head < placed; head++) {
+        const int i = p[head];
+        for (int j = 0; j < n; j++)
+            if (j != i && A[(size_t)i * n + j] != 0 && --cnt[j] == 0) p[placed++] = j;
+    }
+    return placed == n;
 }
 
-CX_FI void CX_S(transpose)(int n, T *CX_RESTRICT A) {
-    for (int i = 0; i < n - 1; i++)
-        for (int j = i + 1; j < n; j++) {
-            const T t = A[(size_t)i * n + j];
-            A[(size_t)i * n + j] = A[(size_t)j * n + i];
-            A[(size_t)j * n + i] = t;
-        }
+/* X <- P^T X P (X[p[a], p[b]] moved to [a, b]), through tmp. */
+CX_FI void CX_S(permute)(int n, const int *p, T *CX_RESTRICT X, T *CX_RESTRICT tmp) {
+    for (int a = 0; a < n; a++)
+        for (int b = 0; b < n; b++) tmp[(size_t)a * n + b] = X[(size_t)p[a] * n + p[b]];
+    memcpy(X, tmp, sizeof(T) * (size_t)n * n);
+}
+
+/* Y <- P X P^T ([a, b] moved back to [p[a], p[b]]). */
+CX_FI void CX_S(unpermute_to)(int n, const int *p, const T *CX_RESTRICT X, T *CX_RESTRICT Y) {
+    for (int a = 0; a < n; a++)
+        for (int b = 0; b < n; b++) Y[(size_t)p[a] * n + p[b]] = X[(size_t)a * n + b];
 }
 
 CX_FI int CX_S(all_finite)(int n, const T *CX_RESTRICT A) {
@@ -1095,16 +1111,18 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
     T *As = wk, *A2 = wk + nn, *A4 = wk + 2 * nn, *A6 = wk + 3 * nn, *A8 = wk + 4 * nn;
     T *R = wk + 5 * nn, *tmp = wk + 6 * nn;
     if (Ap != As) memcpy(As, Ap, sizeof(T) * nn);
-    /* lower triangular: the same approximant (r_m commutes with transposition) on A^T, which
-     * gets the exact upper-triangular diagonal and superdiagonal; transposed back at the end */
-    const int flip = !tri && CX_S(is_lower)(n, As);
-    if (flip) {
-        CX_S(transpose)(n, As);
-        CX_S(transpose)(n, A2);
-        CX_S(transpose)(n, A4);
-        CX_S(transpose)(n, A6);
+    /* triangular after a symmetric permutation: the same approximant (r_m(P^T A P) =
+     * P^T r_m(A) P; the norms, hence m and s, are permutation invariant) on P^T A P, which
+     * gets the exact diagonal and superdiagonal; permuted back at the end */
+    int p[CEXPM_N_MAX];
+    const int perm = !tri && CX_S(tri_order)(n, As, p);
+    if (perm) {
+        CX_S(permute)(n, p, As, tmp);
+        CX_S(permute)(n, p, A2, tmp);
+        CX_S(permute)(n, p, A4, tmp);
+        CX_S(permute)(n, p, A6, tmp);
     }
-    const int up = tri || flip;
+    const int up = tri || perm;
     if (s > 0) {
         CX_S(scale2)(n, As, s);
         CX_S(scale2)(n, A2, 2LL * s);
@@ -1126,7 +1144,10 @@ CX_FI int CX_S(expm_one)(int n, const T *A, T *X, int *ms, T *wk, const cx_const
         }
     }
     if (st == 0) memcpy(X, R, sizeof(T) * nn);
-    if (flip) CX_S(transpose)(n, X);
+    if (perm) {
+        memcpy(tmp, X, sizeof(T) * nn);
+        CX_S(unpermute_to)(n, p, tmp, X);
+    }
     /* a finite A whose exponential overflows the dtype: reported like a non-finite A (the
      * caller tells the two apart by checking A) instead of returning inf/NaN */
     return CX_S(all_finite)(n, X) ? 0 : 1;
@@ -1155,13 +1176,15 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
     } else {
         memcpy(As, A, sizeof(T) * nn);
     }
-    /* lower triangular: L(A, E) = L(A^T, E^T)^T, so that A^T gets the exact diagonal */
-    const int flip = !CX_S(is_upper)(n, As) && CX_S(is_lower)(n, As);
-    const int tri = flip || CX_S(is_upper)(n, As);
-    if (flip) CX_S(transpose)(n, As);
+    /* triangular after a symmetric permutation: L(A, E) = P L(P^T A P, P^T E P) P^T */
+    int p[CEXPM_N_MAX];
+    const int upper = CX_S(is_upper)(n, As);
+    const int perm = !upper && CX_S(tri_order)(n, As, p);
+    const int tri = upper || perm;
+    if (perm) CX_S(permute)(n, p, As, tmp);
     CX_S(scale2)(n, As, st);
     CX_S(scale2_to)(n, E, Es, st);
-    if (flip) CX_S(transpose)(n, Es);
+    if (perm) CX_S(permute)(n, p, Es, tmp);
     CX_S(mm)(n, As, As, A2);
     CX_S(mm2_add)(n, As, Es, Es, As, NULL, M2);
     CX_S(mm)(n, A2, A2, A4);
@@ -1183,12 +1206,13 @@ CX_FI void CX_S(frechet_one)(int n, const T *A, const T *E, T *X, T *L, int m, i
         R = tmp;
         tmp = t;
     }
-    if (flip) {
-        CX_S(transpose)(n, Lc);
-        CX_S(transpose)(n, R);
+    if (perm) {
+        CX_S(unpermute_to)(n, p, Lc, L);
+        if (X) CX_S(unpermute_to)(n, p, R, X);
+    } else {
+        memcpy(L, Lc, sizeof(T) * nn);
+        if (X) memcpy(X, R, sizeof(T) * nn);
     }
-    memcpy(L, Lc, sizeof(T) * nn);
-    if (X) memcpy(X, R, sizeof(T) * nn);
 }
 
 /* ---- batch entry points, with compile-time sizes for small n */

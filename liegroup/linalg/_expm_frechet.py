@@ -2,10 +2,11 @@
 
 Differentiates the Padé approximant and each squaring with the degree and scaling of the
 forward (Al-Mohy & Higham, SIAM J. Matrix Anal. Appl. 30(4), 2009, Algorithm 6.4). For an
-upper-triangular ``A`` the exponential's diagonal and superdiagonal are set exactly after the
-Padé step and after every squaring, as :func:`liegroup.linalg.expm` and the compiled kernel
-do: without it, one rounding of ``r_m(0) = 1`` to ``1 − u`` squared ``s`` times turns
-``exp(diag(−1e20, 0))`` into 0. Plain torch ops: differentiable, so it also serves double
+upper-triangular ``A`` (up to a symmetric permutation) the exponential's diagonal and
+superdiagonal are set exactly after the Padé step and after every squaring, as
+:func:`liegroup.linalg.expm` and the compiled kernel do: without it, one rounding of
+``r_m(0) = 1`` to ``1 − u`` squared ``s`` times turns ``exp(diag(−1e20, 0))`` into 0. Plain
+torch ops: differentiable, so it also serves double
 backward and autograd through :func:`liegroup.linalg.expm_frechet`.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from liegroup.linalg._common import eye_like, lu_factor, lu_solve
 from liegroup.linalg._expm_decide import _B
-from liegroup.linalg._expm_pade import _fix_triangular, _lower_only, _scales
+from liegroup.linalg._expm_pade import _fix_triangular, _permute, _scales, _triangular_order
 
 
 def _lincomb(mats: list[torch.Tensor], C: torch.Tensor) -> torch.Tensor:
@@ -140,16 +141,21 @@ def _frechet_core(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` of a ``(B, n, n)`` batch with degrees ``m`` and squarings ``s``.
 
-    A lower-triangular ``A`` (as the backward pass's ``Aᵀ`` of an upper-triangular one) is
-    computed transposed, ``exp(A) = exp(Aᵀ)ᵀ`` and ``L(A, E) = L(Aᵀ, Eᵀ)ᵀ``, so that it gets
-    the exact triangular diagonal too.
+    A matrix that a symmetric permutation makes upper triangular (a lower-triangular one, or
+    the backward pass's ``Aᵀ`` of an upper-triangular one) is computed permuted,
+    ``L(A, E) = P L(PᵀAP, PᵀEP) Pᵀ``, so that it gets the exact triangular diagonal too.
     """
     tri = _upper(A)
-    low = _lower_only(A, tri)
-    if low.any():
-        flip = torch.as_tensor(low, device=A.device)[:, None, None]
-        X, L = _frechet_core(torch.where(flip, A.mT, A), torch.where(flip, E.mT, E), m, s)
-        return torch.where(flip, X.mT, X), torch.where(flip, L.mT, L)
+    perm, orders = _triangular_order(A, tri)
+    if perm.any():
+        ti = torch.as_tensor(np.flatnonzero(perm), device=A.device)
+        P = torch.as_tensor(orders, device=A.device)
+        Q = torch.as_tensor(np.argsort(orders, axis=1), device=A.device)
+        Ap = A.index_copy(0, ti, _permute(A.index_select(0, ti), P))
+        Ep = E.index_copy(0, ti, _permute(E.index_select(0, ti), P))
+        X, L = _frechet_core(Ap, Ep, m, s)
+        X = X.index_copy(0, ti, _permute(X.index_select(0, ti), Q))
+        return X, L.index_copy(0, ti, _permute(L.index_select(0, ti), Q))
     if m.size <= 1 or (m == m[0]).all():
         return _frechet_group(int(m[0]), s, A, E, tri)
     order = np.argsort(m, kind="stable")

@@ -66,7 +66,12 @@ def _sinhc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact diagonal and superdiagonal of ``exp(scale·A)`` for upper-triangular ``A``."""
+    """Exact diagonal and superdiagonal of ``exp(scale·A)`` for upper-triangular ``A``.
+
+    The strictly lower part is set to its exact value, 0, too: the Padé quotient's LU of
+    ``Qᵀ`` (see :func:`_right_solve`) may pivot and leave rounding there.
+    """
+    X.copy_(torch.triu(X))
     a = A.diagonal(dim1=-2, dim2=-1) * scale
     X.diagonal(dim1=-2, dim2=-1).copy_(torch.exp(a))
     if A.shape[-1] > 1:
@@ -86,26 +91,60 @@ def _fix_triangular(X: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Ten
     return X
 
 
-def _lower_only(A: torch.Tensor, upper: np.ndarray) -> np.ndarray:
-    """Which matrices of a ``(B, n, n)`` batch are lower triangular and not upper triangular.
+def _triangular_order(A: torch.Tensor, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The matrices of a ``(B, n, n)`` batch that a symmetric permutation makes upper triangular.
 
-    Those are computed transposed, ``exp(A) = exp(Aᵀ)ᵀ``: ``r_m(Aᵀ) = r_m(A)ᵀ``, so the
-    degree and scaling chosen for ``A`` serve ``Aᵀ`` as they are, and ``Aᵀ`` gets the exact
-    diagonal and superdiagonal of :func:`_fix_triangular`. ``upper`` flags the upper-triangular
-    ones. Read from the host view on the CPU (one corner entry first); elsewhere one transfer.
+    For each matrix not flagged in ``upper`` (lower-triangular ones among them): an order ``p``
+    with ``A[p[a], p[b]] = 0`` for ``a > b``, by Kahn's topological sort of the graph with an
+    edge ``i → j`` for every off-diagonal ``A[i, j] ≠ 0`` (the compiled kernel sorts the same
+    way). Such a matrix is computed permuted, ``exp(A) = P exp(PᵀAP) Pᵀ``:
+    ``r_m(PᵀAP) = Pᵀ r_m(A) P`` and the 1-norms are permutation invariant, so ``A``'s degree
+    and scaling serve ``PᵀAP`` as they are, and ``PᵀAP`` gets the exact diagonal and
+    superdiagonal of :func:`_fix_triangular`. Returns the ``(B,)`` flags and a ``(k, n)`` array
+    of the orders of the ``k`` flagged matrices. A full matrix fails at once (no column without
+    off-diagonal entries), read from the host view on the CPU, from one transfer elsewhere.
     """
     n = A.shape[-1]
+    none = np.zeros(upper.shape, dtype=bool), np.zeros((0, n), dtype=np.int64)
     if n == 1 or upper.all():
-        return np.zeros(upper.shape, dtype=bool)
-    if A.device.type != "cpu":
-        return ~upper & (A.detach().triu(1) == 0).flatten(1).all(1).cpu().numpy()
-    An = A.detach().numpy()
-    low = ~upper & (An[:, 0, -1] == 0)
-    if low.any():
-        idx = np.flatnonzero(low)
-        iu = np.triu_indices(n, 1)
-        low[idx] = ~(An[idx][:, iu[0], iu[1]] != 0).any(-1)
-    return low
+        return none
+    if A.device.type == "cpu":
+        nz = A.detach().numpy() != 0
+        # a column without off-diagonal nonzeros (the first node of the sort)
+        cand = ~upper & (nz.sum(-2) == nz.diagonal(0, -2, -1)).any(-1)
+    else:
+        nz_t = A.detach() != 0
+        cand = ~upper & (nz_t.sum(-2) == nz_t.diagonal(0, -2, -1)).any(-1).cpu().numpy()
+    if not cand.any():
+        return none
+    idx = np.flatnonzero(cand)
+    if A.device.type == "cpu":
+        pats = nz[idx]
+    else:
+        pats = nz_t[torch.as_tensor(idx, device=A.device)].cpu().numpy()
+    pats[:, np.arange(n), np.arange(n)] = False
+    rows = np.zeros(upper.shape, dtype=bool)
+    orders = []
+    for i, g in zip(idx.tolist(), pats, strict=True):
+        cnt = g.sum(0)
+        order = np.flatnonzero(cnt == 0).tolist()
+        head = 0
+        while head < len(order):
+            for j in np.flatnonzero(g[order[head]]).tolist():
+                cnt[j] -= 1
+                if cnt[j] == 0:
+                    order.append(j)
+            head += 1
+        if len(order) == n:
+            rows[i] = True
+            orders.append(order)
+    return rows, np.array(orders, dtype=np.int64).reshape(-1, n)
+
+
+def _permute(X: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """``X[i][P[i]][:, P[i]]`` for a ``(k, n, n)`` batch and ``(k, n)`` orders (differentiable)."""
+    k = torch.arange(X.shape[0], device=X.device)[:, None, None]
+    return X[k, P[:, :, None], P[:, None, :]]
 
 
 def _scales(s: np.ndarray, ks: tuple[int, ...], dt: torch.dtype, dev: torch.device) -> torch.Tensor:
@@ -360,11 +399,15 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         # are still chosen for the backward pass.
         return torch.exp(A), m, s_tot
     dev = A.device
-    low = _lower_only(buf[0], tri)
-    if low.any():  # computed on Aᵀ (powers (Aᵏ)ᵀ), transposed back at the end
-        tl = _index(np.flatnonzero(low), dev)
-        buf.index_copy_(1, tl, buf.index_select(1, tl).mT)
-        tri = tri | low
+    perm, orders = _triangular_order(buf[0], tri)
+    if perm.any():  # computed on PᵀAP (powers PᵀAᵏP), permuted back at the end
+        tl = _index(np.flatnonzero(perm), dev)
+        P = torch.as_tensor(orders, device=dev)
+        sub = buf.index_select(1, tl)
+        S = sub.shape[0]
+        sub = _permute(sub.reshape(-1, *sub.shape[2:]), P.repeat(S, 1))
+        buf.index_copy_(1, tl, sub.reshape(S, -1, *sub.shape[1:]))
+        tri = tri | perm
     degs = np.unique(m) if m.size > 1 else m
     if A.shape[-1] <= _SMALL_N:
         X = _pade_small(m, s, buf)
@@ -407,6 +450,7 @@ def _expm_core(A: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
                 at = _index(np.flatnonzero(ts[t_idx]), dev)
                 Xt = _fix_triangular(X.index_select(0, tt), As.index_select(0, at), 2.0 ** (k + 1))
                 X.index_copy_(0, tt, Xt)
-    if low.any():
-        X.index_copy_(0, tl, X.index_select(0, tl).mT)
+    if perm.any():
+        X.index_copy_(0, tl, _permute(X.index_select(0, tl), torch.as_tensor(
+            np.argsort(orders, axis=1), device=dev)))
     return X, m, s_tot

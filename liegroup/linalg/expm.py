@@ -25,10 +25,11 @@ matrix's decisions are the same bits whatever else is in the batch (see
 For an upper-triangular matrix the diagonal and first superdiagonal of every squared iterate
 are replaced by their exact values ``e^{2^{-j}a_ii}`` and
 ``2^{-j}a_{i,i+1}·e^{(λ+μ)/2}·sinh((μ−λ)/2)/((μ−λ)/2)`` (Al-Mohy & Higham 2009 §5), which
-removes the cancellation that ruins ``[[1, b], [0, −1]]``-type inputs. A lower-triangular
-matrix is computed transposed, ``exp(A) = exp(Aᵀ)ᵀ``, with ``A``'s degree and scaling (the
-approximant commutes with transposition); the Fréchet derivative likewise,
-``L(A, E) = L(Aᵀ, Eᵀ)ᵀ``, so the gradient of an upper-triangular ``A`` is exact there too.
+removes the cancellation that ruins ``[[1, b], [0, −1]]``-type inputs. A matrix that a
+symmetric permutation makes upper triangular (a lower-triangular one, say) is computed
+permuted, ``exp(A) = P exp(PᵀAP) Pᵀ``, with ``A``'s degree and scaling (the approximant
+commutes with the permutation; the 1-norms do not change); the Fréchet derivative likewise,
+``L(A, E) = P L(PᵀAP, PᵀEP) Pᵀ``, so the gradient of an upper-triangular ``A`` is exact too.
 
 Batch invariance. The compiled kernel computes one matrix at a time with a fixed
 sequence of operations, so there a matrix gives the same bits alone or in any batch, by
