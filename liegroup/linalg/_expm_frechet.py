@@ -146,9 +146,9 @@ def _frechet_core(
     ``L(A, E) = P L(PᵀAP, PᵀEP) Pᵀ``, so that it gets the exact triangular diagonal too.
     """
     tri = _upper(A)
-    perm, orders = _triangular_order(A, tri)
-    if perm.any():
-        ti = torch.as_tensor(np.flatnonzero(perm), device=A.device)
+    permuted, orders = _triangular_order(A, tri)
+    if permuted.any():
+        ti = torch.as_tensor(np.flatnonzero(permuted), device=A.device)
         P = torch.as_tensor(orders, device=A.device)
         Q = torch.as_tensor(np.argsort(orders, axis=1), device=A.device)
         Ap = A.index_copy(0, ti, _permute(A.index_select(0, ti), P))
