@@ -6,8 +6,8 @@ upper-triangular ``A`` (up to a symmetric permutation) the exponential's diagona
 superdiagonal are set exactly after the Padé step and after every squaring, as
 :func:`liegroup.linalg.expm` and the compiled kernel do: without it, one rounding of
 ``r_m(0) = 1`` to ``1 − u`` squared ``s`` times turns ``exp(diag(−1e20, 0))`` into 0. Plain
-torch ops: differentiable, so it also serves double
-backward and autograd through :func:`liegroup.linalg.expm_frechet`.
+torch ops: differentiable, so it also serves double backward and autograd through
+:func:`liegroup.linalg.expm_frechet`.
 """
 
 from __future__ import annotations
