@@ -137,15 +137,18 @@ def _frechet_group(
 
 
 def _frechet_core(
-    A: torch.Tensor, E: torch.Tensor, m: np.ndarray, s: np.ndarray
+    A: torch.Tensor, E: torch.Tensor, m: np.ndarray, s: np.ndarray, tri: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exp(A), L(A, E))`` of a ``(B, n, n)`` batch with degrees ``m`` and squarings ``s``.
 
     A matrix that a symmetric permutation makes upper triangular (a lower-triangular one, or
     the backward pass's ``Aᵀ`` of an upper-triangular one) is computed permuted,
     ``L(A, E) = P L(PᵀAP, PᵀEP) Pᵀ``, so that it gets the exact triangular diagonal too.
+    ``tri``: the upper-triangularity :func:`~liegroup.linalg._expm_decide._decide` reported
+    for ``A``, where the caller has it (read from ``A`` otherwise).
     """
-    tri = _upper(A)
+    if tri is None:
+        tri = _upper(A)
     permuted, orders = _triangular_order(A, tri)
     if permuted.any():
         ti = torch.as_tensor(np.flatnonzero(permuted), device=A.device)

@@ -562,8 +562,8 @@ def _frechet_torch(A: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torc
     if B == 0 or n == 0:
         return A.new_zeros(A.shape), A.new_zeros(A.shape)
     Af, Ef = A.reshape(B, n, n), E.reshape(B, n, n)
-    _, m, s, s0, _ = _decide(Af)
-    X, L = _frechet_core(Af, Ef, m, s + s0)
+    _, m, s, s0, tri = _decide(Af)
+    X, L = _frechet_core(Af, Ef, m, s + s0, tri)
     _check_overflow(X, Af, L)
     _check_resolved(X, Af, s + s0)
     return X.reshape(A.shape).contiguous(), L.reshape(A.shape).contiguous()

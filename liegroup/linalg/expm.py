@@ -233,8 +233,8 @@ def expm_frechet(
             X, L = A + 0 * E, E + 0 * A
         else:
             with torch.no_grad():
-                _, m, s, s0, _ = _decide(Af.detach())
-            Xf, Lf = _frechet_core(Af, Ef, m, s + s0)
+                _, m, s, s0, tri = _decide(Af.detach())
+            Xf, Lf = _frechet_core(Af, Ef, m, s + s0, tri)
             _check_overflow(Xf.detach(), Af.detach(), Lf.detach())
             _check_resolved(Xf.detach(), Af.detach(), s + s0)
             X, L = Xf.reshape(A.shape), Lf.reshape(A.shape)
