@@ -29,6 +29,8 @@ import os
 import warnings
 from types import ModuleType
 
+from liegroup.errors import ConfigError
+
 __all__ = ["KernelUnavailableWarning", "kernels_disabled", "load_extension"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -82,7 +84,7 @@ def load_extension(name: str) -> ModuleType | None:
         try:
             module.isa(isa)
         except ValueError as e:
-            raise RuntimeError(
+            raise ConfigError(
                 f"LIEGROUP_KERNEL_ISA={isa!r}: {e}; unset it or name a body this CPU has"
             ) from e
     return module

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterStateError",
+    "ArgumentTypeError",
     "CheckpointError",
     "ConfigError",
     "DTypeError",
@@ -70,6 +71,14 @@ class DeviceError(LieGroupError, TypeError):
     """A tensor is on a device the operation cannot run on.
 
     E.g. ``meta``, which has no values for a check or a host-side decision to read.
+    """
+
+
+class ArgumentTypeError(LieGroupError, TypeError):
+    """An argument is of the wrong Python type, or an option a function does not take.
+
+    E.g. a ``LieRAConfig`` expected and a ``dict`` given, a class registered as a generator
+    that does not subclass ``Generator``, an unknown keyword passed to ``act``.
     """
 
 

@@ -34,7 +34,14 @@ from collections.abc import Sequence
 import torch
 
 from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
-from liegroup.errors import ConfigError, DomainError, DTypeError, OverflowResultError, ShapeError
+from liegroup.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    DomainError,
+    DTypeError,
+    OverflowResultError,
+    ShapeError,
+)
 from liegroup.groups.base import LieGroup, broadcast_batch, check_batch
 
 __all__ = ["Hadamard", "taylor_exp", "taylor_remainder_bound"]
@@ -350,7 +357,7 @@ class Hadamard(LieGroup):
             tensor([ 6., -4.])
         """
         if kwargs:
-            raise TypeError(f"Hadamard.act takes no options, got {sorted(kwargs)}")
+            raise ArgumentTypeError(f"Hadamard.act takes no options, got {sorted(kwargs)}")
         self.check_point(g, "g")
         check_tensor(T, "T")
         check_trailing_shape(T, self.shape, "T")

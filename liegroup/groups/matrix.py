@@ -29,7 +29,7 @@ import torch
 
 from liegroup import tensor as _tensor
 from liegroup._validation import check_finite, check_tensor, normalize_mode, offending
-from liegroup.errors import DomainError, OverflowResultError, ShapeError
+from liegroup.errors import ArgumentTypeError, DomainError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup, broadcast_batch, check_batch, where_batch
 
 __all__ = ["MatrixLieGroup", "default_atol"]
@@ -289,7 +289,9 @@ class MatrixLieGroup(LieGroup):
         """
         mode = kwargs.pop("mode", 0)
         if kwargs:
-            raise TypeError(f"{type(self).__name__}.act takes only mode=k, got {sorted(kwargs)}")
+            raise ArgumentTypeError(
+                f"{type(self).__name__}.act takes only mode=k, got {sorted(kwargs)}"
+            )
         self.check_point(g, "g")
         check_tensor(T, "T")
         m = self.point_shape[-1]

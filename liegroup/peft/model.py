@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from liegroup._version import __version__
-from liegroup.errors import AdapterStateError, CheckpointError, ConfigError, NonFiniteError
+from liegroup.errors import (
+    AdapterStateError,
+    ArgumentTypeError,
+    CheckpointError,
+    ConfigError,
+    NonFiniteError,
+)
 from liegroup.peft._files import read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
 from liegroup.peft.generators.base import Generator
@@ -222,7 +228,7 @@ class LieRAModel(nn.Module):
 
     def _inject(self, adapter_name: str, config: LieRAConfig) -> None:
         if not isinstance(config, LieRAConfig):
-            raise TypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
+            raise ArgumentTypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists")

@@ -13,9 +13,11 @@ from torch import nn
 
 from liegroup.errors import (
     AdapterStateError,
+    ArgumentTypeError,
     CheckpointError,
     ConfigError,
     DTypeError,
+    LieGroupError,
     NonFiniteError,
     ShapeError,
     UnsupportedModuleError,
@@ -455,8 +457,40 @@ def test_custom_generator_in_a_few_lines(tmp_path):
                                           dropout=0.1))
 
 
+def _wrong_types() -> list[tuple[str, object]]:
+    from liegroup.peft import get_generator, register_update
+    from liegroup.peft.generators import (
+        GeneratorSpec,
+        LoRAGenerator,
+        RankAllocator,
+        orthogonality_penalty,
+    )
+    from liegroup.peft.interop import export_hira
+
+    lora = LoRAGenerator(GeneratorSpec(weight_shape=(4, 3), rank=2, scaling=1.0))
+    return [
+        ("LieRAConfig", lambda: get_peft_model(nn.Linear(3, 4), {"rank": 1})),
+        ("LieRAModel", lambda: export_hira(nn.Linear(3, 4), "unused")),  # type: ignore[arg-type]
+        ("name or a Generator subclass", lambda: get_generator(3)),  # type: ignore[arg-type]
+        ("callable", lambda: register_update("wrong_type_test", 3)),  # type: ignore[arg-type]
+        ("no prunable rank", lambda: lora.prune_([True, False])),
+        ("mapping", lambda: orthogonality_penalty([lora])),  # type: ignore[arg-type]
+        ("mapping", lambda: RankAllocator(nn.Linear(3, 4), 1, 1, 2, 1, 10)),  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_wrong_argument_types_raise_argument_type_error(i):
+    """Every public entry point that checks a Python type raises the typed error, which is
+    also a built-in ``TypeError`` and a ``LieGroupError``."""
+    match, call = _wrong_types()[i]
+    with pytest.raises(ArgumentTypeError, match=match) as err:
+        call()  # type: ignore[operator]
+    assert isinstance(err.value, TypeError) and isinstance(err.value, LieGroupError)
+
+
 def test_register_generator_errors():
-    with pytest.raises(TypeError):
+    with pytest.raises(ArgumentTypeError, match="Generator subclasses"):
         register_generator(nn.Linear)  # type: ignore[arg-type]
 
     class NoName(Generator):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import ConfigError, ShapeError
+from liegroup.errors import AdapterStateError, ConfigError, ShapeError
 from liegroup.peft import GeneratorSpec, LieRAConfig, adapted_weight_lowrank
 from liegroup.peft._engine import adapted_forward, base_op, policy
 from liegroup.peft._engine import lowrank_node as ln
@@ -198,9 +198,9 @@ def test_errors():
     L, R = torch.randn(3, 1, dtype=DT), torch.randn(1, 4, dtype=DT)
     x = torch.randn(2, 4, dtype=DT)
     lin = OpGeometry("linear")
-    with pytest.raises(TypeError, match="freeze"):
+    with pytest.raises(AdapterStateError, match="freeze"):
         LowRankAdaptedOpFunction.apply(x, W, None, L, R, "hadamard", None, lin)
-    with pytest.raises(TypeError, match="freeze"):
+    with pytest.raises(AdapterStateError, match="freeze"):
         adapted_op_lowrank(x, W, None, L, R, "hadamard", None, lin, None)
     with pytest.raises(ConfigError, match="update"):
         LowRankAdaptedOpFunction.apply(x, W.detach(), None, L, R, "affine", None, lin)

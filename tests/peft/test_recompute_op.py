@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from liegroup.errors import AdapterStateError, ArgumentTypeError
 from liegroup.peft import LieRAConfig, adapted_weight, get_update
 from liegroup.peft._engine import base_op, policy
 from liegroup.peft._engine.geometry import OpGeometry, op_input
@@ -139,9 +140,9 @@ def test_errors():
     D = torch.zeros(3, 4, dtype=DT, requires_grad=True)
     x = torch.randn(2, 4, dtype=DT)
     u = get_update("hadamard", "exact")
-    with pytest.raises(TypeError, match="freeze"):
+    with pytest.raises(AdapterStateError, match="freeze"):
         adapted_op_recompute(x, W, None, D, u, OpGeometry("linear"))
-    with pytest.raises(TypeError, match="cannot recompute"):
+    with pytest.raises(ArgumentTypeError, match="cannot recompute"):
         _flatten({"a": object()})
     with pytest.raises(ValueError):  # the update's own check of the algebra element
         adapted_op_recompute(x, W.detach(), None, D[:, :2], u, OpGeometry("linear"))

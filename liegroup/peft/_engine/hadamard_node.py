@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from liegroup.errors import AdapterStateError
 from liegroup.peft._engine import ops
 
 __all__ = ["HadamardExpFunction", "LowRankHadamardExpFunction"]
@@ -93,7 +94,9 @@ class LowRankHadamardExpFunction(torch.autograd.Function):
         """``W ⊙ exp((L @ R).view(W.shape))``, every step in one fresh buffer."""
         ops.check_factors(W, L, R)
         if ctx.needs_input_grad[0]:
-            raise TypeError("LowRankHadamardExpFunction does not differentiate W; freeze it")
+            raise AdapterStateError(
+                "LowRankHadamardExpFunction does not differentiate W; freeze it"
+            )
         # bit-identical to Hadamard.act(Hadamard.exp(ΔW, order), W) (tested)
         Wp = _lowrank_hadamard(W, L, R, order)
         ctx.order = order

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.errors import ConfigError
+from liegroup.errors import AdapterStateError, ConfigError
 from liegroup.peft._engine import ops, policy
 from liegroup.peft._engine.geometry import (
     OpGeometry,
@@ -107,7 +107,7 @@ class LowRankAdaptedOpFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         """``op(x, W', bias)``; ``W'`` lives only during the op."""
         if ctx.needs_input_grad[1]:
-            raise TypeError("LowRankAdaptedOpFunction does not differentiate W; freeze it")
+            raise AdapterStateError("LowRankAdaptedOpFunction does not differentiate W; freeze it")
         if update not in ("hadamard", "additive"):
             raise ConfigError(f"update must be 'hadamard' or 'additive', got {update!r}")
         if ledger is not None:

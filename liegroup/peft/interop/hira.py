@@ -58,7 +58,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, CheckpointError, ConfigError, UnsupportedModuleError
+from liegroup.errors import (
+    AdapterStateError,
+    ArgumentTypeError,
+    CheckpointError,
+    ConfigError,
+    UnsupportedModuleError,
+)
 from liegroup.peft._engine import is_transposed_linear
 from liegroup.peft._files import read_json, read_tensors, write_files
 from liegroup.peft.config import CONFIG_NAME, LieRAConfig
@@ -188,7 +194,7 @@ def export_hira(
     from safetensors.torch import save_file
 
     if not isinstance(model, LieRAModel):
-        raise TypeError(f"export_hira takes a LieRAModel, got {type(model).__name__}")
+        raise ArgumentTypeError(f"export_hira takes a LieRAModel, got {type(model).__name__}")
     name = model.active_adapter if adapter_name is None else adapter_name
     if name not in model.peft_config:
         raise ConfigError(f"no adapter {name!r}; known: {sorted(model.peft_config)}")
