@@ -9,8 +9,11 @@ optimizer), ``--compile`` (every method, full fine-tuning too, also timed throug
 ``torch.compile(module, fullgraph=True)`` in the same interleaved rounds: compiled ratio to
 compiled full fine-tuning and compiled / eager of the same method; compile time excluded;
 memory stays the eager step's), ``--channels-last`` (the networks, module and input, in
-``torch.channels_last``), ``--no-memory``, ``--out DIR`` (default ``out/``). Writes
-``DIR/bench-cpu[-bf16][-adamw][-compile][-cl][-quick].md`` and ``.json`` and prints the tables.
+``torch.channels_last``), ``--force-layout-opt`` (with ``--compile``: inductor's
+``force_layout_optimization``, which gives the backward graph's convolutions channels-last
+inputs; see ``docs/performance.md``), ``--no-memory``, ``--out DIR`` (default ``out/``).
+Writes ``DIR/bench-cpu[-bf16][-adamw][-compile][-flo][-cl][-quick].md`` and ``.json`` and
+prints the tables.
 See :mod:`benchmarks.suite` for what is measured, and ``docs/performance.md``.
 """
 
@@ -82,10 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time every method under torch.compile(fullgraph=True)")
     ap.add_argument("--channels-last", action="store_true",
                     help="networks (module and input) in torch.channels_last")
+    ap.add_argument("--force-layout-opt", action="store_true",
+                    help="with --compile: torch._inductor.config.force_layout_optimization, "
+                    "so the backward graph's convolutions also get channels-last inputs")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.force_layout_opt and not args.compile:
+        ap.error("--force-layout-opt is an inductor setting: use it with --compile")
+    if args.force_layout_opt:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_layout_optimization = True
     torch.set_num_threads(args.threads)
     set_method_filter(args.methods or None)
     set_autocast(torch.bfloat16 if args.autocast else None)
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": OPTIMIZERS[args.optimizer], "methods": args.methods or "all",
         "peers": sorted(peers.available()), "load_avg_start": load0,
         "compiled": args.compile, "channels_last": args.channels_last,
+        "force_layout_opt": args.force_layout_opt,
     }
     results: dict[str, dict] = {}
     for case in selected:
@@ -152,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     name = "bench-cpu" + ("-bf16" if args.autocast else "") + (
         "" if args.optimizer == "sgd" else f"-{args.optimizer}") + (
-        "-compile" if args.compile else "") + ("-cl" if args.channels_last else "") + (
+        "-compile" if args.compile else "") + ("-flo" if args.force_layout_opt else "") + (
+        "-cl" if args.channels_last else "") + (
         "-quick" if args.quick else "")
     stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:
@@ -186,6 +200,11 @@ def render(meta: dict, results: dict[str, dict]) -> str:
             "fine-tuning, *compiled / eager* its time over the same method's eager time (median "
             "of same-round ratios, range in brackets); compile excluded (warm-up steps); "
             "memory is the eager step's."
+        )
+    if meta.get("force_layout_opt"):
+        lines[0] += (
+            " Inductor with force_layout_optimization=True (the backward graph's convolutions "
+            "get channels-last inputs too)."
         )
     fails: list[str] = []
     cfails: list[str] = []  # compiled slower than eager (LieRA target rows)

@@ -84,6 +84,15 @@ def test_render_compiled_columns_and_check() -> None:
                           {"case": {"label": "L", "rows": rows, "stress": False}})
     assert "| method | trainable | step time | step mem | total mem | note |" in plain
     assert "compiled" not in plain.split("\n", 2)[2]
+    assert "force_layout_optimization" not in md
+    forced = report.render(meta | {"force_layout_opt": True},
+                           {"case": {"label": "L", "rows": rows, "stress": False}})
+    assert "force_layout_optimization=True" in forced.split("\n", 1)[0]
+
+
+def test_force_layout_opt_needs_compile() -> None:
+    with pytest.raises(SystemExit):
+        report.main(["--force-layout-opt", "--only", "linear"])
 
 
 def test_gpu_exits_zero_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
