@@ -94,8 +94,12 @@ def _check(layer: str, gen: str, emap: str, backend: str) -> None:
     compiled_model = copy.deepcopy(eager)
     torch._dynamo.reset()
     compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
-    x = torch.randn(*LAYERS[layer][1])
-    for step in range(2):  # a second call reuses the compiled graph
+    _matches_eager(eager, compiled, torch.randn(*LAYERS[layer][1]))
+
+
+def _matches_eager(eager: nn.Module, compiled: Any, x: torch.Tensor) -> None:
+    """Two steps (the second reuses the compiled graph): outputs and gradients agree."""
+    for step in range(2):
         y0, g0 = _run(eager, x + step)
         y1, g1 = _run(compiled, x + step)
         _close(y0, y1, f"output (step {step})")
@@ -208,14 +212,30 @@ def test_inductor_fullgraph_matches_eager_in_channels_last(emap: str) -> None:
         eager = _channels_last_model(emap).to(memory_format=torch.channels_last)
         compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
         x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
-        for step in range(2):
-            y0, g0 = _run(eager, x + step)
-            y1, g1 = _run(compiled, x + step)
-            _close(y0, y1, f"output (step {step})")
-            for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
-                _close(a, b, f"gradient {i} (step {step})")
+        _matches_eager(eager, compiled, x)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("emap", ["exact", "first_order"])
+def test_inductor_forced_layout_optimization_matches_eager(emap: str) -> None:
+    """The setting ``docs/peft.md`` recommends for NCHW conv nets on the CPU
+    (``force_layout_optimization``: the backward graph's convolutions get channels-last
+    inputs) traces the adapted ConvNeXt-like stack in one graph, with eager's numbers."""
+    import torch._inductor.config as inductor_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eager = _channels_last_model(emap)
+        torch._dynamo.reset()
+        with inductor_config.patch(force_layout_optimization=True):
+            compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+            _matches_eager(eager, compiled, torch.randn(2, 3, 12, 12))
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
 
 
 def test_compiled_model_merges_to_the_same_outputs() -> None:
