@@ -16,7 +16,6 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterStateError",
-    "ArgumentTypeError",
     "CheckpointError",
     "ConfigError",
     "DTypeError",
@@ -64,21 +63,18 @@ class ConfigError(LieGroupError, ValueError):
 
 
 class DTypeError(LieGroupError, TypeError):
-    """A tensor has an unsupported dtype (e.g. an integer tensor where a real one is needed)."""
+    """A tensor has an unsupported dtype, or an argument has the wrong Python type.
+
+    E.g. an integer tensor where a real one is needed, a list where a tensor is, a ``dict``
+    where a ``LieRAConfig`` is, a class registered as a generator that does not subclass
+    ``Generator``, a keyword ``act`` does not take.
+    """
 
 
 class DeviceError(LieGroupError, TypeError):
     """A tensor is on a device the operation cannot run on.
 
     E.g. ``meta``, which has no values for a check or a host-side decision to read.
-    """
-
-
-class ArgumentTypeError(LieGroupError, TypeError):
-    """An argument is of the wrong Python type, or an option a function does not take.
-
-    E.g. a ``LieRAConfig`` expected and a ``dict`` given, a class registered as a generator
-    that does not subclass ``Generator``, an unknown keyword passed to ``act``.
     """
 
 

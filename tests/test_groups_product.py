@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import liegroup
 from liegroup import tensor
-from liegroup.errors import ArgumentTypeError, DTypeError, ShapeError
+from liegroup.errors import DTypeError, ShapeError
 from tests.conftest import eps
 
 DTYPES = [torch.float32, torch.float64]
@@ -121,7 +121,7 @@ def test_product_error_paths():
         P.act(P.identity(), torch.zeros(2, 3), modes=[0])
     with pytest.raises(ShapeError):
         P.act(P.identity(), torch.zeros(3, 2))  # mode sizes do not match
-    with pytest.raises(ArgumentTypeError, match="modes"):
+    with pytest.raises(DTypeError, match="modes"):
         P.act(P.identity(), torch.zeros(2, 3), mode=0)
     with pytest.raises(ShapeError):
         P.hat(torch.zeros(5))

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from liegroup import Hadamard
 from liegroup.errors import (
-    ArgumentTypeError,
     ConfigError,
     DomainError,
     DTypeError,
@@ -191,7 +190,7 @@ def test_errors():
         taylor_exp(torch.zeros(2), 1.5)  # type: ignore[arg-type]
     with pytest.raises(ShapeError, match="positive ints"):
         Hadamard((2, 0))
-    with pytest.raises(ArgumentTypeError, match="no options"):
+    with pytest.raises(DTypeError, match="no options"):
         G.act(torch.ones(2, 2), torch.ones(2, 2), mode=1)
     assert not bool(G.contains(torch.tensor([[1.0, 0.0], [1.0, 1.0]])))
     assert not bool(G.contains(torch.tensor([[1.0, float("nan")], [1.0, 1.0]])))

@@ -35,7 +35,6 @@ import torch
 
 from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
 from liegroup.errors import (
-    ArgumentTypeError,
     ConfigError,
     DomainError,
     DTypeError,
@@ -357,7 +356,7 @@ class Hadamard(LieGroup):
             tensor([ 6., -4.])
         """
         if kwargs:
-            raise ArgumentTypeError(f"Hadamard.act takes no options, got {sorted(kwargs)}")
+            raise DTypeError(f"Hadamard.act takes no options, got {sorted(kwargs)}")
         self.check_point(g, "g")
         check_tensor(T, "T")
         check_trailing_shape(T, self.shape, "T")

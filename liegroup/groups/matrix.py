@@ -29,7 +29,7 @@ import torch
 
 from liegroup import tensor as _tensor
 from liegroup._validation import check_finite, check_tensor, normalize_mode, offending
-from liegroup.errors import ArgumentTypeError, DomainError, OverflowResultError, ShapeError
+from liegroup.errors import DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup, broadcast_batch, check_batch, where_batch
 
 __all__ = ["MatrixLieGroup", "default_atol"]
@@ -289,7 +289,7 @@ class MatrixLieGroup(LieGroup):
         """
         mode = kwargs.pop("mode", 0)
         if kwargs:
-            raise ArgumentTypeError(
+            raise DTypeError(
                 f"{type(self).__name__}.act takes only mode=k, got {sorted(kwargs)}"
             )
         self.check_point(g, "g")

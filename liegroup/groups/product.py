@@ -28,7 +28,7 @@ import torch
 
 from liegroup import tensor as _tensor
 from liegroup._validation import check_tensor
-from liegroup.errors import ArgumentTypeError, DTypeError, ShapeError
+from liegroup.errors import DTypeError, ShapeError
 from liegroup.groups.base import LieGroup
 
 __all__ = ["Product"]
@@ -152,7 +152,7 @@ class Product(LieGroup):
         """
         modes_arg = kwargs.pop("modes", None)
         if kwargs:
-            raise ArgumentTypeError(f"Product.act takes only modes=..., got {sorted(kwargs)}")
+            raise DTypeError(f"Product.act takes only modes=..., got {sorted(kwargs)}")
         g = self._split(g, "g")
         check_tensor(T, "T")
         modes = list(range(len(self.factors))) if modes_arg is None else list(modes_arg)  # type: ignore[call-overload]

@@ -40,9 +40,9 @@ from torch import nn
 from liegroup._version import __version__
 from liegroup.errors import (
     AdapterStateError,
-    ArgumentTypeError,
     CheckpointError,
     ConfigError,
+    DTypeError,
     NonFiniteError,
 )
 from liegroup.peft._files import read_tensors, write_files
@@ -143,6 +143,8 @@ class LieRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LieRAConfig, adapter_name: str = "default"):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise DTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.base_model = model
         # forward with the base model's signature: transformers' Trainer reads it to keep the
         # input columns the model takes (an instance attribute in front of the class method)
@@ -228,7 +230,7 @@ class LieRAModel(nn.Module):
 
     def _inject(self, adapter_name: str, config: LieRAConfig) -> None:
         if not isinstance(config, LieRAConfig):
-            raise ArgumentTypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
+            raise DTypeError(f"config must be a LieRAConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from liegroup.errors import ArgumentTypeError, ConfigError
+from liegroup.errors import ConfigError, DTypeError
 
 if TYPE_CHECKING:  # the registered modules import this one, so it imports them lazily
     from liegroup.peft.generators.base import Generator, GeneratorSpec
@@ -79,7 +79,7 @@ def register_generator(cls: type[Generator]) -> type[Generator]:
     from liegroup.peft.generators.base import Generator
 
     if not (isinstance(cls, type) and issubclass(cls, Generator)):
-        raise ArgumentTypeError(f"only Generator subclasses can be registered, got {cls!r}")
+        raise DTypeError(f"only Generator subclasses can be registered, got {cls!r}")
     if not isinstance(cls.name, str) or not cls.name:
         raise ConfigError(f"{cls.__name__} must set a non-empty class attribute `name`")
     name = _check_name("generator", cls.name)
@@ -110,7 +110,7 @@ def get_generator(generator: str | type[Generator]) -> type[Generator]:
                 "Generator subclass with liegroup.peft.register_generator)"
             )
         return _GENERATORS[generator]
-    raise ArgumentTypeError(f"generator must be a name or a Generator subclass, got {generator!r}")
+    raise DTypeError(f"generator must be a name or a Generator subclass, got {generator!r}")
 
 
 def available_generators() -> list[str]:
@@ -139,7 +139,7 @@ def register_update(name: str, factory: UpdateFactory) -> None:
     """
     _check_name("update", name)
     if not callable(factory):
-        raise ArgumentTypeError(f"factory must be callable, got {factory!r}")
+        raise DTypeError(f"factory must be callable, got {factory!r}")
     _UPDATES[name] = factory
 
 
@@ -191,7 +191,7 @@ def register_initialiser(name: str, fn: Initialiser) -> None:
     if name == "zeros":
         raise ConfigError("'zeros' is the built-in LoRA start (B = 0) and cannot be replaced")
     if not callable(fn):
-        raise ArgumentTypeError(f"initialiser must be callable, got {fn!r}")
+        raise DTypeError(f"initialiser must be callable, got {fn!r}")
     _INITIALISERS[name] = fn
 
 

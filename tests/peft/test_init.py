@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liegroup.errors import ArgumentTypeError, ConfigError
+from liegroup.errors import ConfigError, DTypeError
 from liegroup.peft import LieRAConfig, get_peft_model
 from liegroup.peft.layer import LieRALayer
 from liegroup.peft.registry import get_initialiser, register_initialiser
@@ -85,7 +85,7 @@ def test_init_errors():
                                            generator_kwargs={"init": "pissa"}))
     with pytest.raises(ConfigError, match="zeros"):
         register_initialiser("zeros", get_initialiser("pissa"))
-    with pytest.raises(ArgumentTypeError, match="callable"):
+    with pytest.raises(DTypeError, match="callable"):
         register_initialiser("x", 3)  # type: ignore[arg-type]
 
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from liegroup.errors import (
     AdapterStateError,
-    ArgumentTypeError,
     CheckpointError,
     ConfigError,
     DTypeError,
@@ -470,6 +469,7 @@ def _wrong_types() -> list[tuple[str, object]]:
     lora = LoRAGenerator(GeneratorSpec(weight_shape=(4, 3), rank=2, scaling=1.0))
     return [
         ("LieRAConfig", lambda: get_peft_model(nn.Linear(3, 4), {"rank": 1})),
+        ("torch.nn.Module", lambda: get_peft_model(None, LieRAConfig(target_modules=["0"]))),
         ("LieRAModel", lambda: export_hira(nn.Linear(3, 4), "unused")),  # type: ignore[arg-type]
         ("name or a Generator subclass", lambda: get_generator(3)),  # type: ignore[arg-type]
         ("callable", lambda: register_update("wrong_type_test", 3)),  # type: ignore[arg-type]
@@ -479,18 +479,18 @@ def _wrong_types() -> list[tuple[str, object]]:
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
-def test_wrong_argument_types_raise_argument_type_error(i):
+@pytest.mark.parametrize("i", range(8))
+def test_wrong_argument_types_raise_dtype_error(i):
     """Every public entry point that checks a Python type raises the typed error, which is
     also a built-in ``TypeError`` and a ``LieGroupError``."""
     match, call = _wrong_types()[i]
-    with pytest.raises(ArgumentTypeError, match=match) as err:
+    with pytest.raises(DTypeError, match=match) as err:
         call()  # type: ignore[operator]
     assert isinstance(err.value, TypeError) and isinstance(err.value, LieGroupError)
 
 
 def test_register_generator_errors():
-    with pytest.raises(ArgumentTypeError, match="Generator subclasses"):
+    with pytest.raises(DTypeError, match="Generator subclasses"):
         register_generator(nn.Linear)  # type: ignore[arg-type]
 
     class NoName(Generator):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, ArgumentTypeError
+from liegroup.errors import AdapterStateError, DTypeError
 from liegroup.peft import LieRAConfig, adapted_weight, get_update
 from liegroup.peft._engine import base_op, policy
 from liegroup.peft._engine.geometry import OpGeometry, op_input
@@ -142,7 +142,7 @@ def test_errors():
     u = get_update("hadamard", "exact")
     with pytest.raises(AdapterStateError, match="freeze"):
         adapted_op_recompute(x, W, None, D, u, OpGeometry("linear"))
-    with pytest.raises(ArgumentTypeError, match="cannot recompute"):
+    with pytest.raises(DTypeError, match="cannot recompute"):
         _flatten({"a": object()})
     with pytest.raises(ValueError):  # the update's own check of the algebra element
         adapted_op_recompute(x, W.detach(), None, D[:, :2], u, OpGeometry("linear"))

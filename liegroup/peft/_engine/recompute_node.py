@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from liegroup.errors import AdapterStateError, ArgumentTypeError
+from liegroup.errors import AdapterStateError, DTypeError
 from liegroup.peft._engine.geometry import (
     OpGeometry,
     conv_backward,
@@ -59,7 +59,7 @@ def _flatten(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]
         parts = [_flatten(getattr(obj, n)) for n in names]
         cls = type(obj)
         return _join(parts, lambda vals: cls(**dict(zip(names, vals, strict=True))))
-    raise ArgumentTypeError(
+    raise DTypeError(
         f"cannot recompute an update whose algebra element holds a {type(obj).__name__}; "
         "use tensors, dicts, lists/tuples or dataclasses of them"
     )

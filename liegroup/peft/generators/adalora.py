@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from liegroup.errors import AdapterStateError, ArgumentTypeError, ConfigError, ShapeError
+from liegroup.errors import AdapterStateError, ConfigError, DTypeError, ShapeError
 from liegroup.peft.generators.base import Generator, GeneratorSpec, lowrank_dims, orthogonal_
 from liegroup.peft.registry import register_generator
 
@@ -163,7 +163,7 @@ register_generator(AdaLoRAGenerator)
 
 def _adalora(generators: Mapping[str, Generator], what: str) -> list[tuple[str, AdaLoRAGenerator]]:
     if not isinstance(generators, Mapping):
-        raise ArgumentTypeError(
+        raise DTypeError(
             f"{what} takes the adapter's generators (model.generators()), a mapping of module "
             f"name to generator, got {type(generators).__name__}"
         )

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from liegroup.errors import ArgumentTypeError, ConfigError, ShapeError
+from liegroup.errors import ConfigError, DTypeError, ShapeError
 
 __all__ = ["Generator", "GeneratorSpec", "lowrank_dims"]
 
@@ -132,7 +132,7 @@ class Generator(nn.Module):
 
     def prune_(self, keep: list[bool]) -> None:
         """Drop the rank components where ``keep`` is ``False`` (only rank-allocating ones)."""
-        raise ArgumentTypeError(f"generator {type(self).__name__} has no prunable rank components")
+        raise DTypeError(f"generator {type(self).__name__} has no prunable rank components")
 
 
 def check_options(cls: type[Generator], options: dict[str, Any]) -> None:

@@ -60,9 +60,9 @@ from torch import nn
 
 from liegroup.errors import (
     AdapterStateError,
-    ArgumentTypeError,
     CheckpointError,
     ConfigError,
+    DTypeError,
     UnsupportedModuleError,
 )
 from liegroup.peft._engine import is_transposed_linear
@@ -194,7 +194,7 @@ def export_hira(
     from safetensors.torch import save_file
 
     if not isinstance(model, LieRAModel):
-        raise ArgumentTypeError(f"export_hira takes a LieRAModel, got {type(model).__name__}")
+        raise DTypeError(f"export_hira takes a LieRAModel, got {type(model).__name__}")
     name = model.active_adapter if adapter_name is None else adapter_name
     if name not in model.peft_config:
         raise ConfigError(f"no adapter {name!r}; known: {sorted(model.peft_config)}")
