@@ -34,13 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from liegroup._validation import check_finite, check_tensor, check_trailing_shape, offending
-from liegroup.errors import (
-    ConfigError,
-    DomainError,
-    DTypeError,
-    OverflowResultError,
-    ShapeError,
-)
+from liegroup.errors import ConfigError, DomainError, DTypeError, OverflowResultError, ShapeError
 from liegroup.groups.base import LieGroup, broadcast_batch, check_batch
 
 __all__ = ["Hadamard", "taylor_exp", "taylor_remainder_bound"]

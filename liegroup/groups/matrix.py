@@ -289,9 +289,7 @@ class MatrixLieGroup(LieGroup):
         """
         mode = kwargs.pop("mode", 0)
         if kwargs:
-            raise DTypeError(
-                f"{type(self).__name__}.act takes only mode=k, got {sorted(kwargs)}"
-            )
+            raise DTypeError(f"{type(self).__name__}.act takes only mode=k, got {sorted(kwargs)}")
         self.check_point(g, "g")
         check_tensor(T, "T")
         m = self.point_shape[-1]
