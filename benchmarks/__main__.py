@@ -286,6 +286,11 @@ def render(meta: dict, results: dict[str, dict]) -> str:
         lines += ["", f"Compiled (LieRA rows): compiled / eager ≤ {COMPILED_LIMIT:.2f}: "
                   + ("all met." if not cfails else f"{len(cfails)} above:")]
         lines += [f"- {f}" for f in cfails]
+        if cfails and not meta.get("force_layout_opt") and not meta.get("channels_last"):
+            lines += ["", "On a CPU conv net in NCHW, inductor's backward graph runs the "
+                      "convolutions without its channels-last layout (pytorch/pytorch#189239): "
+                      "rerun with --force-layout-opt or --channels-last (docs/performance.md, "
+                      "\"Compiled runs\")."]
     return "\n".join(lines) + "\n"
 
 

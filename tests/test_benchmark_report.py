@@ -85,9 +85,11 @@ def test_render_compiled_columns_and_check() -> None:
     assert "| method | trainable | step time | step mem | total mem | note |" in plain
     assert "compiled" not in plain.split("\n", 2)[2]
     assert "force_layout_optimization" not in md
+    assert "rerun with --force-layout-opt" in md  # a compiled row above eager, default setting
     forced = report.render(meta | {"force_layout_opt": True},
                            {"case": {"label": "L", "rows": rows, "stress": False}})
     assert "force_layout_optimization=True" in forced.split("\n", 1)[0]
+    assert "rerun with" not in forced
 
 
 def test_force_layout_opt_needs_compile() -> None:
