@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out")
     ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.force_layout_opt and not args.compile:
-        ap.error("--force-layout-opt is an inductor setting: use it with --compile")
     if args.force_layout_opt:
+        if not args.compile:
+            ap.error("--force-layout-opt is an inductor setting: use it with --compile")
         import torch._inductor.config as inductor_config
 
         inductor_config.force_layout_optimization = True

@@ -28,9 +28,13 @@ from liegroup.peft import (
     LieRALayer,
     LieRAModel,
     adapted_weight,
+    get_generator,
     get_peft_model,
     register_generator,
+    register_update,
 )
+from liegroup.peft.generators import LoRAGenerator, RankAllocator, orthogonality_penalty
+from liegroup.peft.interop import export_hira
 
 DT = torch.float64
 
@@ -456,36 +460,29 @@ def test_custom_generator_in_a_few_lines(tmp_path):
                                           dropout=0.1))
 
 
-def _wrong_types() -> list[tuple[str, object]]:
-    from liegroup.peft import get_generator, register_update
-    from liegroup.peft.generators import (
-        GeneratorSpec,
-        LoRAGenerator,
-        RankAllocator,
-        orthogonality_penalty,
-    )
-    from liegroup.peft.interop import export_hira
-
-    lora = LoRAGenerator(GeneratorSpec(weight_shape=(4, 3), rank=2, scaling=1.0))
-    return [
-        ("LieRAConfig", lambda: get_peft_model(nn.Linear(3, 4), {"rank": 1})),
-        ("torch.nn.Module", lambda: get_peft_model(None, LieRAConfig(target_modules=["0"]))),
-        ("LieRAModel", lambda: export_hira(nn.Linear(3, 4), "unused")),  # type: ignore[arg-type]
-        ("name or a Generator subclass", lambda: get_generator(3)),  # type: ignore[arg-type]
-        ("callable", lambda: register_update("wrong_type_test", 3)),  # type: ignore[arg-type]
-        ("no prunable rank", lambda: lora.prune_([True, False])),
-        ("mapping", lambda: orthogonality_penalty([lora])),  # type: ignore[arg-type]
-        ("mapping", lambda: RankAllocator(nn.Linear(3, 4), 1, 1, 2, 1, 10)),  # type: ignore[arg-type]
-    ]
+def _lora_generator() -> LoRAGenerator:
+    return LoRAGenerator(GeneratorSpec(weight_shape=(4, 3), rank=2, scaling=1.0))
 
 
-@pytest.mark.parametrize("i", range(8))
-def test_wrong_argument_types_raise_dtype_error(i):
+_WRONG_TYPES = {
+    "config": ("LieRAConfig", lambda: get_peft_model(nn.Linear(3, 4), {"rank": 1})),
+    "model": ("torch.nn.Module", lambda: get_peft_model(None, LieRAConfig(target_modules=["0"]))),
+    "export_hira": ("LieRAModel", lambda: export_hira(nn.Linear(3, 4), "unused")),
+    "get_generator": ("name or a Generator subclass", lambda: get_generator(3)),
+    "register_update": ("callable", lambda: register_update("wrong_type_test", 3)),
+    "prune_": ("no prunable rank", lambda: _lora_generator().prune_([True, False])),
+    "orthogonality_penalty": ("mapping", lambda: orthogonality_penalty([_lora_generator()])),
+    "RankAllocator": ("mapping", lambda: RankAllocator(nn.Linear(3, 4), 1, 1, 2, 1, 10)),
+}
+
+
+@pytest.mark.parametrize("entry", list(_WRONG_TYPES))
+def test_wrong_argument_types_raise_dtype_error(entry: str) -> None:
     """Every public entry point that checks a Python type raises the typed error, which is
     also a built-in ``TypeError`` and a ``LieGroupError``."""
-    match, call = _wrong_types()[i]
+    match, call = _WRONG_TYPES[entry]
     with pytest.raises(DTypeError, match=match) as err:
-        call()  # type: ignore[operator]
+        call()
     assert isinstance(err.value, TypeError) and isinstance(err.value, LieGroupError)
 
 
